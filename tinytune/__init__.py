@@ -1,0 +1,21 @@
+"""tinytune: fine-tune language models with LoRA and friends, on torch alone.
+
+    import tinytune as tt
+    tt.lora.apply(model, tt.lora.LoraConfig(rank=8, alpha=16, targets="all-linear"))
+    print(tt.count_parameters(model))
+"""
+from . import lora, ops, peft
+from .peft import ParameterCount, count_parameters, load_adapter, save_adapter
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ParameterCount",
+    "count_parameters",
+    "load_adapter",
+    "lora",
+    "ops",
+    "peft",
+    "save_adapter",
+    "__version__",
+]

@@ -1,0 +1,102 @@
+"""Find modules by name and swap them: the only machinery the PEFT methods share.
+
+Matching rules (the same for `targets` and `exclude`, see ../shared/API.md):
+- a list of strings: a module matches when its dotted name equals an entry or ends with "." + entry;
+- a string: a regular expression, `re.fullmatch` against the dotted name;
+- "all-linear": every `nn.Linear` except an output head (named like `lm_head`, or sharing its weight
+  with an input embedding);
+- a callable `(name, module) -> bool`.
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable, Iterable, Union
+
+import torch.nn as nn
+
+TargetSpec = Union[str, Iterable[str], Callable[[str, nn.Module], bool], None]
+
+ALL_LINEAR = "all-linear"
+_HEAD_NAMES = ("lm_head", "output", "classifier", "score")
+
+
+def output_heads(model: nn.Module) -> set[str]:
+    """Names of the linear output heads: named like one, or tied to an input embedding's weight."""
+    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    return {
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear)
+        and (name.split(".")[-1] in _HEAD_NAMES or id(m.weight) in embedding_weights)
+    }
+
+
+def matches(name: str, module: nn.Module, spec: TargetSpec, heads: frozenset[str] | set[str] = frozenset()) -> bool:
+    """Whether the module called `name` matches `spec` under the rules above.
+
+    `heads` holds the output-head names that "all-linear" leaves out (see `output_heads`).
+    """
+    if spec is None:
+        return False
+    if callable(spec):
+        return bool(spec(name, module))
+    if isinstance(spec, str):
+        if spec == ALL_LINEAR:
+            return isinstance(module, nn.Linear) and name not in heads
+        return re.fullmatch(spec, name) is not None
+    return any(name == entry or name.endswith("." + entry) for entry in spec)
+
+
+def validate_spec(spec: TargetSpec, field: str) -> None:
+    """Raise `ValueError` for a spec that is none of the accepted kinds (or a bad regex)."""
+    if spec is None or callable(spec):
+        return
+    if isinstance(spec, str):
+        if spec == ALL_LINEAR:
+            return
+        try:
+            re.compile(spec)
+        except re.error as err:
+            raise ValueError(f"{field}={spec!r} is not a valid regular expression: {err}") from None
+        return
+    try:
+        entries = list(spec)
+    except TypeError:
+        raise ValueError(
+            f"{field} must be a list of names, a regex string, 'all-linear' or a callable; got {spec!r}"
+        ) from None
+    bad = [e for e in entries if not isinstance(e, str) or not e]
+    if bad:
+        raise ValueError(f"{field} entries must be non-empty strings; got {bad!r}")
+
+
+def find_targets(model: nn.Module, targets: TargetSpec, exclude: TargetSpec = None) -> list[tuple[str, nn.Module]]:
+    """The (name, module) pairs that match `targets` and not `exclude`, in model order."""
+    heads = output_heads(model) if ALL_LINEAR in (targets, exclude) else set()
+    found = []
+    for name, module in model.named_modules():
+        if not name:
+            continue  # the root itself is never swapped
+        if matches(name, module, targets, heads) and not matches(name, module, exclude, heads):
+            found.append((name, module))
+    return found
+
+
+def describe_candidates(model: nn.Module, kinds: tuple[type, ...] = (nn.Linear, nn.Embedding), limit: int = 12) -> str:
+    """A short list of module names of the given kinds, for error messages."""
+    names = [n for n, m in model.named_modules() if n and isinstance(m, kinds)]
+    shown = ", ".join(repr(n) for n in names[:limit])
+    more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
+    return shown + more if names else "(none)"
+
+
+def get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """The parent module of dotted `name` and the child's attribute name."""
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` where the module called `name` is (works for nn.Sequential/ModuleList indices too)."""
+    parent, child = get_parent(model, name)
+    setattr(parent, child, new)

@@ -1,0 +1,158 @@
+"""Adapter files in Hugging Face PEFT's layout: `adapter_config.json` + `adapter_model.safetensors`.
+
+Writes are atomic per file (written to a temporary name in the same directory, flushed, then
+renamed over the target), the weights before the config, so a directory whose config exists
+never holds half a weights file. Loading reads safetensors only: no pickle is ever executed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from . import lora
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Call `write(tmp_path)`, then rename the temporary file onto `path` (same filesystem)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _lora_config_dict(model: nn.Module) -> dict:
+    layers = list(lora.lora_layers(model))
+    first = layers[0][1]
+    for name, layer in layers:
+        for field in ("rank", "alpha", "dropout", "rslora"):
+            if getattr(layer, field) != getattr(first, field):
+                raise ValueError(
+                    f"save_adapter: LoRA layers differ in {field} ({layers[0][0]!r}: {getattr(first, field)}, "
+                    f"{name!r}: {getattr(layer, field)}); the PEFT layout written here needs one value"
+                )
+    bias_trained = any(k.endswith(".bias") for k in lora.state_dict(model))
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "r": first.rank,
+        "lora_alpha": first.alpha,
+        "lora_dropout": first.dropout,
+        "target_modules": [name for name, _ in layers],  # exact paths: PEFT matches them as suffixes
+        "use_rslora": first.rslora,
+        "fan_in_fan_out": False,
+        "bias": "lora_only" if bias_trained else "none",
+        "init_lora_weights": True if first.init == "kaiming" else "gaussian",
+        "use_dora": False,
+        "modules_to_save": None,
+        "inference_mode": True,
+        "base_model_name_or_path": None,
+    }
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write `model`'s adapter to the directory `path` (created if needed).
+
+    Files: `adapter_model.safetensors` (PEFT key names) and `adapter_config.json`. Returns the path.
+
+    Raises:
+        ValueError: the model has no adapter, or its LoRA layers differ in rank/alpha/dropout.
+    """
+    if not any(True for _ in lora.lora_layers(model)):
+        raise ValueError(f"save_adapter: {type(model).__name__} has no adapter to save (call tt.lora.apply first)")
+    config = _lora_config_dict(model)
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in lora.state_dict(model).items()}
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    _atomic_write(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    return path
+
+
+def _read_config(path: Path) -> dict:
+    config_file = path / CONFIG_NAME
+    if not config_file.is_file():
+        raise FileNotFoundError(f"load_adapter: {config_file} not found (expected a PEFT adapter directory)")
+    try:
+        return json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"load_adapter: {config_file} is not valid JSON: {err}") from None
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    weights = path / WEIGHTS_NAME
+    if not weights.is_file():
+        pickled = path / "adapter_model.bin"
+        hint = (f"; {pickled.name} exists but pickles are never loaded: convert it to safetensors"
+                if pickled.exists() else "")
+        raise FileNotFoundError(f"load_adapter: {weights} not found{hint}")
+    return load_file(str(weights))
+
+
+_UNSUPPORTED = {  # PEFT config fields whose non-default values this loader cannot honour yet
+    "use_dora": (False, None),
+    "fan_in_fan_out": (False, None),
+    "rank_pattern": ({}, None),
+    "alpha_pattern": ({}, None),
+    "layers_to_transform": (None,),
+    "modules_to_save": (None, []),
+}
+
+
+def _config_from_peft(config: dict, path: Path) -> lora.LoraConfig:
+    peft_type = config.get("peft_type")
+    if peft_type != "LORA":
+        raise ValueError(f"load_adapter: {path / CONFIG_NAME} has peft_type={peft_type!r}; this loader reads 'LORA'")
+    for field, allowed in _UNSUPPORTED.items():
+        if config.get(field, allowed[0]) not in allowed:
+            raise ValueError(f"load_adapter: {field}={config[field]!r} in {path / CONFIG_NAME} is not supported")
+    for field in ("r", "lora_alpha", "target_modules"):
+        if config.get(field) is None:
+            raise ValueError(f"load_adapter: {path / CONFIG_NAME} lacks the field {field!r}")
+    targets = config["target_modules"]
+    return lora.LoraConfig(
+        rank=int(config["r"]),
+        alpha=float(config["lora_alpha"]),
+        dropout=float(config.get("lora_dropout") or 0.0),
+        targets=targets if isinstance(targets, str) else list(targets),
+        exclude=config.get("exclude_modules"),
+        rslora=bool(config.get("use_rslora", False)),
+        init="gaussian" if config.get("init_lora_weights") == "gaussian" else "kaiming",
+        train_bias=config.get("bias", "none") == "lora_only",
+    )
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load an adapter directory written by `save_adapter` or by HF PEFT into `model`.
+
+    When `model` has no LoRA yet, LoRA is applied first from `adapter_config.json`. Loading is
+    strict. Returns model.
+
+    Raises:
+        FileNotFoundError: a file is missing (a pickled `adapter_model.bin` is refused).
+        ValueError: an unsupported config field, or a missing, unexpected or mis-shaped key
+            (named in the message).
+    """
+    path = Path(path)
+    config = _config_from_peft(_read_config(path), path)
+    weights = _read_weights(path)
+    if not any(True for _ in lora.lora_layers(model)):
+        lora.apply(model, config)
+    lora.load_state_dict(model, weights, strict=True)
+    return model
