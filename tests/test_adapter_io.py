@@ -1,0 +1,114 @@
+"""Adapter files: PEFT layout, bitwise round trip, strict loading, atomic writes, no pickles,
+and interop with Hugging Face `peft` in both directions (skipped only where peft is absent)."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import tinytune as tt
+from conftest import TinyLM
+from tinytune.peft import io as adapter_io
+
+
+def _trained_lora(targets=("q_proj", "v_proj", "embed_tokens"), **kw):
+    model = TinyLM()
+    tt.lora.apply(model, tt.lora.LoraConfig(rank=4, alpha=8, targets=list(targets), **kw))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(std=0.3)
+    return model.eval()
+
+
+def test_files_and_keys_follow_peft_layout(tmp_path):
+    model = _trained_lora()
+    tt.save_adapter(model, tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    for field in ("peft_type", "r", "lora_alpha", "target_modules", "lora_dropout", "use_rslora",
+                  "fan_in_fan_out", "bias", "task_type"):
+        assert field in cfg
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 8
+    keys = set(load_file(tmp_path / "adapter_model.safetensors"))
+    assert "base_model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
+    assert "base_model.model.layers.1.self_attn.v_proj.lora_B.weight" in keys
+    assert "base_model.model.embed_tokens.lora_embedding_A" in keys
+
+
+def test_round_trip_is_bitwise_and_applies_lora_when_absent(tmp_path):
+    model = _trained_lora()
+    tt.save_adapter(model, tmp_path)
+    fresh = TinyLM()
+    fresh.load_state_dict({k.replace(".base", ""): v for k, v in model.state_dict().items() if ".lora_" not in k})
+    assert tt.load_adapter(fresh, tmp_path) is fresh
+    for (k, a), (_, b) in zip(sorted(tt.lora.state_dict(model).items()), sorted(tt.lora.state_dict(fresh).items())):
+        assert torch.equal(a, b), k
+    ids = torch.randint(0, 32, (2, 6))
+    with torch.no_grad():
+        assert torch.equal(model(ids), fresh.eval()(ids))
+
+
+def test_load_into_a_model_that_has_lora_already(tmp_path):
+    model = _trained_lora()
+    tt.save_adapter(model, tmp_path)
+    other = _trained_lora()
+    tt.load_adapter(other, tmp_path)
+    assert all(torch.equal(tt.lora.state_dict(model)[k], v) for k, v in tt.lora.state_dict(other).items())
+
+
+def test_strict_load_names_bad_keys(tmp_path):
+    model = _trained_lora(targets=["q_proj"])
+    tt.save_adapter(model, tmp_path)
+    wrong_rank = TinyLM()
+    tt.lora.apply(wrong_rank, tt.lora.LoraConfig(rank=2, targets=["q_proj"]))
+    with pytest.raises(ValueError, match=r"q_proj.lora_A.weight: file \(4, 16\) vs model \(2, 16\)"):
+        tt.load_adapter(wrong_rank, tmp_path)
+    more = TinyLM()
+    tt.lora.apply(more, tt.lora.LoraConfig(rank=4, targets=["q_proj", "k_proj"]))
+    with pytest.raises(ValueError, match=r"missing keys: \[.*k_proj.lora_A.weight"):
+        tt.load_adapter(more, tmp_path)
+
+
+def test_pickles_are_refused(tmp_path):
+    model = _trained_lora()
+    tt.save_adapter(model, tmp_path)
+    os.remove(tmp_path / "adapter_model.safetensors")
+    torch.save(tt.lora.state_dict(model), tmp_path / "adapter_model.bin")
+    with pytest.raises(FileNotFoundError, match="pickles are never loaded"):
+        tt.load_adapter(TinyLM(), tmp_path)
+
+
+def test_unsupported_config_fields_are_named(tmp_path):
+    model = _trained_lora()
+    tt.save_adapter(model, tmp_path)
+    cfg_path = tmp_path / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    for field, value in (("use_dora", True), ("fan_in_fan_out", True), ("peft_type", "IA3")):
+        bad = dict(cfg, **{field: value})
+        cfg_path.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=field):
+            tt.load_adapter(TinyLM(), tmp_path)
+
+
+def test_write_is_atomic_old_files_survive_a_failed_save(tmp_path, monkeypatch):
+    model = _trained_lora()
+    tt.save_adapter(model, tmp_path)
+    before = (tmp_path / "adapter_model.safetensors").read_bytes()
+
+    def explode(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(adapter_io, "save_file", explode)
+    with pytest.raises(OSError, match="disk full"):
+        tt.save_adapter(_trained_lora(), tmp_path)
+    assert (tmp_path / "adapter_model.safetensors").read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_save_without_adapter_raises(tmp_path):
+    with pytest.raises(ValueError, match="TinyLM has no adapter"):
+        tt.save_adapter(TinyLM(), tmp_path)
