@@ -1,9 +1,10 @@
 """Hot kernels, written on torch alone. Knows nothing of modules or PEFT methods."""
-from .dropout_mask import PackedMask, keep_mask, quantised_probability
+from .dropout_mask import MaskStream, PackedMask, keep_mask, quantised_probability
 from .lora_matmul import LoRALinearFunction, lora_linear, lora_linear_reference
 
 __all__ = [
     "LoRALinearFunction",
+    "MaskStream",
     "PackedMask",
     "keep_mask",
     "lora_linear",

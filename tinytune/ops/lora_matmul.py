@@ -9,13 +9,141 @@ Against the usual two-module LoRA (`base(x) + B(A(dropout(x))) * s`) it
   largest matmul of a backward pass), yet gives correct gradients when they do require grad;
 - computes `grad_x = g W + s (g B) A` with the second term added in place.
 
+On the CPU the dropout-masked work runs over blocks of rows small enough to stay in cache: each
+block of the mask is drawn (or unpacked), applied to one reused buffer and consumed by a skinny
+matmul, so no full-size mask or masked copy of `x` is ever allocated (large fresh allocations
+cost page faults here, and the passes over memory cost more than the skinny matmuls). Elsewhere
+the mask is dense and regenerated from its seed in backward.
+
 Shapes: x (..., d_in), W (d_out, d_in), b (d_out,), A (r, d_in), B (d_out, r), y (..., d_out).
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from .dropout_mask import PackedMask, draw_seed, keep_mask, quantised_probability
+from .dropout_mask import MaskStream, draw_seed, keep_mask, pack_bits, quantised_probability, unpack_bits
+
+_BLOCK_ELEMS = 1 << 19  # elements of x per CPU block (2 MiB in fp32): fastest of 2^16..2^22 here
+
+
+def _block_rows(d_in: int) -> int:
+    """Rows per CPU block: a multiple of 8, so every block but the last packs into whole bytes."""
+    return max(8, (_BLOCK_ELEMS // d_in) // 8 * 8)
+
+
+def _row_blocks(n: int, rows: int):
+    for start in range(0, n, rows):
+        yield start, min(n, start + rows)
+
+
+def _as_factor(keep: np.ndarray, buf: torch.Tensor, d_in: int) -> torch.Tensor:
+    """Copy a 0/1 block into `buf` (x's dtype) as a (rows, d_in) multiplier.
+
+    Multiplying by a float mask is ~8x faster than by a bool one, and torch copies uint8 to
+    float ~10x faster than bool to float, hence the uint8 view.
+    """
+    out = buf.view(-1)[: keep.size]
+    out.copy_(torch.from_numpy(keep.reshape(-1).view(np.uint8)))
+    return out.view(-1, d_in)
+
+
+def _col_major(m: torch.Tensor) -> torch.Tensor:
+    """`m` (d, r) laid out column-major, so that `tall @ m` takes torch's fast path.
+
+    (N, d) @ (d, r) with a row-major right factor is ~2x slower on the CPU than with a
+    column-major one; the copy is tiny (d x r).
+    """
+    return m if m.stride(0) == 1 else m.t().contiguous().t()
+
+
+def _masked_down_cpu(x, lora_A, p: float, seed: int):
+    """`(x * keep) A^T` (N, r) and the keep-mask packed in bits, one block of rows at a time."""
+    n, d = x.shape
+    rows = _block_rows(d)
+    stream = MaskStream(p, seed)
+    bits = np.empty(-(-n * d // 8), dtype=np.uint8)
+    xa = x.new_empty(n, lora_A.shape[0])
+    factor_buf, masked_buf = x.new_empty(rows * d), x.new_empty(rows * d)
+    a_t = lora_A.t()
+    for start, stop in _row_blocks(n, rows):
+        keep = stream.next((stop - start) * d)
+        packed = pack_bits(keep)
+        bits[start * d // 8 : start * d // 8 + packed.size] = packed
+        factor = _as_factor(keep, factor_buf, d)
+        masked = torch.mul(x[start:stop], factor, out=masked_buf[: factor.numel()].view_as(factor))
+        torch.mm(masked, a_t, out=xa[start:stop])
+    return xa, torch.from_numpy(bits)
+
+
+def _masked_backward_cpu(x, bits, gyb, lora_A, grad_x, need_a: bool):
+    """Adds `keep * (gyb A)` to `grad_x` (if given) and returns `gyb^T (x * keep)` (if `need_a`).
+
+    One block of rows at a time, unpacking the mask block by block. `gyb` is (N, r), already scaled.
+    """
+    n, d = x.shape
+    rows = _block_rows(d)
+    bits_np = bits.numpy()
+    factor_buf, work_buf = x.new_empty(rows * d), x.new_empty(rows * d)
+    grad_a = torch.zeros(lora_A.shape, dtype=torch.float32 if x.dtype != torch.float64 else x.dtype)
+    for start, stop in _row_blocks(n, rows):
+        numel = (stop - start) * d
+        keep = unpack_bits(bits_np[start * d // 8 :], numel)
+        factor = _as_factor(keep, factor_buf, d)
+        work = work_buf[:numel].view_as(factor)
+        if need_a:
+            torch.mul(x[start:stop], factor, out=work)
+            _accumulate(grad_a, gyb[start:stop].t(), work)
+        if grad_x is not None:
+            torch.mm(gyb[start:stop], lora_A, out=work)
+            grad_x[start:stop].addcmul_(work, factor)
+    return grad_a.to(lora_A.dtype) if need_a else None
+
+
+def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b, with `acc` kept in fp32 (or fp64) whatever the dtype of the blocks."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    else:
+        acc.add_(torch.mm(a, b))
+
+
+def _masked_down_dense(x, lora_A, p: float, seed: int):
+    """Non-CPU devices: `(x * keep) A^T` with a full mask; backward regenerates it from the seed."""
+    mask = keep_mask(x.shape, p, seed, x.device)
+    return torch.mm(x * mask, lora_A.t())  # (N, r); the dropped copy dies here
+
+
+def _masked_backward_dense(x, p, seed, gyb, lora_A, grad_x, need_a: bool):
+    """Non-CPU twin of `_masked_backward_cpu`, on a regenerated full mask."""
+    mask = keep_mask(x.shape, p, seed, x.device)
+    if grad_x is not None:
+        grad_x.add_(torch.mm(gyb, lora_A).mul_(mask))
+    return torch.mm(gyb.t(), x * mask) if need_a else None
+
+
+def _base_forward(x, weight, bias):
+    """`x W^T + b`: the one output allocation."""
+    if bias is not None:
+        return torch.addmm(bias, x, weight.t())
+    return torch.mm(x, weight.t())
+
+
+def _fold_input_grad(d_in: int, d_out: int, masked: bool) -> bool:
+    """Whether to compute `grad_x = [g, gyb] [W; A]` as one matmul.
+
+    Worth it when `d_out` is small against `d_in`: concatenating g (N x d_out) is cheaper than a
+    second pass over grad_x (N x d_in). Impossible with dropout, whose mask hits the low-rank term only.
+    """
+    return not masked and 2 * d_out <= d_in
+
+
+def _input_grad(grad_y, gyb, weight, lora_A, fold: bool):
+    """`g W + gyb A` (the low-rank term only when unmasked; the masked one is added blockwise)."""
+    if fold:
+        return torch.mm(torch.cat([grad_y, gyb], dim=1), torch.cat([weight, lora_A], dim=0))
+    grad_x = torch.mm(grad_y, weight)  # (N, d_in)
+    return grad_x
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -23,59 +151,52 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, p: float, seed: int):
-        mask = None
+        bits = None
         scale = scaling
         if p > 0.0:
-            mask = keep_mask(x.shape, p, seed, x.device)
             scale = scaling / (1.0 - quantised_probability(p))
-            xa = torch.mm(x * mask, lora_A.t())  # (N, r); the dropped copy dies here
+            if x.device.type == "cpu":
+                xa, bits = _masked_down_cpu(x, lora_A, p, seed)
+            else:
+                xa = _masked_down_dense(x, lora_A, p, seed)
         else:
             xa = torch.mm(x, lora_A.t())  # (N, r)
-        if bias is not None:
-            y = torch.addmm(bias, x, weight.t())  # (N, d_out): the one output allocation
-        else:
-            y = torch.mm(x, weight.t())
+        y = _base_forward(x, weight, bias)
         y.addmm_(xa, lora_B.t(), alpha=scale)
 
-        ctx.scale = scale
+        ctx.scale, ctx.p, ctx.seed = scale, p, seed
         ctx.has_bias = bias is not None
-        ctx.packed = None
         if any(ctx.needs_input_grad):
-            ctx.packed = PackedMask.pack(mask, p, seed) if mask is not None else None
-            bits = ctx.packed.bits if ctx.packed is not None else None
             ctx.save_for_backward(x, weight, lora_A, lora_B, xa, bits)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, weight, lora_A, lora_B, xa, _bits = ctx.saved_tensors
+        x, weight, lora_A, lora_B, xa, bits = ctx.saved_tensors
         need_x, need_w, need_b, need_a, need_b_lora = ctx.needs_input_grad[:5]
-        s = ctx.scale
         grad_x = grad_w = grad_bias = grad_a = grad_b = None
-        mask = ctx.packed.unpack() if ctx.packed is not None else None
+        masked = ctx.p > 0.0
 
         if need_b_lora:
-            grad_b = torch.mm(grad_y.t(), xa).mul_(s)  # (d_out, r)
+            grad_b = torch.mm(xa.t(), grad_y).t().mul_(ctx.scale)  # (d_out, r); g^T xa is slow
         if need_a or need_x:
-            gyb = torch.mm(grad_y, lora_B).mul_(s)  # (N, r), already scaled
-            if need_a:
-                x_seen = x * mask if mask is not None else x
-                grad_a = torch.mm(gyb.t(), x_seen)  # (r, d_in)
-                del x_seen
+            gyb = torch.mm(grad_y, _col_major(lora_B)).mul_(ctx.scale)  # (N, r), already scaled
             if need_x:
-                grad_x = torch.mm(grad_y, weight)  # (N, d_in)
-                if mask is None:
+                fold = _fold_input_grad(x.shape[1], grad_y.shape[1], masked)
+                grad_x = _input_grad(grad_y, gyb, weight, lora_A, fold)
+                if not masked and not fold:
                     grad_x.addmm_(gyb, lora_A)
-                else:
-                    low_rank = torch.mm(gyb, lora_A).mul_(mask)
-                    grad_x.add_(low_rank)
+            if not masked and need_a:
+                grad_a = torch.mm(gyb.t(), x)  # (r, d_in)
+            elif masked and x.device.type == "cpu":
+                grad_a = _masked_backward_cpu(x, bits, gyb, lora_A, grad_x, need_a)
+            elif masked:
+                grad_a = _masked_backward_dense(x, ctx.p, ctx.seed, gyb, lora_A, grad_x, need_a)
         if need_w:
             grad_w = torch.mm(grad_y.t(), x)  # (d_out, d_in), only when the base is trainable
         if need_b and ctx.has_bias:
             grad_bias = grad_y.sum(0)
         return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None
-
-
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type) and x.is_floating_point():
@@ -116,6 +237,10 @@ def lora_linear(
     Returns:
         y of shape (..., d_out) in the compute dtype: the autocast dtype inside `torch.autocast`,
         else `x.dtype`.
+
+    Raises:
+        ValueError: `dropout` outside [0, 1), or shapes of `x`, `weight`, `lora_A`, `lora_B` that
+            do not fit together (the message names them).
     """
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
@@ -123,6 +248,11 @@ def lora_linear(
         raise ValueError(
             f"lora_linear: x has {x.shape[-1]} features, weight expects {weight.shape[1]}, "
             f"lora_A expects {lora_A.shape[1]}"
+        )
+    if tuple(lora_B.shape) != (weight.shape[0], lora_A.shape[0]):
+        raise ValueError(
+            f"lora_linear: lora_B has shape {tuple(lora_B.shape)}, expected "
+            f"{(weight.shape[0], lora_A.shape[0])} (d_out, r)"
         )
     dtype = _compute_dtype(x)
     x, weight, bias = _cast(x, dtype), _cast(weight, dtype), _cast(bias, dtype)

@@ -1,0 +1,210 @@
+"""Benchmark: fused `lora_linear` against a frozen nn.Linear and the usual two-module LoRA.
+
+Variants, all with a frozen base weight and an input that requires grad (as inside a network):
+  (a) base    the frozen `nn.Linear` alone;
+  (b) peft    `base(x) + lora_B(lora_A(dropout(x))) * s` with `nn.Dropout` (nn.Identity at p=0),
+              as Hugging Face PEFT does it;
+  (c) fused   `tinytune.ops.lora_linear`.
+Each timed step is forward + backward. Runs are interleaved (a, b, c, a, b, c, ...) after a warmup;
+the median is reported. Memory "kept for backward" is the bytes of every distinct storage that
+autograd saves during one forward (seen through `torch.autograd.graph.saved_tensors_hooks`), each
+storage counted once and parameter storages excluded (they live anyway). The input `x` is counted.
+
+FLOP floor (c relative to a): `1 + 1.5 r (d_in + d_out) / (d_in d_out)`, see docs/benchmarks.md.
+
+Usage: python benchmarks/lora_linear.py [--quick] [--reps N] [--out PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tinytune.ops import lora_linear  # noqa: E402
+
+SHAPES = [  # (tokens, d_in, d_out, rank)
+    (2048, 1024, 1024, 8),
+    (2048, 1024, 1024, 64),
+    (4096, 512, 64, 8),
+    (1024, 4096, 4096, 16),
+]
+QUICK_SHAPES = [(512, 256, 256, 8), (1024, 256, 32, 8)]
+DROPOUTS = (0.0, 0.1)
+SCALING = 2.0
+
+
+class PeftLoRA(nn.Module):
+    """The two-module LoRA layer as PEFT writes it (base + B(A(dropout(x))) * s)."""
+
+    def __init__(self, base: nn.Linear, r: int, p: float):
+        super().__init__()
+        self.base = base
+        self.dropout = nn.Dropout(p) if p > 0 else nn.Identity()
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, device=base.weight.device)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, device=base.weight.device)
+        nn.init.normal_(self.lora_B.weight, std=0.02)  # non-zero, so every gradient is real work
+
+    def forward(self, x):
+        return self.base(x) + self.lora_B(self.lora_A(self.dropout(x))) * SCALING
+
+
+def make_variants(d_in: int, d_out: int, r: int, p: float, device: str):
+    """The three callables (a, b, c) sharing one frozen base."""
+    base = nn.Linear(d_in, d_out, device=device).requires_grad_(False)
+    peft = PeftLoRA(base, r, p)
+    A, B = peft.lora_A.weight, peft.lora_B.weight
+    fused = lambda x: lora_linear(x, base.weight, base.bias, A, B, SCALING, dropout=p)  # noqa: E731
+    return {"a": base, "b": peft, "c": fused}, list(peft.parameters())
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def step(fn, x, grad) -> None:
+    """One forward + backward; gradients are dropped so nothing accumulates across steps."""
+    y = fn(x)
+    y.backward(grad)
+    x.grad = None
+
+
+def time_interleaved(fns: dict, x, grad, reps: int, warmup: int, device: str, params) -> dict:
+    """Median seconds per forward+backward for each variant, runs interleaved."""
+    times = {k: [] for k in fns}
+    for i in range(warmup + reps):
+        for k, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            step(fn, x, grad)
+            sync(device)
+            if i >= warmup:
+                times[k].append(time.perf_counter() - t0)
+            for prm in params:
+                prm.grad = None
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def saved_bytes(forward, params) -> int:
+    """Bytes of distinct non-parameter storages saved for backward while `forward()` runs."""
+    skip = {prm.untyped_storage().data_ptr() for prm in params}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in skip:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    del out
+    return sum(seen.values())
+
+
+def flop_floor(d_in: int, d_out: int, r: int) -> float:
+    return 1 + 1.5 * r * (d_in + d_out) / (d_in * d_out)
+
+
+def bench_shape(n, d_in, d_out, r, p, device, reps, warmup) -> dict:
+    torch.manual_seed(0)
+    fns, params = make_variants(d_in, d_out, r, p, device)
+    x = torch.randn(n, d_in, device=device, requires_grad=True)
+    grad = torch.randn(n, d_out, device=device)
+    med = time_interleaved(fns, x, grad, reps, warmup, device, params)
+    a, b, c = med["a"], med["b"], med["c"]
+    mem = {k: saved_bytes(lambda fn=fn: fn(x), params) for k, fn in fns.items()}
+    return {
+        "device": device, "tokens": n, "d_in": d_in, "d_out": d_out, "rank": r, "dropout": p,
+        "ms": {k: v * 1e3 for k, v in med.items()},
+        "c_over_a": c / a, "b_over_a": b / a,
+        "overhead_ratio": (c - a) / (b - a) if b > a else float("nan"),
+        "flop_floor": flop_floor(d_in, d_out, r),
+        "saved_bytes": mem,
+    }
+
+
+def qkv_memory(n: int, d: int, r: int, p: float, device: str) -> dict:
+    """Bytes kept for backward by three projections (q, k, v) sharing one input."""
+    torch.manual_seed(0)
+    layers = [make_variants(d, d, r, p, device) for _ in range(3)]
+    params = [prm for _, ps in layers for prm in ps]
+    x = torch.randn(n, d, device=device, requires_grad=True)
+    out = {}
+    for k in ("b", "c"):
+        out[k] = saved_bytes(lambda k=k: [fns[k](x) for fns, _ in layers], params)
+    return {"device": device, "tokens": n, "d": d, "rank": r, "dropout": p,
+            "saved_bytes": out, "c_over_b": out["c"] / out["b"]}
+
+
+def machine_info() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "date": datetime.date.today().isoformat()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def print_rows(rows, qkv) -> None:
+    head = (f"{'dev':4} {'N x d_in x d_out':>18} {'r':>3} {'p':>4} {'a ms':>8} {'b ms':>8} "
+            f"{'c ms':>8} {'c/a':>6} {'b/a':>6} {'(c-a)/(b-a)':>11} {'floor':>6}")
+    print(head)
+    for row in rows:
+        ms = row["ms"]
+        shape = f"{row['tokens']}x{row['d_in']}x{row['d_out']}"
+        print(f"{row['device']:4} {shape:>18} {row['rank']:>3} {row['dropout']:>4} {ms['a']:8.2f} "
+              f"{ms['b']:8.2f} {ms['c']:8.2f} {row['c_over_a']:6.3f} {row['b_over_a']:6.3f} "
+              f"{row['overhead_ratio']:11.2f} {row['flop_floor']:6.3f}")
+    for q in qkv:
+        mb = {k: v / 2**20 for k, v in q["saved_bytes"].items()}
+        print(f"q/k/v memory kept ({q['device']}, N={q['tokens']}, d={q['d']}, r={q['rank']}, "
+              f"p={q['dropout']}): b {mb['b']:.2f} MiB, c {mb['c']:.2f} MiB, c/b {q['c_over_b']:.3f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small shapes, few reps (smoke test)")
+    ap.add_argument("--reps", type=int, default=None, help="timed reps per variant (default 21)")
+    ap.add_argument("--out", type=str, default=None, help="JSON path")
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count())
+    reps = args.reps or (3 if args.quick else 21)
+    warmup = 1 if args.quick else 3
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    rows, qkv = [], []
+    for device in devices:
+        for n, d_in, d_out, r in shapes:
+            for p in DROPOUTS:
+                rows.append(bench_shape(n, d_in, d_out, r, p, device, reps, warmup))
+        qkv.append(qkv_memory(256 if args.quick else 2048, 128 if args.quick else 1024, 8, 0.1, device))
+    print_rows(rows, qkv)
+    tag = "cuda" if "cuda" in devices else "cpu"
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"lora_linear_{tag}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": machine_info(), "reps": reps, "warmup": warmup,
+                               "rows": rows, "qkv_memory": qkv}, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
