@@ -222,3 +222,27 @@ def test_cuda_matches_reference(p):
     fn = lambda *t: lora_linear(*t[:3], t[3], t[4], SCALING, dropout=p, seed=SEED)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, w, b, a, bb))
     torch.testing.assert_close(fn(x, w, b, a, bb), reference(x, w, b, a, bb, p))
+
+
+@pytest.mark.parametrize("n,r,d", [(256, 8, 33), (300, 4, 16), (10, 3, 5)])
+def test_split_reduction_product_equals_mm(n, r, d):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the batched split path needs >= 2 threads
+    try:
+        a, b = torch.randn(n, r, dtype=torch.float64), torch.randn(n, d, dtype=torch.float64)
+        torch.testing.assert_close(lora_matmul._tn(a, b), a.t() @ b, rtol=1e-12, atol=1e-12)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_gradients_match_reference_float32_large():
+    x, w, b, a, bb = make(n=(2, 256), d_in=64, d_out=96, r=8, dtype=torch.float32)
+    grad = torch.randn(2, 256, 96)
+    for p in (0.0, 0.1):
+        lora_linear(x, w, b, a, bb, SCALING, dropout=p, seed=SEED).backward(grad)
+        got = [t.grad for t in (x, a, bb)]
+        x.grad = a.grad = bb.grad = None
+        reference(x, w, b, a, bb, p).backward(grad)
+        for g_fused, t in zip(got, (x, a, bb)):
+            torch.testing.assert_close(g_fused, t.grad, rtol=1e-4, atol=1e-3)
+        x.grad = a.grad = bb.grad = None

@@ -57,6 +57,21 @@ def _col_major(m: torch.Tensor) -> torch.Tensor:
     return m if m.stride(0) == 1 else m.t().contiguous().t()
 
 
+def _tn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`a^T b` for tall a (N, r) and b (N, d): the adapter-gradient products, reducing over N.
+
+    On the CPU one skinny gemm with r rows parallelises poorly (~65 GFLOP/s on 2 cores); split
+    over N into one batch per thread, `bmm` runs each on its own core (~1.4x faster here).
+    """
+    k = torch.get_num_threads()
+    n = a.shape[0]
+    if a.device.type != "cpu" or k < 2 or n % k or n < 64 * k:
+        return torch.mm(a.t(), b)
+    if not (a.is_contiguous() and b.is_contiguous()):
+        return torch.mm(a.t(), b)
+    return torch.bmm(a.view(k, n // k, -1).transpose(1, 2), b.view(k, n // k, -1)).sum(0)
+
+
 def _masked_down_cpu(x, lora_A, p: float, seed: int):
     """`(x * keep) A^T` (N, r) and the keep-mask packed in bits, one block of rows at a time."""
     n, d = x.shape
@@ -93,19 +108,11 @@ def _masked_backward_cpu(x, bits, gyb, lora_A, grad_x, need_a: bool):
         work = work_buf[:numel].view_as(factor)
         if need_a:
             torch.mul(x[start:stop], factor, out=work)
-            _accumulate(grad_a, gyb[start:stop].t(), work)
+            grad_a.add_(_tn(gyb[start:stop], work))
         if grad_x is not None:
             torch.mm(gyb[start:stop], lora_A, out=work)
             grad_x[start:stop].addcmul_(work, factor)
     return grad_a.to(lora_A.dtype) if need_a else None
-
-
-def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc += a @ b, with `acc` kept in fp32 (or fp64) whatever the dtype of the blocks."""
-    if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
-    else:
-        acc.add_(torch.mm(a, b))
 
 
 def _masked_down_dense(x, lora_A, p: float, seed: int):
@@ -178,7 +185,7 @@ class LoRALinearFunction(torch.autograd.Function):
         masked = ctx.p > 0.0
 
         if need_b_lora:
-            grad_b = torch.mm(xa.t(), grad_y).t().mul_(ctx.scale)  # (d_out, r); g^T xa is slow
+            grad_b = _tn(xa, grad_y).t().mul_(ctx.scale)  # (d_out, r); g^T xa is ~8x slower
         if need_a or need_x:
             gyb = torch.mm(grad_y, _col_major(lora_B)).mul_(ctx.scale)  # (N, r), already scaled
             if need_x:
@@ -187,7 +194,7 @@ class LoRALinearFunction(torch.autograd.Function):
                 if not masked and not fold:
                     grad_x.addmm_(gyb, lora_A)
             if not masked and need_a:
-                grad_a = torch.mm(gyb.t(), x)  # (r, d_in)
+                grad_a = _tn(gyb, x)  # (r, d_in)
             elif masked and x.device.type == "cpu":
                 grad_a = _masked_backward_cpu(x, bits, gyb, lora_A, grad_x, need_a)
             elif masked:
