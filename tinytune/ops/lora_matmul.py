@@ -136,21 +136,22 @@ def _base_forward(x, weight, bias):
     return torch.mm(x, weight.t())
 
 
-def _fold_input_grad(d_in: int, d_out: int, masked: bool) -> bool:
-    """Whether to compute `grad_x = [g, gyb] [W; A]` as one matmul.
+def _fold_input_grad(d_in: int, d_out: int) -> bool:
+    """Whether to compute `grad_x = [g, gyb] [W; A]` as one matmul (no dropout only).
 
-    Worth it when `d_out` is small against `d_in`: concatenating g (N x d_out) is cheaper than a
-    second pass over grad_x (N x d_in). Impossible with dropout, whose mask hits the low-rank term only.
+    Worth it when `d_out` is small against `d_in`: concatenating g (N x d_out) costs less than a
+    second pass over grad_x (N x d_in).
     """
-    return not masked and 2 * d_out <= d_in
+    return 2 * d_out <= d_in
 
 
-def _input_grad(grad_y, gyb, weight, lora_A, fold: bool):
-    """`g W + gyb A` (the low-rank term only when unmasked; the masked one is added blockwise)."""
-    if fold:
+def _input_grad(grad_y, gyb, weight, lora_A, masked: bool):
+    """`g W + gyb A`; with dropout only `g W`, the masked low-rank term being added blockwise."""
+    if masked:
+        return torch.mm(grad_y, weight)  # (N, d_in)
+    if _fold_input_grad(weight.shape[1], weight.shape[0]):
         return torch.mm(torch.cat([grad_y, gyb], dim=1), torch.cat([weight, lora_A], dim=0))
-    grad_x = torch.mm(grad_y, weight)  # (N, d_in)
-    return grad_x
+    return torch.mm(grad_y, weight).addmm_(gyb, lora_A)
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -189,10 +190,7 @@ class LoRALinearFunction(torch.autograd.Function):
         if need_a or need_x:
             gyb = torch.mm(grad_y, _col_major(lora_B)).mul_(ctx.scale)  # (N, r), already scaled
             if need_x:
-                fold = _fold_input_grad(x.shape[1], grad_y.shape[1], masked)
-                grad_x = _input_grad(grad_y, gyb, weight, lora_A, fold)
-                if not masked and not fold:
-                    grad_x.addmm_(gyb, lora_A)
+                grad_x = _input_grad(grad_y, gyb, weight, lora_A, masked)
             if not masked and need_a:
                 grad_a = _tn(gyb, x)  # (r, d_in)
             elif masked and x.device.type == "cpu":
@@ -204,6 +202,8 @@ class LoRALinearFunction(torch.autograd.Function):
         if need_b and ctx.has_bias:
             grad_bias = grad_y.sum(0)
         return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None
+
+
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type) and x.is_floating_point():
