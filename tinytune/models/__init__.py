@@ -1,0 +1,12 @@
+"""Decoder-only language models: one decoder for the Llama family and GPT-2, HF checkpoints in
+and out, a tokenizer, and generation."""
+from .config import ModelConfig
+from .hf import load_model, load_pretrained, merged_state_dict, save_pretrained
+from .layers import KVCache
+from .presets import PRESETS, build, preset_config
+from .transformer import CausalLM
+
+__all__ = [
+    "CausalLM", "KVCache", "ModelConfig", "PRESETS", "build", "load_model", "load_pretrained",
+    "merged_state_dict", "preset_config", "save_pretrained",
+]

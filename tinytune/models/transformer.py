@@ -1,0 +1,147 @@
+"""One decoder for the Llama family (llama, mistral, qwen2) and GPT-2, switched by `ModelConfig`.
+
+Module names follow Hugging Face Llama's (`model.embed_tokens`, `model.layers.N.self_attn.q_proj`,
+`model.layers.N.mlp.gate_proj`, `model.norm`, `lm_head`), so adapters trained on the HF model
+need no renaming. GPT-2 uses the same names: its fused `c_attn` is split into q/k/v at load
+(see `hf.py`), `c_fc`/`c_proj` become `mlp.up_proj`/`mlp.down_proj`, and `wpe` is
+`model.embed_positions`.
+
+The decoder has no dropout: HF's GPT-2 `*_pdrop` settings only act in training mode, and
+fine-tuning here regularises through the adapters.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import ModelConfig
+from .layers import DecoderLayer, KVCache, RotaryEmbedding, make_norm
+
+
+class DecoderModel(nn.Module):
+    """Embeddings, the stack of blocks and the final norm (HF's `model.` prefix)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_positions = (nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+                                if cfg.positions == "learned" else None)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = make_norm(cfg)
+        self.rotary = RotaryEmbedding(cfg) if cfg.positions == "rope" else None
+        self.gradient_checkpointing = False
+
+
+def _position_ids(attention_mask, past: int, T: int, device) -> torch.Tensor:
+    """Positions of the T new tokens: counted over real tokens only, so left padding is harmless."""
+    if attention_mask is None:
+        return torch.arange(past, past + T, device=device)[None]
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, S)
+    return positions[:, past:past + T]
+
+
+def build_attention_mask(attention_mask, past: int, T: int, window: int | None, prefix_len: int, device):
+    """Boolean (B, 1, T, P + S) mask, True = may attend; None when plain causal attention suffices.
+
+    Combines causality (with `past` cached tokens before the new ones), key padding, an optional
+    sliding window, and `prefix_len` always-visible prefix positions. Every query may attend to
+    itself, so rows of padding queries never become all-False (SDPA would return NaN there).
+    """
+    S = past + T
+    no_padding = attention_mask is None or bool(attention_mask.all())
+    if no_padding and prefix_len == 0 and (window is None or S <= window) and (past == 0 or T == 1):
+        return None
+    q_pos = torch.arange(past, S, device=device)[:, None]  # (T, 1)
+    k_pos = torch.arange(S, device=device)[None, :]  # (1, S)
+    allowed = k_pos <= q_pos
+    if window is not None:
+        allowed = allowed & (q_pos - k_pos < window)
+    allowed = allowed[None, None]  # (1, 1, T, S)
+    if attention_mask is not None:
+        allowed = allowed & attention_mask[:, None, None, :S].bool()
+        allowed = allowed | (k_pos == q_pos)[None, None]
+    if prefix_len:
+        batch = allowed.shape[0]
+        visible = torch.ones(batch, 1, T, prefix_len, dtype=torch.bool, device=device)
+        allowed = torch.cat((visible, allowed.expand(batch, 1, T, S)), dim=-1)
+    return allowed
+
+
+class CausalLM(nn.Module):
+    """A decoder-only language model: `logits = model(input_ids, attention_mask=None)`.
+
+    Args (forward):
+        input_ids: (B, T) token ids, or None when `inputs_embeds` is given (soft prompts).
+        attention_mask: (B, S) with 1 for real tokens, 0 for padding, covering cached + new
+            tokens (S = cache.length + T). Left padding is handled: positions count real tokens.
+        position_ids: (B, T) to override the positions derived from the mask.
+        inputs_embeds: (B, T, d) in place of `input_ids`.
+        cache: a `KVCache` to read and extend (generation); advanced by T.
+        prefix_kv: per layer a (k, v) pair of shape (B or 1, nkv, P, hd) attended by every query
+            (prefix tuning).
+        logits_to_keep: compute logits for the last n positions only (0: all).
+
+    Returns:
+        logits (B, T or logits_to_keep, vocab) in the compute dtype.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = DecoderModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block's activations in backward (non-reentrant: works with a frozen base)."""
+        self.model.gradient_checkpointing = bool(enabled)
+
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        """A KV cache for `batch` rows and up to `max_len` positions, in the model's dtype."""
+        ref = self.model.embed_tokens.weight
+        return KVCache(self.config, batch, max_len, dtype or ref.dtype, ref.device)
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
+                cache: KVCache | None = None, prefix_kv=None, logits_to_keep: int = 0):
+        h = self._embed(input_ids, inputs_embeds)
+        B, T, _ = h.shape
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            position_ids = _position_ids(attention_mask, past, T, h.device).expand(B, T)
+        if self.model.embed_positions is not None:
+            h = h + self.model.embed_positions(position_ids)
+        rope = self.model.rotary(position_ids, h.dtype) if self.model.rotary is not None else None
+        prefix_len = prefix_kv[0][0].shape[2] if prefix_kv else 0
+        mask = build_attention_mask(attention_mask, past, T, self.config.sliding_window, prefix_len, h.device)
+        h = self._run_layers(h, rope, mask, cache, prefix_kv)
+        if cache is not None:
+            cache.length += T
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        return self.lm_head(self.model.norm(h))
+
+    def _embed(self, input_ids, inputs_embeds):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is not None:
+            return inputs_embeds
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+        return self.model.embed_tokens(input_ids)
+
+    def _run_layers(self, h, rope, mask, cache, prefix_kv):
+        use_checkpoint = self.model.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for i, layer in enumerate(self.model.layers):
+            prefix = prefix_kv[i] if prefix_kv else None
+            if use_checkpoint and cache is None:
+                h = checkpoint(layer, h, rope, mask, None, prefix, use_reentrant=False)
+            else:
+                h = layer(h, rope, mask, cache, prefix)
+        return h
+
+    def reset_buffers(self, device=None) -> None:
+        """Recompute non-persistent buffers (RoPE tables) on `device` (default: the embeddings')."""
+        if self.model.rotary is not None:
+            self.model.rotary.reset_buffers(device or self.model.embed_tokens.weight.device)
