@@ -88,6 +88,7 @@ def _load_weights(model: CausalLM, files, dtype, device) -> None:
                 unexpected.append(hf_key)
             elif value.shape != expected[key]:
                 misshaped.append(f"{hf_key}: file {tuple(value.shape)} vs model {tuple(expected[key])}")
+                loaded.add(key)  # present, just wrong: reported as mis-shaped, not missing
             else:
                 _set_tensor(model, key, value.to(device=device, dtype=dtype))
                 loaded.add(key)
