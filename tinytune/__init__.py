@@ -4,7 +4,8 @@
     tt.lora.apply(model, tt.lora.LoraConfig(rank=8, alpha=16, targets="all-linear"))
     print(tt.count_parameters(model))
 """
-from . import lora, ops, peft
+from . import lora, models, ops, peft
+from .models import load_pretrained, save_pretrained
 from .peft import ParameterCount, count_parameters, load_adapter, save_adapter
 
 __version__ = "0.1.0"
@@ -13,9 +14,12 @@ __all__ = [
     "ParameterCount",
     "count_parameters",
     "load_adapter",
+    "load_pretrained",
     "lora",
+    "models",
     "ops",
     "peft",
     "save_adapter",
+    "save_pretrained",
     "__version__",
 ]
