@@ -4,9 +4,10 @@ from .config import ModelConfig
 from .hf import load_model, load_pretrained, merged_state_dict, save_pretrained
 from .layers import KVCache
 from .presets import PRESETS, build, preset_config
+from .tokenizer import Tokenizer, load_tokenizer
 from .transformer import CausalLM
 
 __all__ = [
     "CausalLM", "KVCache", "ModelConfig", "PRESETS", "build", "load_model", "load_pretrained",
-    "merged_state_dict", "preset_config", "save_pretrained",
+    "merged_state_dict", "preset_config", "save_pretrained", "Tokenizer", "load_tokenizer",
 ]
