@@ -1,0 +1,211 @@
+"""Benchmark: prefill and decode throughput of tinytune against `transformers`, and load memory.
+
+One random checkpoint (the `llama-30m` preset, written with `tinytune.models.save_pretrained`)
+is loaded by both libraries in fp32. For batch 1 and 8, a 128-token random prompt, 64 new tokens,
+greedy, no EOS stopping (tinytune: `eos_token_id=[]`; HF: `min_new_tokens=max_new_tokens`):
+  prefill  one forward over the prompt into a fresh cache, last-position logits only
+           (tinytune: `model(ids, cache=new_cache, logits_to_keep=1)`;
+            HF: `model(ids, use_cache=True, logits_to_keep=1)`); tokens/s = B * prompt / time.
+  decode   the library's own `generate` end to end, minus the prefill time measured in the
+           same process: what remains is the 63 single-token forwards plus each library's
+           per-token sampling and bookkeeping; tokens/s = B * new / (generate - prefill).
+Runs are interleaved (tinytune, HF, HF, tinytune, ...: the first alternates) after a warmup round;
+medians reported.
+Ratios are tinytune / HF throughput (> 1: tinytune faster). Targets: decode >= 1.3x at batch 1,
+>= 1.0x at batch 8; prefill >= 1.0x.
+
+Load memory: in a fresh subprocess per library, a tiny checkpoint is loaded first (so one-time
+lazy imports and allocator set-up are not counted), then peak resident memory (VmHWM from
+/proc/self/status, which counts mapped file pages too) is read before loading the benchmark
+checkpoint and again after loading it and touching every weight (fp32 weights may stay
+memory-mapped and be paged in on first use); the increase is compared with the checkpoint's size
+on disk. "Loading adds no more than one copy of the weights" means a ratio near 1.
+
+Usage: python benchmarks/inference.py [--quick] [--reps N] [--out PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from tinytune.models import build, load_model, save_pretrained  # noqa: E402
+from tinytune.models.generate import generate  # noqa: E402
+
+PROMPT, NEW = 128, 64
+BATCHES = (1, 8)
+TARGETS = {("decode", 1): 1.3, ("decode", 8): 1.0, ("prefill", 1): 1.0, ("prefill", 8): 1.0}
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _runners(ours, hf, ids, new: int) -> dict:
+    """name -> zero-argument callable, for each (library, measurement)."""
+    batch = ids.shape[0]
+
+    def ours_prefill():
+        ours(ids, cache=ours.new_cache(batch, ids.shape[1] + new), logits_to_keep=1)
+
+    def hf_prefill():
+        hf(ids, use_cache=True, logits_to_keep=1)
+
+    def ours_generate():
+        generate(ours, ids, max_new_tokens=new, eos_token_id=[])
+
+    def hf_generate():
+        hf.generate(ids, do_sample=False, max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
+
+    return {"tinytune prefill": ours_prefill, "hf prefill": hf_prefill,
+            "tinytune generate": ours_generate, "hf generate": hf_generate}
+
+
+def bench_batch(ours, hf, batch: int, prompt: int, new: int, reps: int) -> dict:
+    """Median seconds of every runner, interleaved across libraries, plus derived throughputs."""
+    ids = torch.randint(0, ours.config.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(batch))
+    runners = _runners(ours, hf, ids, new)
+    times = {name: [] for name in runners}
+    with torch.inference_mode():
+        for name, fn in runners.items():  # warmup
+            fn()
+        for rep in range(reps):
+            # Alternate which library goes first (ABBA): the one that runs second inherits the
+            # allocator and cache state of the first, a bias that should not favour either.
+            order = ("tinytune", "hf") if rep % 2 == 0 else ("hf", "tinytune")
+            for kind in ("prefill", "generate"):
+                for lib in order:
+                    name = f"{lib} {kind}"
+                    times[name].append(_timed(runners[name]))
+    med = {name: statistics.median(t) for name, t in times.items()}
+    row = {"batch": batch, "prompt": prompt, "new_tokens": new, "reps": reps, "median_s": med, "all_s": times}
+    for lib in ("tinytune", "hf"):
+        row[f"{lib} prefill tok/s"] = batch * prompt / med[f"{lib} prefill"]
+        row[f"{lib} decode tok/s"] = batch * new / (med[f"{lib} generate"] - med[f"{lib} prefill"])
+    for kind in ("prefill", "decode"):
+        row[f"{kind} ratio"] = row[f"tinytune {kind} tok/s"] / row[f"hf {kind} tok/s"]
+        row[f"{kind} target"] = TARGETS[(kind, batch)]
+        row[f"{kind} met"] = row[f"{kind} ratio"] >= TARGETS[(kind, batch)]
+    return row
+
+
+def check_greedy_agreement(ours, hf, prompt: int, new: int) -> bool:
+    """Both libraries produce the same greedy tokens on the benchmark checkpoint (a sanity check)."""
+    ids = torch.randint(0, ours.config.vocab_size, (2, prompt), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        a = generate(ours, ids, max_new_tokens=new, eos_token_id=[])
+        b = hf.generate(ids, do_sample=False, max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
+    return bool(torch.equal(a, b))
+
+
+_MEMORY_PROBE = r"""
+import json, sys, torch
+def hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+lib, path, warmup_path = sys.argv[1:4]
+if lib == "tinytune":
+    from tinytune.models import load_model as load
+else:
+    from transformers import AutoModelForCausalLM
+    load = lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32)
+load(warmup_path)  # a tiny checkpoint first: one-time lazy imports and allocator set-up are not counted
+before = hwm()
+model = load(path)
+with torch.no_grad():  # weights may be memory-mapped and paged in lazily: touch every one
+    sum(float(p.sum()) for p in model.parameters())
+print(json.dumps({"before": before, "after": hwm()}))
+"""
+
+
+def measure_load_memory(path: Path, warmup_path: Path) -> dict:
+    """Peak-RSS increase of loading the checkpoint and touching every weight, per library, each in a
+    fresh subprocess."""
+    size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    out = {"checkpoint_bytes": size}
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TRANSFORMERS_VERBOSITY="error", HF_HUB_DISABLE_PROGRESS_BARS="1")
+    for lib in ("tinytune", "hf"):
+        proc = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, lib, str(path), str(warmup_path)],
+                              capture_output=True, text=True, env=env, check=True)
+        probe = json.loads(proc.stdout.strip().splitlines()[-1])
+        added = probe["after"] - probe["before"]
+        out[lib] = {"peak_rss_added_bytes": added, "ratio_to_checkpoint": added / size}
+    return out
+
+
+def machine_info() -> dict:
+    cpu = platform.processor()
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import transformers
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "platform": platform.platform(),
+            "load_average_at_start": os.getloadavg(), "date": datetime.datetime.now().isoformat(timespec="seconds")}
+
+
+def print_table(rows: list[dict], memory: dict) -> None:
+    print(f"{'batch':>5} {'phase':>8} {'tinytune tok/s':>15} {'HF tok/s':>10} {'ratio':>6} {'target':>6}  met")
+    for row in rows:
+        for kind in ("prefill", "decode"):
+            print(f"{row['batch']:>5} {kind:>8} {row[f'tinytune {kind} tok/s']:>15.1f} {row[f'hf {kind} tok/s']:>10.1f} "
+                  f"{row[f'{kind} ratio']:>5.2f}x {row[f'{kind} target']:>5.1f}x  {'yes' if row[f'{kind} met'] else 'NO'}")
+    size = memory["checkpoint_bytes"]
+    print(f"load: checkpoint {size / 2**20:.1f} MiB; peak RSS added: " + ", ".join(
+        f"{lib} {memory[lib]['peak_rss_added_bytes'] / 2**20:.1f} MiB ({memory[lib]['ratio_to_checkpoint']:.2f}x)"
+        for lib in ("tinytune", "hf")))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke test: tiny model, 2 reps, short runs")
+    parser.add_argument("--reps", type=int, default=9)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/inference_cpu.json")
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count())
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    preset, prompt, new, reps = ("llama-tiny", 16, 8, 2) if args.quick else ("llama-30m", PROMPT, NEW, args.reps)
+    with tempfile.TemporaryDirectory() as tmp:
+        path, warmup_path = Path(tmp) / preset, Path(tmp) / "warmup"
+        save_pretrained(build(preset), path)
+        save_pretrained(build("llama-tiny"), warmup_path)
+        ours = load_model(path)
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        agree = check_greedy_agreement(ours, hf, prompt, new)
+        rows = [bench_batch(ours, hf, b, prompt, new, reps) for b in BATCHES]
+        memory = measure_load_memory(path, warmup_path)
+    print(f"{preset}, fp32, prompt {prompt}, {new} new tokens greedy, median of {reps}; greedy tokens agree: {agree}")
+    print_table(rows, memory)
+    if args.quick:
+        return
+    result = {"benchmark": "inference", "preset": preset, "dtype": "float32", "method": __doc__,
+              "greedy_tokens_agree": agree, "machine": machine_info(), "rows": rows, "load_memory": memory}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
