@@ -5,7 +5,7 @@
     print(tt.count_parameters(model))
 """
 from . import lora, models, ops, peft
-from .models import load_pretrained, save_pretrained
+from .models import generate, load_pretrained, save_pretrained
 from .peft import ParameterCount, count_parameters, load_adapter, save_adapter
 
 __version__ = "0.1.0"
@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ParameterCount",
     "count_parameters",
+    "generate",
     "load_adapter",
     "load_pretrained",
     "lora",

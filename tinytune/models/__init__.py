@@ -1,6 +1,7 @@
 """Decoder-only language models: one decoder for the Llama family and GPT-2, HF checkpoints in
 and out, a tokenizer, and generation."""
 from .config import ModelConfig
+from .generate import generate
 from .hf import load_model, load_pretrained, merged_state_dict, save_pretrained
 from .layers import KVCache
 from .presets import PRESETS, build, preset_config
@@ -8,6 +9,6 @@ from .tokenizer import Tokenizer, load_tokenizer
 from .transformer import CausalLM
 
 __all__ = [
-    "CausalLM", "KVCache", "ModelConfig", "PRESETS", "build", "load_model", "load_pretrained",
+    "CausalLM", "KVCache", "generate", "ModelConfig", "PRESETS", "build", "load_model", "load_pretrained",
     "merged_state_dict", "preset_config", "save_pretrained", "Tokenizer", "load_tokenizer",
 ]
