@@ -6,7 +6,7 @@ Variants, all with a frozen base weight and an input that requires grad (as insi
               as Hugging Face PEFT does it;
   (c) fused   `tinytune.ops.lora_linear`.
 Each timed step is forward + backward. Runs are interleaved (a, b, c, a, b, c, ...) after a warmup;
-the median is reported. Memory "kept for backward" is the bytes of every distinct storage that
+the median is reported (at least --reps rounds, more for cheap shapes, see `time_interleaved`). Memory "kept for backward" is the bytes of every distinct storage that
 autograd saves during one forward (seen through `torch.autograd.graph.saved_tensors_hooks`), each
 storage counted once and parameter storages excluded (they live anyway). The input `x` is counted.
 
@@ -79,20 +79,31 @@ def step(fn, x, grad) -> None:
     x.grad = None
 
 
-def time_interleaved(fns: dict, x, grad, reps: int, warmup: int, device: str, params) -> dict:
-    """Median seconds per forward+backward for each variant, runs interleaved."""
+def time_interleaved(fns: dict, x, grad, reps: int, warmup: int, budget_s: float, device: str,
+                     params) -> tuple[dict, int]:
+    """Median seconds per forward+backward for each variant, runs interleaved.
+
+    At least `reps` rounds; cheap shapes get more, up to `budget_s` seconds of rounds (at most
+    400), because their medians are the most sensitive to noise from other processes.
+    """
     times = {k: [] for k in fns}
-    for i in range(warmup + reps):
+    i = 0
+    while True:
         for k, fn in fns.items():
             sync(device)
             t0 = time.perf_counter()
             step(fn, x, grad)
             sync(device)
-            if i >= warmup:
-                times[k].append(time.perf_counter() - t0)
+            times[k].append(time.perf_counter() - t0)
             for prm in params:
                 prm.grad = None
-    return {k: statistics.median(v) for k, v in times.items()}
+        i += 1
+        if i == warmup:
+            per_round = sum(v[-1] for v in times.values())
+            reps = max(reps, min(400, int(budget_s / per_round)))
+            times = {k: [] for k in fns}
+        if i >= warmup + reps:
+            return {k: statistics.median(v) for k, v in times.items()}, reps
 
 
 def saved_bytes(forward, params) -> int:
@@ -116,16 +127,16 @@ def flop_floor(d_in: int, d_out: int, r: int) -> float:
     return 1 + 1.5 * r * (d_in + d_out) / (d_in * d_out)
 
 
-def bench_shape(n, d_in, d_out, r, p, device, reps, warmup) -> dict:
+def bench_shape(n, d_in, d_out, r, p, device, reps, warmup, budget_s) -> dict:
     torch.manual_seed(0)
     fns, params = make_variants(d_in, d_out, r, p, device)
     x = torch.randn(n, d_in, device=device, requires_grad=True)
     grad = torch.randn(n, d_out, device=device)
-    med = time_interleaved(fns, x, grad, reps, warmup, device, params)
+    med, reps = time_interleaved(fns, x, grad, reps, warmup, budget_s, device, params)
     a, b, c = med["a"], med["b"], med["c"]
     mem = {k: saved_bytes(lambda fn=fn: fn(x), params) for k, fn in fns.items()}
     return {
-        "device": device, "tokens": n, "d_in": d_in, "d_out": d_out, "rank": r, "dropout": p,
+        "device": device, "reps": reps, "tokens": n, "d_in": d_in, "d_out": d_out, "rank": r, "dropout": p,
         "ms": {k: v * 1e3 for k, v in med.items()},
         "c_over_a": c / a, "b_over_a": b / a,
         "overhead_ratio": (c - a) / (b - a) if b > a else float("nan"),
@@ -183,25 +194,29 @@ def print_rows(rows, qkv) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small shapes, few reps (smoke test)")
-    ap.add_argument("--reps", type=int, default=None, help="timed reps per variant (default 21)")
+    ap.add_argument("--reps", type=int, default=None,
+                    help="minimum timed rounds per shape (default 21; cheap shapes get more)")
     ap.add_argument("--out", type=str, default=None, help="JSON path")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count())
     reps = args.reps or (3 if args.quick else 21)
     warmup = 1 if args.quick else 3
+    budget_s = 0.2 if args.quick else 3.0
+    load_before = os.getloadavg()
     shapes = QUICK_SHAPES if args.quick else SHAPES
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     rows, qkv = [], []
     for device in devices:
         for n, d_in, d_out, r in shapes:
             for p in DROPOUTS:
-                rows.append(bench_shape(n, d_in, d_out, r, p, device, reps, warmup))
+                rows.append(bench_shape(n, d_in, d_out, r, p, device, reps, warmup, budget_s))
         qkv.append(qkv_memory(256 if args.quick else 2048, 128 if args.quick else 1024, 8, 0.1, device))
     print_rows(rows, qkv)
     tag = "cuda" if "cuda" in devices else "cpu"
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"lora_linear_{tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": machine_info(), "reps": reps, "warmup": warmup,
+    machine = machine_info() | {"loadavg_before": load_before, "loadavg_after": os.getloadavg()}
+    out.write_text(json.dumps({"machine": machine, "min_reps": reps, "warmup": warmup,
                                "rows": rows, "qkv_memory": qkv}, indent=1))
     print(f"wrote {out}")
 
