@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tinytune.ops import lora_linear  # noqa: E402
+from tinytune.ops import lora_linear, saved_bytes  # noqa: E402
 
 SHAPES = [  # (tokens, d_in, d_out, rank)
     (2048, 1024, 1024, 8),
@@ -104,23 +104,6 @@ def time_interleaved(fns: dict, x, grad, reps: int, warmup: int, budget_s: float
             times = {k: [] for k in fns}
         if i >= warmup + reps:
             return {k: statistics.median(v) for k, v in times.items()}, reps
-
-
-def saved_bytes(forward, params) -> int:
-    """Bytes of distinct non-parameter storages saved for backward while `forward()` runs."""
-    skip = {prm.untyped_storage().data_ptr() for prm in params}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in skip:
-            seen[st.data_ptr()] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = forward()
-    del out
-    return sum(seen.values())
 
 
 def flop_floor(d_in: int, d_out: int, r: int) -> float:

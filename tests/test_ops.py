@@ -7,7 +7,7 @@ import torch
 
 import tinytune.ops.lora_matmul as lora_matmul
 from tinytune.ops import MaskStream, PackedMask, keep_mask, lora_linear, lora_linear_reference
-from tinytune.ops import quantised_probability
+from tinytune.ops import quantised_probability, saved_storages
 
 SCALING = 1.5
 SEED = 1234
@@ -161,22 +161,6 @@ def test_under_autocast_bf16():
 
 
 # ---------------------------------------------------------------- memory kept for backward
-
-def saved_storages(fn, params):
-    """{storage data_ptr: nbytes} of what autograd saves while `fn` runs, parameters excluded."""
-    skip = {t.untyped_storage().data_ptr() for t in params}
-    seen = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in skip:
-            seen[st.data_ptr()] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return seen, out
-
 
 def test_no_copy_of_x_kept_with_dropout():
     torch.manual_seed(0)
