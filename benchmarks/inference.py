@@ -21,7 +21,9 @@ checkpoint and again after loading it and touching every weight (fp32 weights ma
 memory-mapped and be paged in on first use); the increase is compared with the checkpoint's size
 on disk. "Loading adds no more than one copy of the weights" means a ratio near 1.
 
-Usage: python benchmarks/inference.py [--quick] [--reps N] [--out PATH]
+Usage: python benchmarks/inference.py [--quick] [--reps N] [--threads N] [--out PATH]
+(The machine should be otherwise idle: with all cores busy elsewhere, OpenMP stalls swamp the
+measurement; the JSON records the load average before and after, and each runner's spread.)
 """
 from __future__ import annotations
 
@@ -92,7 +94,11 @@ def bench_batch(ours, hf, batch: int, prompt: int, new: int, reps: int) -> dict:
                     name = f"{lib} {kind}"
                     times[name].append(_timed(runners[name]))
     med = {name: statistics.median(t) for name, t in times.items()}
-    row = {"batch": batch, "prompt": prompt, "new_tokens": new, "reps": reps, "median_s": med, "all_s": times}
+    # Spread of each runner (interquartile range / median): a check on how noisy the machine was.
+    spread = {name: (statistics.quantiles(t, n=4)[2] - statistics.quantiles(t, n=4)[0]) / med[name]
+              for name, t in times.items() if len(t) >= 2}
+    row = {"batch": batch, "prompt": prompt, "new_tokens": new, "reps": reps, "median_s": med,
+           "iqr_over_median": spread, "all_s": times}
     for lib in ("tinytune", "hf"):
         row[f"{lib} prefill tok/s"] = batch * prompt / med[f"{lib} prefill"]
         row[f"{lib} decode tok/s"] = batch * new / (med[f"{lib} generate"] - med[f"{lib} prefill"])
@@ -178,9 +184,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke test: tiny model, 2 reps, short runs")
     parser.add_argument("--reps", type=int, default=9)
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/inference_cpu.json")
     args = parser.parse_args()
-    torch.set_num_threads(os.cpu_count())
+    torch.set_num_threads(args.threads)
+    info = machine_info()
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -201,7 +209,8 @@ def main() -> None:
     if args.quick:
         return
     result = {"benchmark": "inference", "preset": preset, "dtype": "float32", "method": __doc__,
-              "greedy_tokens_agree": agree, "machine": machine_info(), "rows": rows, "load_memory": memory}
+              "greedy_tokens_agree": agree,
+              "machine": dict(info, load_average_at_end=os.getloadavg()), "rows": rows, "load_memory": memory}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
