@@ -132,3 +132,25 @@ def test_gradient_checkpointing_gives_lora_grads_with_frozen_base():
     for name in plain:
         torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-5, atol=1e-6)
     assert ckpt_saved < plain_saved  # less kept for backward
+
+
+@pytest.mark.parametrize("preset", ["llama-tiny", "qwen2-tiny", "gpt2-tiny"])
+def test_decode_layout_changes_strides_not_values(preset, tmp_path):
+    model = build(preset)
+    ids = torch.randint(0, 256, (2, 9))
+    params = {n: (p, p.detach().clone()) for n, p in model.named_parameters()}
+    with torch.no_grad():
+        want = model(ids)
+        names = model.set_decode_layout()
+        got = model(ids)
+    assert "lm_head" in names and any(n.endswith("mlp.up_proj") for n in names)
+    assert not model.lm_head.weight.is_contiguous()
+    for n, p in model.named_parameters():
+        assert p is params[n][0] and torch.equal(p, params[n][1]), n  # same objects, same values
+    if model.config.tie_word_embeddings:
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # fp32, different summation order
+    save_pretrained(model, tmp_path)  # writes contiguous tensors
+    with torch.no_grad():
+        assert (load_model(tmp_path)(ids) - got).abs().max() <= 1e-5
+    assert model.set_decode_layout(False) and model.lm_head.weight.is_contiguous()

@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
 from .layers import DecoderLayer, KVCache, RotaryEmbedding, make_norm
+from .layout import set_decode_layout
 
 
 class DecoderModel(nn.Module):
@@ -97,6 +98,13 @@ class CausalLM(nn.Module):
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each block's activations in backward (non-reentrant: works with a frozen base)."""
         self.model.gradient_checkpointing = bool(enabled)
+
+    def set_decode_layout(self, enabled: bool = True) -> list[str]:
+        """Lay out wide linear weights column-major for faster CPU decoding (see `layout.py`).
+
+        Values, shapes and parameter objects are unchanged. Returns the re-laid-out layer names.
+        """
+        return set_decode_layout(self, enabled)
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
         """A KV cache for `batch` rows and up to `max_len` positions, in the model's dtype."""
