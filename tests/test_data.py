@@ -1,6 +1,7 @@
 """tinytune.data: JSONL loaders, bad-record reports, templates, exact loss masks, collation, packing, metrics."""
 import json
 import re
+import warnings
 
 import jinja2
 import pytest
@@ -255,7 +256,12 @@ def test_chat_and_ner_bad_records(tok, tmp_path):
 
 
 def test_on_error_value_is_checked(tok, tmp_path):
-    path = write_jsonl(tmp_path / "p.jsonl", [{"input": "a", "output": "b"}])
+    path = write_jsonl(tmp_path / "p.jsonl", [{"input": "a", "output": "b"}, ""])  # a blank line is no record
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing skipped: no warning
+        assert data.load_pairs(path, tok, on_error="skip").bad_records == []
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        data.load_pairs(tmp_path / "missing.jsonl", tok)
     with pytest.raises(ValueError, match="on_error must be one of"):
         data.load_pairs(path, tok, on_error="ignore")
 
@@ -314,6 +320,8 @@ def test_length_grouped_sampler():
     assert spread < 40  # random batches of 8 from U(1, 200) spread ~150
     sampler.set_epoch(1)
     assert list(sampler) != batches
+    dropped = data.LengthGroupedSampler(lengths, batch_size=8, seed=3, group_factor=10, drop_last=True)
+    assert len(dropped) == len(list(dropped)) == 37 and all(len(b) == 8 for b in dropped)
 
 
 def test_pack_examples_positions_segments_labels():

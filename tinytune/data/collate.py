@@ -130,11 +130,10 @@ class LengthGroupedSampler:
             yield batches[i]
 
     def __len__(self) -> int:
-        if self.drop_last:  # only the last mega-batch can leave a short batch
-            full, rest = divmod(len(self.lengths), self.batch_size * self.group_factor)
-            return full * self.group_factor + rest // self.batch_size
         full, rest = divmod(len(self.lengths), self.batch_size * self.group_factor)
-        return full * self.group_factor + math.ceil(rest / self.batch_size)
+        # only the last mega-batch can leave a short batch
+        last = rest // self.batch_size if self.drop_last else math.ceil(rest / self.batch_size)
+        return full * self.group_factor + last
 
 
 def pack_examples(examples: list[dict], max_length: int) -> list[dict]:
