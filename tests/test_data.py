@@ -346,12 +346,8 @@ def test_segment_mask_matches_naive_loop():
 
 
 def _logits_with_mask(model, ids, position_ids, mask):
-    """The decoder's forward with a 4-D mask. `CausalLM.forward` only takes a (B, S) padding mask, so this
-    drives its parts directly (embeddings, RoPE at `position_ids`, the blocks, norm, head): the model hook for
-    packed-sequence masks is pending in tinytune.models."""
-    h = model.model.embed_tokens(ids)
-    rope = model.model.rotary(position_ids, h.dtype)
-    return model.lm_head(model.model.norm(model._run_layers(h, rope, mask, None, None)))
+    """The decoder's forward with the 4-D block-diagonal mask of packed examples."""
+    return model(ids, attention_mask=mask, position_ids=position_ids)
 
 
 @torch.no_grad()

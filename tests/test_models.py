@@ -154,3 +154,15 @@ def test_decode_layout_changes_strides_not_values(preset, tmp_path):
     with torch.no_grad():
         assert (load_model(tmp_path)(ids) - got).abs().max() <= 1e-5
     assert model.set_decode_layout(False) and model.lm_head.weight.is_contiguous()
+
+
+def test_four_d_mask_is_validated():
+    model = build("llama-tiny")
+    ids = torch.randint(0, 256, (2, 5))
+    with pytest.raises(ValueError, match=r"must be bool of shape \(2, 1, 5, 5\)"):
+        model(ids, attention_mask=torch.ones(2, 1, 5, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="cannot be combined with a KV cache"):
+        model(ids, attention_mask=torch.ones(2, 1, 5, 5, dtype=torch.bool), cache=model.new_cache(2, 8))
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()[None, None]
+    with torch.no_grad():
+        assert torch.equal(model(ids, attention_mask=causal), model(ids))

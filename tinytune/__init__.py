@@ -4,7 +4,7 @@
     tt.lora.apply(model, tt.lora.LoraConfig(rank=8, alpha=16, targets="all-linear"))
     print(tt.count_parameters(model))
 """
-from . import lora, models, ops, peft
+from . import data, lora, models, ops, peft
 from .models import generate, load_pretrained, save_pretrained
 from .peft import ParameterCount, count_parameters, load_adapter, save_adapter
 
@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ParameterCount",
     "count_parameters",
+    "data",
     "generate",
     "load_adapter",
     "load_pretrained",

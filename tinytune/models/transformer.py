@@ -76,6 +76,9 @@ class CausalLM(nn.Module):
         input_ids: (B, T) token ids, or None when `inputs_embeds` is given (soft prompts).
         attention_mask: (B, S) with 1 for real tokens, 0 for padding, covering cached + new
             tokens (S = cache.length + T). Left padding is handled: positions count real tokens.
+            Or a boolean (B, 1, T, T) mask used as is (True = may attend), e.g. the
+            block-diagonal mask of packed examples (`tinytune.data.segment_mask`); pass their
+            `position_ids` with it (default: 0..T-1).
         position_ids: (B, T) to override the positions derived from the mask.
         inputs_embeds: (B, T, d) in place of `input_ids`.
         cache: a `KVCache` to read and extend (generation); advanced by T.
@@ -116,19 +119,33 @@ class CausalLM(nn.Module):
         h = self._embed(input_ids, inputs_embeds)
         B, T, _ = h.shape
         past = cache.length if cache is not None else 0
+        block_mask = None
+        if attention_mask is not None and attention_mask.dim() == 4:  # packed rows: (B, 1, T, S) bool
+            block_mask, attention_mask = self._check_block_mask(attention_mask, cache, prefix_kv, B, T), None
         if position_ids is None:
             position_ids = _position_ids(attention_mask, past, T, h.device).expand(B, T)
         if self.model.embed_positions is not None:
             h = h + self.model.embed_positions(position_ids)
         rope = self.model.rotary(position_ids, h.dtype) if self.model.rotary is not None else None
         prefix_len = prefix_kv[0][0].shape[2] if prefix_kv else 0
-        mask = build_attention_mask(attention_mask, past, T, self.config.sliding_window, prefix_len, h.device)
+        mask = block_mask if block_mask is not None else build_attention_mask(
+            attention_mask, past, T, self.config.sliding_window, prefix_len, h.device)
         h = self._run_layers(h, rope, mask, cache, prefix_kv)
         if cache is not None:
             cache.length += T
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         return self.lm_head(self.model.norm(h))
+
+    @staticmethod
+    def _check_block_mask(mask, cache, prefix_kv, B: int, T: int) -> torch.Tensor:
+        """A caller-built (B, 1, T, T) boolean mask (e.g. block-diagonal for packed examples)."""
+        if cache is not None or prefix_kv:
+            raise ValueError("a 4-D attention_mask cannot be combined with a KV cache or prefix_kv")
+        if mask.dtype != torch.bool or tuple(mask.shape) not in ((B, 1, T, T), (1, 1, T, T)):
+            raise ValueError(f"a 4-D attention_mask must be bool of shape ({B}, 1, {T}, {T}), "
+                             f"got {mask.dtype} {tuple(mask.shape)}")
+        return mask
 
     def _embed(self, input_ids, inputs_embeds):
         if (input_ids is None) == (inputs_embeds is None):
