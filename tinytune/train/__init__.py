@@ -1,0 +1,22 @@
+"""Training: `TrainConfig` and `fit` (AdamW, schedules, accumulation, mixed precision, checkpoints, logs).
+
+    import tinytune as tt
+    history = tt.train.fit(model, examples, tt.train.TrainConfig(lr=1e-3, steps=100, batch_size=8))
+
+Layers: `config` (the dataclass), `precision` (the one place that decides dtypes and autocast),
+`optim` (AdamW + schedules), `checkpoint` (atomic save / resume), `logging` (progress, JSONL, SVG),
+`loop` (`fit`).
+"""
+from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, trainable_state_dict
+from .config import TrainConfig
+from .logging import ProgressLogger, loss_svg, write_loss_svg
+from .loop import History, TrainingInterrupted, causal_lm_loss, evaluate, fit
+from .optim import build_optimizer, build_scheduler, lr_factor, param_groups
+from .precision import Precision, prepare_model
+
+__all__ = [
+    "History", "Precision", "ProgressLogger", "TrainConfig", "TrainingInterrupted", "build_optimizer",
+    "build_scheduler", "causal_lm_loss", "evaluate", "find_checkpoint", "fit", "load_checkpoint",
+    "loss_svg", "lr_factor", "param_groups", "prepare_model", "save_checkpoint", "trainable_state_dict",
+    "write_loss_svg",
+]

@@ -1,0 +1,134 @@
+"""`TrainConfig`: every knob of `fit` in one flat dataclass, validated on construction."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+DTYPES = ("fp32", "bf16", "fp16")
+SCHEDULES = ("constant", "linear", "cosine")
+DEVICES = ("cpu", "cuda")
+
+
+def _positive_int(name: str, value, allow_zero: bool = False) -> None:
+    low = 0 if allow_zero else 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"TrainConfig.{name} must be an int >= {low}, got {value!r}")
+
+
+def _choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"TrainConfig.{name}={value!r} is not one of {list(choices)}")
+
+
+@dataclass
+class TrainConfig:
+    """What `tt.train.fit` does: optimiser, schedule, precision, batching, checkpoints and logs.
+
+    The effective batch of one optimizer step is `batch_size * grad_accum` examples.
+
+    Args:
+        lr: peak learning rate of AdamW.
+        steps: number of optimizer steps to run.
+        batch_size: examples per forward pass (micro-batch).
+        grad_accum: micro-batches accumulated into one optimizer step.
+        dtype: compute precision: "fp32", "bf16" (autocast, CPU and CUDA) or "fp16" (autocast with a
+            gradient scaler, CUDA only).
+        grad_checkpointing: recompute activations per block in backward (`model.set_gradient_checkpointing`).
+        out_dir: where checkpoints, `metrics.jsonl` and `loss.svg` go; None writes nothing.
+        weight_decay: AdamW decoupled weight decay for matrices (never for biases, norms, 1-D params).
+        betas, eps: AdamW constants.
+        schedule: "constant", "linear" (to 0) or "cosine" (to 0) after `warmup_steps` of linear warmup.
+        warmup_steps: optimizer steps of linear warmup from lr / warmup_steps to lr.
+        max_grad_norm: clip the global gradient norm to this value; None: no clipping.
+        eval_every: evaluate `eval_data` every this many steps (0: only at the end).
+        save_every: write a checkpoint every this many steps (0: only at the end); needs `out_dir`.
+        log_every: print a plain progress line every this many steps when stdout is not a terminal.
+        seed: seeds torch, python `random` and numpy at the start of a fresh run, and the shuffle order.
+        early_stopping_patience: stop after this many evaluations without a lower eval loss; None: never.
+        max_bad_steps: stop after this many consecutive steps with a non-finite loss or gradient norm.
+        shuffle: shuffle the training examples every epoch.
+        base_dtype: None keeps the frozen parameters as they are; "bf16" holds them in bfloat16.
+        device: "cpu" or "cuda"; the model is moved there.
+        resume: a checkpoint directory or an `out_dir` to resume from (its latest checkpoint), or True
+            for "the latest checkpoint in `out_dir` if there is one".
+        pad_token_id: the id written into padded `input_ids` positions (they are masked anyway).
+
+    Raises:
+        ValueError: naming the field, for any value out of range or not among the choices.
+    """
+
+    lr: float = 2e-4
+    steps: int = 100
+    batch_size: int = 8
+    grad_accum: int = 1
+    dtype: str = "fp32"
+    grad_checkpointing: bool = False
+    out_dir: str | Path | None = None
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    max_grad_norm: float | None = 1.0
+    eval_every: int = 0
+    save_every: int = 0
+    log_every: int = 10
+    seed: int = 0
+    early_stopping_patience: int | None = None
+    max_bad_steps: int = 5
+    shuffle: bool = True
+    base_dtype: str | None = None
+    device: str = "cpu"
+    resume: str | Path | bool | None = None
+    pad_token_id: int = 0
+
+    def __post_init__(self):
+        self._check_numbers()
+        self._check_choices()
+        if self.out_dir is not None:
+            self.out_dir = Path(self.out_dir)
+        if self.resume is True and self.out_dir is None:
+            raise ValueError("TrainConfig.resume=True resumes from out_dir, but out_dir is None")
+
+    def _check_numbers(self) -> None:
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"TrainConfig.lr must be a finite number > 0, got {self.lr!r}")
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "max_bad_steps"):
+            _positive_int(name, getattr(self, name))
+        for name in ("warmup_steps", "eval_every", "save_every", "seed", "pad_token_id"):
+            _positive_int(name, getattr(self, name), allow_zero=True)
+        if self.early_stopping_patience is not None:
+            _positive_int("early_stopping_patience", self.early_stopping_patience)
+        if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
+            raise ValueError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay!r}")
+        if len(tuple(self.betas)) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"TrainConfig.betas must be two numbers in [0, 1), got {self.betas!r}")
+        self.betas = tuple(float(b) for b in self.betas)
+        if not self.eps > 0:
+            raise ValueError(f"TrainConfig.eps must be > 0, got {self.eps!r}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"TrainConfig.max_grad_norm must be None or > 0, got {self.max_grad_norm!r}")
+
+    def _check_choices(self) -> None:
+        _choice("dtype", self.dtype, DTYPES)
+        _choice("schedule", self.schedule, SCHEDULES)
+        _choice("base_dtype", self.base_dtype, (None, "bf16"))
+        _choice("device", self.device, DEVICES)
+        if self.dtype == "fp16" and self.device != "cuda":
+            raise ValueError(
+                f"TrainConfig.dtype='fp16' needs device='cuda' (fp16 autocast with a gradient scaler); "
+                f"got device={self.device!r}: use dtype='bf16' on the CPU")
+        if self.base_dtype == "bf16" and self.dtype == "fp32":
+            raise ValueError("TrainConfig.base_dtype='bf16' needs dtype='bf16' or 'fp16': fp32 compute "
+                             "cannot multiply fp32 activations by bf16 frozen weights")
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict of the fields (paths as strings)."""
+        out = dataclasses.asdict(self)
+        for key in ("out_dir", "resume"):
+            if isinstance(out[key], Path):
+                out[key] = str(out[key])
+        out["betas"] = list(out["betas"])
+        return out

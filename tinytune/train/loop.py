@@ -1,0 +1,359 @@
+"""`fit`: the training loop (batches, accumulation, clipping, eval, early stopping, checkpoints, resume)."""
+from __future__ import annotations
+
+import inspect
+import math
+import signal
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..data.collate import segment_mask
+from ..data.encoding import IGNORE as IGNORE_INDEX  # -100: labels that are not scored
+from . import checkpoint as ckpt
+from .collate import DataStream, check_data, collate
+from .config import TrainConfig
+from .logging import ProgressLogger, write_loss_svg
+from .optim import build_optimizer, build_scheduler
+from .precision import Precision, prepare_model
+
+
+@dataclass
+class History:
+    """What `fit` did.
+
+    Attributes:
+        losses: mean token loss of each optimizer step (NaN for a skipped step), steps 1..`step`.
+        lrs: the learning rate each step used.
+        eval_steps, eval_losses: the steps evaluated at and the mean token eval loss there.
+        skipped_steps: steps skipped for a non-finite loss or gradient norm (or nothing scored).
+        step: optimizer steps done (counting those of a resumed run before this call).
+        tokens_per_s: non-padding tokens per second of training in this call.
+        stopped_reason: "completed", or why training stopped early.
+        checkpoint: the last checkpoint written or resumed from (None without `out_dir`).
+    """
+
+    losses: list[float] = field(default_factory=list)
+    lrs: list[float] = field(default_factory=list)
+    eval_steps: list[int] = field(default_factory=list)
+    eval_losses: list[float] = field(default_factory=list)
+    skipped_steps: list[int] = field(default_factory=list)
+    step: int = 0
+    tokens_per_s: float = 0.0
+    stopped_reason: str = "completed"
+    checkpoint: Path | None = None
+
+    def _lists(self) -> dict:  # what a checkpoint keeps, so a resumed History is the whole run's
+        return {k: list(getattr(self, k)) for k in ("losses", "lrs", "eval_steps", "eval_losses", "skipped_steps")}
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Raised by `fit` after SIGINT/SIGTERM, once a checkpoint is saved; `.history` holds the run so far."""
+
+    def __init__(self, message: str, history: History):
+        super().__init__(message)
+        self.history = history
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_scored: int | None = None) -> torch.Tensor:
+    """Token-level cross-entropy with the shift inside: `labels[:, i]` scores `logits[:, i - 1]`.
+
+    Args:
+        logits: (B, T, V), any float dtype (the loss is computed in fp32).
+        labels: (B, T), IGNORE_INDEX (-100) where not scored.
+        num_scored: divide the summed loss by this (the scored tokens of the whole accumulated batch);
+            None: by this batch's own count.
+
+    Returns:
+        A scalar: summed token cross-entropy / num_scored.
+    """
+    logits, labels = logits[:, :-1], labels[:, 1:]  # (B, T-1, V), (B, T-1)
+    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                            ignore_index=IGNORE_INDEX, reduction="sum")
+    if num_scored is None:
+        num_scored = int((labels != IGNORE_INDEX).sum())
+    return total / num_scored
+
+
+def _forward_kwargs(model: nn.Module) -> set[str]:
+    params = inspect.signature(model.forward).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return {"attention_mask", "position_ids"}
+    return {p.name for p in params} & {"attention_mask", "position_ids"}
+
+
+def _logits(model: nn.Module, batch: dict, accepted: set[str]) -> torch.Tensor:
+    kwargs = {}
+    if "attention_mask" in accepted:  # packed rows attend within their own example only
+        kwargs["attention_mask"] = segment_mask(batch["segment_ids"]) if "segment_ids" in batch \
+            else batch["attention_mask"]
+    if "position_ids" in accepted and "position_ids" in batch:
+        kwargs["position_ids"] = batch["position_ids"]
+    out = model(batch["input_ids"], **kwargs)
+    if not isinstance(out, torch.Tensor):  # Hugging Face style outputs: .logits, ["logits"] or a tuple
+        out = out["logits"] if isinstance(out, dict) else out[0] if isinstance(out, tuple) else \
+            getattr(out, "logits", out)
+    B, T = batch["input_ids"].shape
+    if not isinstance(out, torch.Tensor) or out.dim() != 3 or out.shape[:2] != (B, T):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"{type(model).__name__} must return logits of shape (batch, seq, vocab) = ({B}, {T}, V); "
+                         f"got {shape}")
+    return out
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data, cfg: TrainConfig, precision: Precision | None = None) -> float:
+    """Mean token cross-entropy of `model` over `data` (same examples and shift as training).
+
+    Args:
+        model: the model, on `cfg.device`; put in eval mode for the call, its mode restored after.
+        data: a sequence of examples with `input_ids` and `labels`.
+        cfg: batch_size, device, dtype and pad_token_id are read.
+        precision: the run's `Precision` (default: one built from cfg).
+
+    Returns:
+        Summed token loss / scored tokens over all of `data`.
+    """
+    precision = precision or Precision(cfg.dtype, cfg.device)
+    was_training, accepted = model.training, _forward_kwargs(model)
+    model.eval()
+    total, scored = 0.0, 0
+    try:
+        for start in range(0, len(data), cfg.batch_size):
+            batch = collate([data[i] for i in range(start, min(start + cfg.batch_size, len(data)))],
+                            cfg.pad_token_id, cfg.device)
+            with precision.autocast():
+                logits = _logits(model, batch, accepted)
+            n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            total += float(causal_lm_loss(logits, batch["labels"], max(n, 1))) * n
+            scored += n
+    finally:
+        model.train(was_training)
+    return total / scored if scored else float("nan")
+
+
+class _Run:
+    """One run's moving parts: optimizer, schedule, data position, counters and history."""
+
+    def __init__(self, model, train_data, cfg: TrainConfig, eval_data, precision: Precision, out):
+        if cfg.grad_checkpointing and not hasattr(model, "set_gradient_checkpointing"):
+            raise ValueError(f"TrainConfig.grad_checkpointing=True, but {type(model).__name__} has no "
+                             "set_gradient_checkpointing(enabled) method")
+        self.model, self.data, self.cfg, self.eval_data, self.precision = model, train_data, cfg, eval_data, precision
+        self.optimizer = build_optimizer(model, cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg)
+        self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.accepted = _forward_kwargs(model)
+        self.history, self.saved_step, self.out = History(), None, out
+        self.bad_streak, self.best_eval, self.evals_since_best = 0, math.inf, 0
+        self.data_stream = DataStream(len(train_data), cfg.seed, cfg.shuffle)
+        self.tokens, self.start = 0, time.perf_counter()
+
+    def resume(self, where, n_train: int) -> bool:
+        """Load the checkpoint `where` points to; False when there is nothing to resume."""
+        if where is None or where is False:
+            return False
+        found = ckpt.find_checkpoint(self.cfg.out_dir if where is True else where)
+        if found is None:
+            if where is True:  # "resume if possible": a first run starts fresh
+                return False
+            raise FileNotFoundError(f"resume: no checkpoint in {where}")
+        state = ckpt.load_checkpoint(found, self.model, self.optimizer)
+        pos = state["data"]
+        if pos["num_examples"] != n_train:
+            raise ValueError(f"resume: checkpoint {found} was trained on {pos['num_examples']} examples, "
+                             f"train_data has {n_train}: its data position would not carry over")
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.precision.load_state_dict(state["scaler"])
+        self.history = History(**state["history"], step=state["step"], checkpoint=found)
+        self.bad_streak, self.best_eval, self.evals_since_best = state["loop"]
+        self.data_stream = DataStream(n_train, self.cfg.seed, self.cfg.shuffle, pos["epoch"], pos["index"])
+        self.saved_step = state["step"]
+        ckpt.set_rng_state(state["rng"])  # last: nothing may draw random numbers after it
+        return True
+
+    def save(self) -> None:
+        """Checkpoint the current step into `out_dir` (once per step; nothing without `out_dir`)."""
+        h = self.history
+        if self.cfg.out_dir is None or self.saved_step == h.step:
+            return
+        state = {"step": h.step, "data": self.data_stream.position(), "scheduler": self.scheduler.state_dict(),
+                 "scaler": self.precision.state_dict(), "rng": ckpt.rng_state(self.cfg.device),
+                 "history": h._lists(), "loop": [self.bad_streak, self.best_eval, self.evals_since_best]}
+        h.checkpoint = ckpt.save_checkpoint(self.cfg.out_dir, h.step, self.model, self.optimizer, state,
+                                            self.cfg.to_dict())
+        self.saved_step = h.step
+
+    def _micro_batches(self) -> list[dict]:
+        cfg = self.cfg
+        ids = self.data_stream.take(cfg.batch_size * cfg.grad_accum)
+        return [collate([self.data[i] for i in ids[k:k + cfg.batch_size]], cfg.pad_token_id, cfg.device)
+                for k in range(0, len(ids), cfg.batch_size)]
+
+    def _accumulate(self, micro: list[dict], scored: int) -> float:
+        total = 0.0
+        for batch in micro:
+            with self.precision.autocast():
+                logits = _logits(self.model, batch, self.accepted)
+            # Divide by the whole step's scored tokens: grad_accum=2 x 4 is then the same step as 1 x 8.
+            loss = causal_lm_loss(logits, batch["labels"], scored)
+            value = float(loss.detach())  # one sync per micro-batch, to stop before a NaN reaches the gradients
+            if not math.isfinite(value):
+                return value
+            self.precision.backward(loss)
+            total += value
+        return total
+
+    def _clip(self) -> bool:
+        if self.cfg.max_grad_norm is None:
+            return True
+        self.precision.unscale(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        # With a scaler, inf gradients are its business: it skips the step and lowers the scale.
+        return self.precision.scaler is not None or bool(torch.isfinite(norm))
+
+    def optimizer_step(self) -> tuple[float, bool, int]:
+        """One optimizer step: (loss, whether it was applied, scored tokens)."""
+        micro = self._micro_batches()
+        self.tokens += sum(int(b["attention_mask"].sum()) for b in micro)
+        scored = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
+        loss = self._accumulate(micro, scored) if scored else float("nan")
+        applied = math.isfinite(loss) and self._clip()
+        if applied:
+            self.precision.step(self.optimizer)
+        self.optimizer.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():  # a skipped first step makes torch warn about the call order
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.step()  # the schedule follows the step count, applied or not
+        return loss, applied, scored
+
+    def _record(self, loss: float, applied: bool, scored: int, lr: float) -> str | None:
+        h, cfg = self.history, self.cfg
+        h.step += 1
+        h.losses.append(loss)
+        h.lrs.append(lr)
+        if applied:
+            self.bad_streak = 0
+            return None
+        h.skipped_steps.append(h.step)
+        if not scored:
+            warnings.warn(f"step {h.step}: no scored tokens in the batch (every label is -100); step skipped",
+                          RuntimeWarning, stacklevel=2)
+            return None
+        self.bad_streak += 1
+        warnings.warn(f"step {h.step}: non-finite loss or gradient norm (loss {loss}); step skipped "
+                      f"({self.bad_streak}/{cfg.max_bad_steps} in a row)", RuntimeWarning, stacklevel=2)
+        if self.bad_streak < cfg.max_bad_steps:
+            return None
+        return (f"stopped: non-finite loss or gradient norm in {self.bad_streak} consecutive steps "
+                f"(steps {h.step - self.bad_streak + 1}..{h.step}, max_bad_steps={cfg.max_bad_steps}); "
+                f"last good checkpoint: {h.checkpoint}")
+
+    def _evaluate(self, logger: ProgressLogger) -> str | None:
+        h, patience = self.history, self.cfg.early_stopping_patience
+        loss = evaluate(self.model, self.eval_data, self.cfg, self.precision)
+        h.eval_steps.append(h.step)
+        h.eval_losses.append(loss)
+        logger.eval(h.step, loss)
+        if loss < self.best_eval:
+            self.best_eval, self.evals_since_best = loss, 0
+        else:
+            self.evals_since_best += 1
+        if patience is not None and self.evals_since_best >= patience:
+            return (f"early stopping at step {h.step}: eval loss has not improved on {self.best_eval:.4f} "
+                    f"for {patience} evaluations")
+        return None
+
+    def _step_and_decide(self, logger: ProgressLogger, callbacks, received) -> str | None:
+        h, cfg = self.history, self.cfg
+        lr = self.optimizer.param_groups[0]["lr"]
+        reason = self._record(*self.optimizer_step(), lr=lr)
+        logger.step(h.step, h.losses[-1], lr, self.tokens / max(time.perf_counter() - self.start, 1e-9))
+        if reason is not None:
+            return reason  # no checkpoint now: the last good one stays the latest
+        if self.eval_data is not None and cfg.eval_every and h.step % cfg.eval_every == 0:
+            reason = self._evaluate(logger)
+        if any([bool(cb(h.step, h)) for cb in callbacks]):  # a list: every callback runs
+            reason = reason or f"stopped by a callback at step {h.step}"
+        if received:
+            reason = f"interrupted by {signal.Signals(received[0]).name} at step {h.step}"
+        if reason is None and h.step >= cfg.steps:
+            reason = "completed"
+            if self.eval_data is not None and (not h.eval_steps or h.eval_steps[-1] != h.step):
+                self._evaluate(logger)
+        # No periodic checkpoint inside a run of non-finite steps: the latest stays the last good one.
+        if reason is not None or (cfg.save_every and h.step % cfg.save_every == 0 and not self.bad_streak):
+            self.save()
+        return reason
+
+    def train(self, callbacks, received) -> History:
+        """Run steps until `cfg.steps` or an earlier stop; returns the history."""
+        cfg, h = self.cfg, self.history
+        logger = ProgressLogger(cfg.steps, cfg.log_every, cfg.out_dir, self.out, first_step=h.step)
+        was_training = self.model.training
+        if cfg.grad_checkpointing:
+            self.model.set_gradient_checkpointing(True)
+        self.model.train()
+        self.start, reason = time.perf_counter(), ("completed" if h.step >= cfg.steps else None)
+        try:
+            while reason is None:
+                reason = self._step_and_decide(logger, callbacks, received)
+        finally:
+            self.model.train(was_training)
+            if cfg.grad_checkpointing:
+                self.model.set_gradient_checkpointing(False)
+            logger.close()
+        h.tokens_per_s = self.tokens / max(time.perf_counter() - self.start, 1e-9)
+        h.stopped_reason = reason if not received else f"{reason}; checkpoint: {h.checkpoint}"
+        if reason != "completed":
+            logger.message(h.stopped_reason)
+        if cfg.out_dir is not None:
+            write_loss_svg(cfg.out_dir / "loss.svg", h.losses, h.eval_steps, h.eval_losses)
+        return h
+
+
+def fit(model: nn.Module, train_data, cfg: TrainConfig, eval_data=None, *, resume_from=None,
+        callbacks: Sequence[Callable] = (), stream=None) -> History:
+    """Train the trainable parameters of `model` on `train_data`.
+
+    Args:
+        model: any module mapping `input_ids` (B, T) [and `attention_mask=`] to logits (B, T, V),
+            e.g. a `tinytune.models.CausalLM` after `tt.lora.apply`. Moved to `cfg.device`;
+            trainable parameters are made fp32. Left in the mode it came in.
+        train_data: a sequence of dicts with `input_ids` and `labels` (lists of ints, equal length;
+            -100 = not scored). Batched (`cfg.batch_size`), right-padded and shuffled per epoch.
+        cfg: a `TrainConfig`.
+        eval_data: examples like `train_data`, evaluated every `cfg.eval_every` steps and at the end.
+        resume_from: a checkpoint directory or an `out_dir`; overrides `cfg.resume`.
+        callbacks: called as `callback(step, history)` after every optimizer step; returning True
+            stops training (a checkpoint is saved when `out_dir` is set).
+        stream: where progress lines go (default: sys.stdout).
+
+    Returns:
+        A `History`.
+
+    Raises:
+        ValueError: malformed data (names the example), a model without trainable parameters or
+            returning a wrong shape, a checkpoint that does not match.
+        TrainingInterrupted: after SIGINT/SIGTERM, once the checkpoint is written (with `out_dir`).
+    """
+    n_train = check_data(train_data, "train_data")
+    if eval_data is not None:
+        check_data(eval_data, "eval_data")
+    precision = Precision(cfg.dtype, cfg.device)
+    prepare_model(model, cfg.device, cfg.base_dtype)
+    run = _Run(model, train_data, cfg, eval_data, precision, stream)
+    if not run.resume(resume_from if resume_from is not None else cfg.resume, n_train):
+        ckpt.seed_everything(cfg.seed)
+    with ckpt.catch_signals(cfg.out_dir is not None) as received:
+        history = run.train(list(callbacks), received)
+    if received:
+        raise TrainingInterrupted(history.stopped_reason, history)
+    return history
+
