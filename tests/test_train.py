@@ -259,15 +259,16 @@ def test_checkpoint_files_load_with_weights_only(tmp_path):
     assert tinytune.train.find_checkpoint(tmp_path) == path
 
 
-def test_sigint_saves_a_checkpoint_and_restores_the_handler(tmp_path):
-    previous = signal.getsignal(signal.SIGINT)
-    with pytest.raises(tinytune.train.TrainingInterrupted, match="interrupted by SIGINT at step 2") as info:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_saves_a_checkpoint_and_restores_the_handler(tmp_path, sig):
+    previous = signal.getsignal(sig)
+    with pytest.raises(tinytune.train.TrainingInterrupted, match=f"interrupted by {sig.name} at step 2") as info:
         fit(_model(), _data(), _cfg(steps=10, out_dir=tmp_path),
-            callbacks=[lambda step, h: step == 2 and os.kill(os.getpid(), signal.SIGINT)], stream=QUIET())
+            callbacks=[lambda step, h: step == 2 and os.kill(os.getpid(), sig)], stream=QUIET())
     assert isinstance(info.value, KeyboardInterrupt)
     assert info.value.history.checkpoint.name == "step-0000002"
     assert (info.value.history.checkpoint / "manifest.json").is_file()
-    assert signal.getsignal(signal.SIGINT) is previous
+    assert signal.getsignal(sig) is previous
 
 
 # ---------------------------------------------------------------------------------------- logs
@@ -330,6 +331,8 @@ def test_fit_errors_name_the_offending_thing(tmp_path):
     pooled = nn.Sequential(nn.Embedding(16, 16), nn.Flatten(0, 1))  # (B * T, 16): not (B, T, V)
     with pytest.raises(ValueError, match=r"Sequential must return logits of shape \(batch, seq, vocab\)"):
         fit(pooled, data, _cfg(steps=1))
+    with pytest.raises(ValueError, match="packed examples .* need a model whose forward takes attention_mask"):
+        fit(nn.Sequential(nn.Embedding(16, 16)), tt.data.pack_examples(data, 40), _cfg(steps=1))
     with pytest.raises(ValueError, match="Linear has no set_gradient_checkpointing"):
         fit(nn.Linear(3, 3), data, _cfg(grad_checkpointing=True))
     with pytest.raises(FileNotFoundError, match="no checkpoint in"):

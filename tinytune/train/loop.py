@@ -90,6 +90,9 @@ def _forward_kwargs(model: nn.Module) -> set[str]:
 
 def _logits(model: nn.Module, batch: dict, accepted: set[str]) -> torch.Tensor:
     kwargs = {}
+    if "segment_ids" in batch and "attention_mask" not in accepted:
+        raise ValueError(f"packed examples (segment_ids) need a model whose forward takes attention_mask "
+                         f"(a block-diagonal mask keeps examples apart); {type(model).__name__}'s does not")
     if "attention_mask" in accepted:  # packed rows attend within their own example only
         kwargs["attention_mask"] = segment_mask(batch["segment_ids"]) if "segment_ids" in batch \
             else batch["attention_mask"]
