@@ -4,7 +4,7 @@
     tt.lora.apply(model, tt.lora.LoraConfig(rank=8, alpha=16, targets="all-linear"))
     print(tt.count_parameters(model))
 """
-from . import data, lora, models, ops, peft
+from . import data, lora, models, ops, peft, train
 from .models import generate, load_pretrained, save_pretrained
 from .peft import ParameterCount, count_parameters, load_adapter, save_adapter
 
@@ -23,5 +23,6 @@ __all__ = [
     "peft",
     "save_adapter",
     "save_pretrained",
+    "train",
     "__version__",
 ]

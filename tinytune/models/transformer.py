@@ -98,6 +98,11 @@ class CausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """Whether per-block activation checkpointing is on."""
+        return self.model.gradient_checkpointing
+
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each block's activations in backward (non-reentrant: works with a frozen base)."""
         self.model.gradient_checkpointing = bool(enabled)

@@ -300,6 +300,7 @@ class _Run:
         cfg, h = self.cfg, self.history
         logger = ProgressLogger(cfg.steps, cfg.log_every, cfg.out_dir, self.out, first_step=h.step)
         was_training = self.model.training
+        was_checkpointing = bool(getattr(self.model, "is_gradient_checkpointing", False))
         if cfg.grad_checkpointing:
             self.model.set_gradient_checkpointing(True)
         self.model.train()
@@ -310,7 +311,7 @@ class _Run:
         finally:
             self.model.train(was_training)
             if cfg.grad_checkpointing:
-                self.model.set_gradient_checkpointing(False)
+                self.model.set_gradient_checkpointing(was_checkpointing)  # as the caller had it
             logger.close()
         h.tokens_per_s = self.tokens / max(time.perf_counter() - self.start, 1e-9)
         h.stopped_reason = reason if not received else f"{reason}; checkpoint: {h.checkpoint}"
