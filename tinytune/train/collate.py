@@ -13,29 +13,38 @@ import torch
 from ..data.collate import pad_batch
 
 
-def _check_example(example, index: int, where: str) -> None:
-    if not isinstance(example, dict) or "input_ids" not in example or "labels" not in example:
+def _check_example(example, index: int, where: str, task: str = "causal_lm") -> None:
+    target = "label" if task == "classification" else "labels"
+    if not isinstance(example, dict) or "input_ids" not in example or target not in example:
         keys = sorted(example) if isinstance(example, dict) else type(example).__name__
-        raise ValueError(f"{where}[{index}] must be a dict with 'input_ids' and 'labels', got {keys}")
+        raise ValueError(f"{where}[{index}] must be a dict with 'input_ids' and {target!r}, got {keys} "
+                         f"(TrainConfig.task={task!r})")
+    if target == "label":
+        label = example["label"]
+        if isinstance(label, bool) or not isinstance(label, int) or label < 0 or not example["input_ids"]:
+            raise ValueError(f"{where}[{index}]: 'label' must be a class id (int >= 0) and input_ids not "
+                             f"empty; got label={label!r} and {len(example['input_ids'])} tokens")
+        return
     n_ids, n_labels = len(example["input_ids"]), len(example["labels"])
     if n_ids != n_labels or n_ids == 0:
         raise ValueError(f"{where}[{index}]: input_ids has {n_ids} tokens, labels has {n_labels} "
                          "(they must be equally long and not empty)")
 
 
-def check_data(data, where: str) -> int:
-    """The number of examples in `data`, after checking each one.
+def check_data(data, where: str, task: str = "causal_lm") -> int:
+    """The number of examples in `data`, after checking each one for `task` (a `TrainConfig.task`).
 
     Raises:
         ValueError: `data` is not a sequence or is empty, or an example is not a dict with equally long,
-            non-empty `input_ids` and `labels`; the message names `where[index]`.
+            non-empty `input_ids` and `labels` (for "classification": non-empty `input_ids` and an int
+            `label` >= 0); the message names `where[index]`.
     """
     if not isinstance(data, Sequence) and not (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
         raise ValueError(f"{where} must be a sequence of examples (len and indexing), got {type(data).__name__}")
     if len(data) == 0:
         raise ValueError(f"{where} is empty")
     for i in range(len(data)):
-        _check_example(data[i], i, where)
+        _check_example(data[i], i, where, task)
     return len(data)
 
 
@@ -69,7 +78,8 @@ class DataStream:
         return {"epoch": self.epoch, "index": self.index, "num_examples": self.n}
 
 
-_BATCH_KEYS = ("input_ids", "labels", "position_ids", "segment_ids")  # other keys (ids, text) stay behind
+# `label` (one class id per example) is stacked into (B,); other keys (ids, text) stay behind.
+_BATCH_KEYS = ("input_ids", "labels", "label", "position_ids", "segment_ids")
 
 
 def collate(examples: list[dict], pad_token_id: int, device: str) -> dict[str, torch.Tensor]:

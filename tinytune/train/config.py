@@ -9,6 +9,7 @@ from pathlib import Path
 DTYPES = ("fp32", "bf16", "fp16")
 SCHEDULES = ("constant", "linear", "cosine")
 DEVICES = ("cpu", "cuda")
+TASKS = ("causal_lm", "classification", "token_classification")  # the losses of `losses.py`
 
 
 def _positive_int(name: str, value, allow_zero: bool = False) -> None:
@@ -54,6 +55,9 @@ class TrainConfig:
         resume: a checkpoint directory or an `out_dir` to resume from (its latest checkpoint), or True
             for "the latest checkpoint in `out_dir` if there is one".
         pad_token_id: the id written into padded `input_ids` positions (they are masked anyway).
+        task: the loss: "causal_lm" (next-token cross-entropy over `labels`), "classification"
+            (cross-entropy of (B, num_labels) logits against each example's int `label`) or
+            "token_classification" (cross-entropy of (B, T, num_labels) logits against `labels`, no shift).
 
     Raises:
         ValueError: naming the field, for any value out of range or not among the choices.
@@ -83,6 +87,7 @@ class TrainConfig:
     device: str = "cpu"
     resume: str | Path | bool | None = None
     pad_token_id: int = 0
+    task: str = "causal_lm"
 
     def __post_init__(self):
         self._check_numbers()
@@ -116,6 +121,7 @@ class TrainConfig:
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("base_dtype", self.base_dtype, (None, "bf16"))
         _choice("device", self.device, DEVICES)
+        _choice("task", self.task, TASKS)
         if self.dtype == "fp16" and self.device != "cuda":
             raise ValueError(
                 f"TrainConfig.dtype='fp16' needs device='cuda' (fp16 autocast with a gradient scaler); "

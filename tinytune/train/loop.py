@@ -12,14 +12,13 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..data.collate import segment_mask
-from ..data.encoding import IGNORE as IGNORE_INDEX  # -100: labels that are not scored
 from . import checkpoint as ckpt
 from .collate import DataStream, check_data, collate
 from .config import TrainConfig
 from .logging import ProgressLogger, write_loss_svg
+from .losses import causal_lm_loss, logits_shape, num_scored, task_loss  # noqa: F401 (causal_lm_loss: re-export)
 from .optim import build_optimizer, build_scheduler
 from .precision import Precision, prepare_model
 
@@ -61,26 +60,6 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.history = history
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_scored: int | None = None) -> torch.Tensor:
-    """Token-level cross-entropy with the shift inside: `labels[:, i]` scores `logits[:, i - 1]`.
-
-    Args:
-        logits: (B, T, V), any float dtype (the loss is computed in fp32).
-        labels: (B, T), IGNORE_INDEX (-100) where not scored.
-        num_scored: divide the summed loss by this (the scored tokens of the whole accumulated batch);
-            None: by this batch's own count.
-
-    Returns:
-        A scalar: summed token cross-entropy / num_scored.
-    """
-    logits, labels = logits[:, :-1], labels[:, 1:]  # (B, T-1, V), (B, T-1)
-    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                            ignore_index=IGNORE_INDEX, reduction="sum")
-    if num_scored is None:
-        num_scored = int((labels != IGNORE_INDEX).sum())
-    return total / num_scored
-
-
 def _forward_kwargs(model: nn.Module) -> set[str]:
     params = inspect.signature(model.forward).parameters.values()
     if any(p.kind is p.VAR_KEYWORD for p in params):
@@ -88,7 +67,7 @@ def _forward_kwargs(model: nn.Module) -> set[str]:
     return {p.name for p in params} & {"attention_mask", "position_ids"}
 
 
-def _logits(model: nn.Module, batch: dict, accepted: set[str]) -> torch.Tensor:
+def _logits(model: nn.Module, batch: dict, accepted: set[str], task: str = "causal_lm") -> torch.Tensor:
     kwargs = {}
     if "segment_ids" in batch and "attention_mask" not in accepted:
         raise ValueError(f"packed examples (segment_ids) need a model whose forward takes attention_mask "
@@ -102,26 +81,26 @@ def _logits(model: nn.Module, batch: dict, accepted: set[str]) -> torch.Tensor:
     if not isinstance(out, torch.Tensor):  # Hugging Face style outputs: .logits, ["logits"] or a tuple
         out = out["logits"] if isinstance(out, dict) else out[0] if isinstance(out, tuple) else \
             getattr(out, "logits", out)
-    B, T = batch["input_ids"].shape
-    if not isinstance(out, torch.Tensor) or out.dim() != 3 or out.shape[:2] != (B, T):
+    lead, expected = logits_shape(task, batch)
+    if not isinstance(out, torch.Tensor) or out.dim() != len(lead) + 1 or tuple(out.shape[:-1]) != lead:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(f"{type(model).__name__} must return logits of shape (batch, seq, vocab) = ({B}, {T}, V); "
+        raise ValueError(f"{type(model).__name__} must return logits of shape {expected} for task={task!r}; "
                          f"got {shape}")
     return out
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data, cfg: TrainConfig, precision: Precision | None = None) -> float:
-    """Mean token cross-entropy of `model` over `data` (same examples and shift as training).
+    """Mean loss of `model` over `data` for `cfg.task` (the training loss: per token, or per example).
 
     Args:
         model: the model, on `cfg.device`; put in eval mode for the call, its mode restored after.
-        data: a sequence of examples with `input_ids` and `labels`.
-        cfg: batch_size, device, dtype and pad_token_id are read.
+        data: a sequence of examples with `input_ids` and `labels` (`label` for classification).
+        cfg: task, batch_size, device, dtype and pad_token_id are read.
         precision: the run's `Precision` (default: one built from cfg).
 
     Returns:
-        Summed token loss / scored tokens over all of `data`.
+        Summed loss / scored tokens (examples, for classification) over all of `data`.
     """
     precision = precision or Precision(cfg.dtype, cfg.device)
     was_training, accepted = model.training, _forward_kwargs(model)
@@ -132,9 +111,9 @@ def evaluate(model: nn.Module, data, cfg: TrainConfig, precision: Precision | No
             batch = collate([data[i] for i in range(start, min(start + cfg.batch_size, len(data)))],
                             cfg.pad_token_id, cfg.device)
             with precision.autocast():
-                logits = _logits(model, batch, accepted)
-            n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-            total += float(causal_lm_loss(logits, batch["labels"], max(n, 1))) * n
+                logits = _logits(model, batch, accepted, cfg.task)
+            n = num_scored(cfg.task, batch)
+            total += float(task_loss(cfg.task, logits, batch, max(n, 1))) * n
             scored += n
     finally:
         model.train(was_training)
@@ -203,9 +182,9 @@ class _Run:
         total = 0.0
         for batch in micro:
             with self.precision.autocast():
-                logits = _logits(self.model, batch, self.accepted)
-            # Divide by the whole step's scored tokens: grad_accum=2 x 4 is then the same step as 1 x 8.
-            loss = causal_lm_loss(logits, batch["labels"], scored)
+                logits = _logits(self.model, batch, self.accepted, self.cfg.task)
+            # Divide by the whole step's scored tokens (examples): grad_accum=2 x 4 is the same step as 1 x 8.
+            loss = task_loss(self.cfg.task, logits, batch, scored)
             value = float(loss.detach())  # one sync per micro-batch, to stop before a NaN reaches the gradients
             if not math.isfinite(value):
                 return value
@@ -225,7 +204,7 @@ class _Run:
         """One optimizer step: (loss, whether it was applied, scored tokens)."""
         micro = self._micro_batches()
         self.tokens += sum(int(b["attention_mask"].sum()) for b in micro)
-        scored = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
+        scored = sum(num_scored(self.cfg.task, b) for b in micro)
         loss = self._accumulate(micro, scored) if scored else float("nan")
         applied = math.isfinite(loss) and self._clip()
         if applied:
@@ -328,10 +307,13 @@ def fit(model: nn.Module, train_data, cfg: TrainConfig, eval_data=None, *, resum
 
     Args:
         model: any module mapping `input_ids` (B, T) [and `attention_mask=`] to logits (B, T, V),
-            e.g. a `tinytune.models.CausalLM` after `tt.lora.apply`. Moved to `cfg.device`;
-            trainable parameters are made fp32. Left in the mode it came in.
+            e.g. a `tinytune.models.CausalLM` after `tt.lora.apply`; for `cfg.task="classification"`
+            to (B, num_labels) (`tinytune.models.SequenceClassifier`), for "token_classification" to
+            (B, T, num_labels) (`TokenClassifier`). Moved to `cfg.device`; trainable parameters are
+            made fp32. Left in the mode it came in.
         train_data: a sequence of dicts with `input_ids` and `labels` (lists of ints, equal length;
-            -100 = not scored). Batched (`cfg.batch_size`), right-padded and shuffled per epoch.
+            -100 = not scored), or `input_ids` and an int `label` for classification. Batched
+            (`cfg.batch_size`), right-padded and shuffled per epoch.
         cfg: a `TrainConfig`.
         eval_data: examples like `train_data`, evaluated every `cfg.eval_every` steps and at the end.
         resume_from: a checkpoint directory or an `out_dir`; overrides `cfg.resume`.
@@ -347,9 +329,9 @@ def fit(model: nn.Module, train_data, cfg: TrainConfig, eval_data=None, *, resum
             returning a wrong shape, a checkpoint that does not match.
         TrainingInterrupted: after SIGINT/SIGTERM, once the checkpoint is written (with `out_dir`).
     """
-    n_train = check_data(train_data, "train_data")
+    n_train = check_data(train_data, "train_data", cfg.task)
     if eval_data is not None:
-        check_data(eval_data, "eval_data")
+        check_data(eval_data, "eval_data", cfg.task)
     precision = Precision(cfg.dtype, cfg.device)
     prepare_model(model, cfg.device, cfg.base_dtype)
     run = _Run(model, train_data, cfg, eval_data, precision, stream)

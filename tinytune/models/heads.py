@@ -1,0 +1,170 @@
+"""Classification heads on the decoder body: one label per text, or one label per token.
+
+    clf = SequenceClassifier(tt.models.build("llama-tiny"), num_labels=2)
+    tt.lora.apply(clf, tt.lora.LoraConfig(targets="all-linear"))   # "all-linear" leaves `score` out
+    clf.score.requires_grad_(True)                                  # apply froze it: train the head too
+    logits = clf(input_ids, attention_mask=mask)                    # (B, num_labels)
+
+A head registers the decoder's body as `model` and its own linear as `score` (sequence) or
+`classifier` (tokens), so parameter names are Hugging Face's `LlamaForSequenceClassification` ones
+(`model.layers.0.self_attn.q_proj...`, `score.weight`). The decoder's `lm_head` is not registered:
+it is neither run, moved, counted nor saved with the head.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .transformer import CausalLM, _position_ids, build_attention_mask
+
+
+def hidden_states(decoder: CausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+    """The final-norm hidden states of `decoder`: what `decoder.lm_head` would turn into logits.
+
+    Mirrors `CausalLM.forward` (no cache, no prefix, 2-D padding mask) step by step through its public
+    pieces, so that `decoder.lm_head(hidden_states(decoder, ids, mask)) == decoder(ids, attention_mask=mask)`
+    exactly; `tests/test_heads.py` checks that, so a change to `forward` that this misses fails there.
+
+    Args:
+        decoder: a `CausalLM` (LoRA or other adapters applied to it are run as usual).
+        input_ids: (B, T) token ids.
+        attention_mask: (B, T), 1 for real tokens and 0 for padding (left or right); None: all real.
+
+    Returns:
+        (B, T, hidden_size) hidden states in the compute dtype.
+
+    Raises:
+        ValueError: input_ids not 2-D, or an attention_mask that is not (B, T).
+    """
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+    if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise ValueError(f"attention_mask must be (batch, seq) = {tuple(input_ids.shape)} like input_ids, got "
+                         f"{tuple(attention_mask.shape)} (4-D masks of packed rows are not supported by heads)")
+    body = decoder.model
+    h = body.embed_tokens(input_ids)  # (B, T, d)
+    B, T, _ = h.shape
+    position_ids = _position_ids(attention_mask, 0, T, h.device).expand(B, T)
+    if body.embed_positions is not None:
+        h = h + body.embed_positions(position_ids)
+    rope = body.rotary(position_ids, h.dtype) if body.rotary is not None else None
+    mask = build_attention_mask(attention_mask, 0, T, decoder.config.sliding_window, 0, h.device)
+    h = decoder._run_layers(h, rope, mask, None, None)
+    return body.norm(h)
+
+
+def last_token_index(attention_mask: torch.Tensor | None, batch: int, seq: int, device) -> torch.Tensor:
+    """(B,) index of each row's last real token: works for right and left padding alike.
+
+    With no mask every row is full and the index is `seq - 1`. A row with no real token gets `seq - 1`.
+    """
+    if attention_mask is None:
+        return torch.full((batch,), seq - 1, dtype=torch.long, device=device)
+    # The last 1 of a row is the first 1 of the reversed row; argmax finds the first maximum.
+    from_end = attention_mask.flip(-1).to(torch.int8).argmax(-1)  # (B,)
+    return seq - 1 - from_end
+
+
+def _new_linear(decoder: CausalLM, num_labels: int, bias: bool, what: str) -> nn.Linear:
+    if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
+        raise ValueError(f"{what}: num_labels must be an int >= 1, got {num_labels!r}")
+    ref = decoder.model.embed_tokens.weight
+    layer = nn.Linear(decoder.config.hidden_size, num_labels, bias=bias, device=ref.device, dtype=ref.dtype)
+    with torch.no_grad():  # HF's init for these heads: N(0, initializer_range=0.02), bias 0
+        layer.weight.normal_(0.0, 0.02)
+        if bias:
+            layer.bias.zero_()
+    return layer
+
+
+class _DecoderHead(nn.Module):
+    """What both heads share: the decoder body registered as `model`, mode and checkpointing passed on."""
+
+    def __init__(self, decoder: CausalLM, what: str):
+        super().__init__()
+        if not isinstance(decoder, CausalLM):
+            raise TypeError(f"{what} expects a tinytune.models.CausalLM, got {type(decoder).__name__}")
+        self.config = decoder.config
+        self.model = decoder.model
+        # A list hides the decoder from module registration (no lm_head in parameters or state_dict); it
+        # shares `model` with this head, and its `_run_layers` is what runs the blocks.
+        self._decoder = [decoder]
+
+    @property
+    def decoder(self) -> CausalLM:
+        """The wrapped `CausalLM` (its body is this head's `model`)."""
+        return self._decoder[0]
+
+    def train(self, mode: bool = True):
+        """Set train/eval mode here and on the decoder, whose `training` flag gates checkpointing."""
+        super().train(mode)
+        self.decoder.train(mode)
+        return self
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """Whether per-block activation checkpointing is on."""
+        return self.decoder.is_gradient_checkpointing
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block's activations in backward (see `CausalLM.set_gradient_checkpointing`)."""
+        self.decoder.set_gradient_checkpointing(enabled)
+
+
+class SequenceClassifier(_DecoderHead):
+    """A text classifier: a linear `score` on the hidden state of each row's last real token.
+
+    A causal decoder's last token is the only one that has seen the whole text (`load_classification`
+    appends EOS so that it is the same token for every text). The row's last real token is found from
+    `attention_mask`, so left and right padding give the same logits.
+
+    Args:
+        decoder: a `CausalLM`; its body is shared (not copied) and its `lm_head` is not used.
+        num_labels: the number of classes.
+
+    Forward:
+        input_ids (B, T), attention_mask (B, T) or None -> logits (B, num_labels).
+
+    Raises:
+        TypeError: `decoder` is not a `CausalLM`.
+        ValueError: num_labels < 1.
+    """
+
+    def __init__(self, decoder: CausalLM, num_labels: int):
+        super().__init__(decoder, "SequenceClassifier")
+        self.num_labels = num_labels
+        self.score = _new_linear(decoder, num_labels, bias=False, what="SequenceClassifier")  # bias-free as HF's
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = hidden_states(self.decoder, input_ids, attention_mask)  # (B, T, d)
+        B, T, _ = h.shape
+        last = last_token_index(attention_mask, B, T, h.device)  # (B,)
+        pooled = h[torch.arange(B, device=h.device), last]  # (B, d)
+        return self.score(pooled)  # (B, num_labels)
+
+
+class TokenClassifier(_DecoderHead):
+    """A token classifier (NER): a linear `classifier` on every position's hidden state.
+
+    Each token sees only the tokens before it (the decoder is causal); `load_ner` scores each word's first
+    sub-token.
+
+    Args:
+        decoder: a `CausalLM`; its body is shared (not copied) and its `lm_head` is not used.
+        num_labels: the number of tags.
+
+    Forward:
+        input_ids (B, T), attention_mask (B, T) or None -> logits (B, T, num_labels).
+
+    Raises:
+        TypeError: `decoder` is not a `CausalLM`.
+        ValueError: num_labels < 1.
+    """
+
+    def __init__(self, decoder: CausalLM, num_labels: int):
+        super().__init__(decoder, "TokenClassifier")
+        self.num_labels = num_labels
+        self.classifier = _new_linear(decoder, num_labels, bias=True, what="TokenClassifier")
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.classifier(hidden_states(self.decoder, input_ids, attention_mask))  # (B, T, num_labels)
