@@ -1,0 +1,116 @@
+"""`tinytune demo`: the whole fine-tuning story offline, on a tiny model, in a minute or two on a CPU.
+
+1. a base model: `llama-tiny` with a character tokenizer, pre-trained (all parameters) with `fit` on
+   generated instruction-formatted text, cached under $TINYTUNE_CACHE (default ~/.cache/tinytune);
+2. a task it has not seen: replace each letter by the next one (Alpaca template, `load_instructions`);
+3. exact match (greedy `tt.generate`) on held-out words before and after a LoRA fine-tune.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from .. import data as ttdata
+from ..models import build, generate, load_pretrained, save_pretrained
+from ..peft import count_parameters, lora, save_adapter
+from ..train import TrainConfig, fit
+from . import demo_data
+
+FULL = dict(pretrain_steps=100, docs=2000, steps=100, n_train=400, n_eval=40)
+QUICK = dict(pretrain_steps=4, docs=64, steps=3, n_train=16, n_eval=4)
+MODEL = dict(hidden_size=128, intermediate_size=256, num_layers=3, num_heads=4, num_kv_heads=2)
+
+
+def cache_dir(quick: bool) -> Path:
+    """Where the pre-trained base lives: $TINYTUNE_CACHE or ~/.cache/tinytune, then demo-base[-quick]."""
+    root = Path(os.environ.get("TINYTUNE_CACHE") or Path.home() / ".cache" / "tinytune")
+    return root / ("demo-base-quick" if quick else "demo-base")
+
+
+def pretrain(where: Path, sizes: dict, out=print):
+    """Build the base model, pre-train every parameter on generated text, save it (+ tokenizer) to `where`."""
+    tok = demo_data.char_tokenizer()
+    model = build("llama-tiny", vocab_size=tok.vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0, **MODEL)
+    with tempfile.TemporaryDirectory() as tmp:
+        text = demo_data.write_jsonl(Path(tmp) / "text.jsonl",
+                                     [{"text": t} for t in demo_data.pretraining_text(sizes["docs"])])
+        rows = ttdata.load_text(text, tok, max_length=256)
+    out(f"pre-training the base model ({count_parameters(model).total:,} parameters, all trained) for "
+        f"{sizes['pretrain_steps']} steps on {len(rows)} rows of generated text")
+    cfg = TrainConfig(lr=3e-3, steps=sizes["pretrain_steps"], batch_size=16, warmup_steps=20 if sizes["pretrain_steps"] > 40 else 0,
+                      schedule="cosine", log_every=50, seed=0)
+    history = fit(model, rows, cfg)
+    out(f"pre-training loss {history.losses[0]:.3f} -> {history.losses[-1]:.3f}, {history.tokens_per_s:,.0f} tokens/s")
+    save_pretrained(model, where, tokenizer=tok)
+    return load_pretrained(where)
+
+
+def base_model(sizes: dict, use_cache: bool, quick: bool, out=print):
+    """The cached base (model, tokenizer), pre-training it first when there is none or `use_cache` is False."""
+    where = cache_dir(quick)
+    if use_cache and (where / "config.json").is_file() and (where / "tokenizer.json").is_file():
+        out(f"base model: cached in {where} (--no-cache pre-trains again)")
+        return load_pretrained(where)
+    return pretrain(where, sizes, out)
+
+
+@torch.no_grad()
+def predictions(model, tok, records: list[dict]) -> list[str]:
+    """Greedy answers to each record's prompt (batched by prompt length, so no padding is needed)."""
+    prompts = [tok.encode(ttdata.ALPACA.prompt(r["instruction"], r["input"])) for r in records]
+    groups = defaultdict(list)
+    for i, ids in enumerate(prompts):
+        groups[len(ids)].append(i)
+    answers = [""] * len(records)
+    for length, rows in groups.items():
+        ids = generate(model.eval(), torch.tensor([prompts[i] for i in rows]), max_new_tokens=8,
+                       eos_token_id=tok.eos_token_id)
+        for i, row in zip(rows, ids[:, length:].tolist()):
+            answers[i] = tok.decode([t for t in row if t != tok.pad_token_id], skip_special_tokens=True).strip()
+    return answers
+
+
+def exact_match(model, tok, records: list[dict]) -> tuple[float, list[str]]:
+    """(fraction of records answered exactly, the answers)."""
+    answers = predictions(model, tok, records)
+    return sum(a == r["output"] for a, r in zip(answers, records)) / len(records), answers
+
+
+def run_demo(steps: int | None = None, out: str | None = None, use_cache: bool = True, quick: bool = False,
+             print_fn=print) -> dict:
+    """Run the demo; returns {"before", "after", "adapter", "loss_svg", "tokens_per_s"}."""
+    start, sizes = time.perf_counter(), dict(QUICK if quick else FULL)
+    sizes["steps"] = steps or sizes["steps"]
+    out_dir = Path(out) if out else Path(tempfile.mkdtemp(prefix="tinytune-demo-"))
+    model, tok = base_model(sizes, use_cache, quick, print_fn)
+    train, held_out = demo_data.shift_task(sizes["n_train"], sizes["n_eval"])
+    train_file = demo_data.write_jsonl(out_dir / "data" / "shift_train.jsonl", train)
+    demo_data.write_jsonl(out_dir / "data" / "shift_eval.jsonl", held_out)
+    examples = ttdata.load_instructions(train_file, tok, "alpaca")
+    print_fn(f"\ntask: {demo_data.TASK!r} ({len(examples)} training words, {len(held_out)} held-out words, "
+             f"Alpaca template)")
+    before, _ = exact_match(model, tok, held_out)
+    print_fn(f"exact match before fine-tuning: {before:.0%}")
+    lora.apply(model, lora.LoraConfig(rank=16, alpha=32, dropout=0.0, targets="all-linear"))
+    print_fn("\nLoRA rank 16 on all linear layers:\n" + str(count_parameters(model)))
+    cfg = TrainConfig(lr=3e-3, steps=sizes["steps"], batch_size=16, out_dir=out_dir / "run", log_every=25,
+                      schedule="cosine", warmup_steps=10 if sizes["steps"] > 20 else 0, save_every=0)
+    history = fit(model, examples, cfg)
+    after, answers = exact_match(model, tok, held_out)
+    adapter = save_adapter(model, out_dir / "adapter")
+    print_fn(f"\nexact match before -> after: {before:.0%} -> {after:.0%} on {len(held_out)} held-out words")
+    print_fn(f"training: {history.step} steps, loss {history.losses[0]:.3f} -> {history.losses[-1]:.3f}, "
+             f"{history.tokens_per_s:,.0f} tokens/s")
+    print_fn(f"adapter: {adapter}\nloss curve: {cfg.out_dir / 'loss.svg'}")
+    print_fn("generations:")
+    for record, answer in list(zip(held_out, answers))[:5]:
+        mark = "ok" if answer == record["output"] else f"expected {record['output']!r}"
+        print_fn(f"  {record['input']!r} -> {answer!r}  ({mark})")
+    print_fn(f"done in {time.perf_counter() - start:.0f} s")
+    return {"before": before, "after": after, "adapter": adapter, "loss_svg": cfg.out_dir / "loss.svg",
+            "tokens_per_s": history.tokens_per_s}

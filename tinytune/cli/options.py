@@ -1,0 +1,110 @@
+"""Command-line options shared by the subcommands, and the merge of a config file with the flags.
+
+Every option is registered with `default=argparse.SUPPRESS`, so the parsed namespace holds only what the
+user typed; `resolve` then layers DEFAULTS < config file < flags.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tomllib
+from pathlib import Path
+
+METHODS = ("lora",)
+TASKS = ("text", "pairs", "instructions", "chats")
+DTYPES = ("fp32", "bf16", "fp16")
+TEMPLATES = ("alpaca", "chatml", "llama3")
+
+DEFAULTS: dict[str, object] = {
+    "method": "lora", "rank": 8, "alpha": 16.0, "dropout": 0.05, "targets": "all-linear", "rslora": False,
+    "task": "instructions", "template": None, "max_length": None, "on_error": "raise", "tokenizer": None,
+    "steps": 100, "lr": 2e-4, "batch_size": 8, "grad_accum": 1, "dtype": "fp32", "grad_checkpointing": False,
+    "schedule": "constant", "warmup_steps": 0, "seed": 0, "log_every": 10, "device": "cpu",
+    "seq_len": 256, "warmup": 2,
+}
+
+
+class CLIError(Exception):
+    """A user error: printed as `tinytune <command>: error: <message>` with exit status 2."""
+
+
+def _flag(parser, name: str, help: str, **kwargs) -> None:
+    key = name.lstrip("-").replace("-", "_")
+    if key in DEFAULTS and kwargs.get("action") not in ("store_true",):
+        help = f"{help} (default: {DEFAULTS[key]})"
+    parser.add_argument(name, default=argparse.SUPPRESS, help=help, **kwargs)
+
+
+def add_method_options(parser: argparse.ArgumentParser) -> None:
+    """--method and the LoRA hyper-parameters."""
+    g = parser.add_argument_group("method")
+    _flag(g, "--method", f"PEFT method, one of {', '.join(METHODS)}", metavar="NAME")
+    _flag(g, "--rank", "LoRA rank r", type=int)
+    _flag(g, "--alpha", "LoRA alpha (scaling = alpha / rank)", type=float)
+    _flag(g, "--dropout", "dropout on the adapter input, in [0, 1)", type=float)
+    _flag(g, "--targets", "modules to adapt: 'all-linear', or comma-separated names/suffixes such as "
+          "q_proj,v_proj", metavar="SPEC")
+    _flag(g, "--rslora", "rank-stabilised scaling alpha / sqrt(rank)", action="store_true")
+
+
+def add_train_options(parser: argparse.ArgumentParser) -> None:
+    """The `TrainConfig` fields a user sets most often."""
+    g = parser.add_argument_group("training")
+    _flag(g, "--steps", "optimizer steps", type=int)
+    _flag(g, "--lr", "peak learning rate", type=float)
+    _flag(g, "--batch-size", "examples per micro-batch", type=int)
+    _flag(g, "--grad-accum", "micro-batches per optimizer step", type=int)
+    _flag(g, "--dtype", f"compute precision, one of {', '.join(DTYPES)}", metavar="DTYPE")
+    _flag(g, "--grad-checkpointing", "recompute activations per block in backward", action="store_true")
+    _flag(g, "--schedule", "learning-rate schedule: constant, linear or cosine", metavar="NAME")
+    _flag(g, "--warmup-steps", "linear warmup steps", type=int)
+    _flag(g, "--seed", "random seed", type=int)
+    _flag(g, "--log-every", "print a progress line every N steps (when not on a terminal)", type=int)
+    _flag(g, "--device", "cpu or cuda", metavar="DEVICE")
+
+
+def read_config(path: str) -> dict:
+    """A flat dict from a TOML or JSON file; one level of tables (`[train]`, `[lora]`) is flattened.
+
+    Keys may use dashes or underscores (`batch-size` or `batch_size`).
+
+    Raises:
+        CLIError: the file is missing, unreadable, not .toml/.json, or not a table/object.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise CLIError(f"--config: file not found: {file}")
+    try:
+        if file.suffix == ".toml":
+            data = tomllib.loads(file.read_text(encoding="utf-8"))
+        elif file.suffix == ".json":
+            data = json.loads(file.read_text(encoding="utf-8"))
+        else:
+            raise CLIError(f"--config: {file} must end in .toml or .json")
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as err:
+        raise CLIError(f"--config: cannot parse {file}: {err}") from None
+    if not isinstance(data, dict):
+        raise CLIError(f"--config: {file} must hold a table/object of options, got {type(data).__name__}")
+    flat: dict = {}
+    for key, value in data.items():
+        items = value.items() if isinstance(value, dict) else [(key, value)]
+        for k, v in items:
+            flat[k.replace("-", "_")] = v
+    return flat
+
+
+def resolve(args: argparse.Namespace, known: set[str]) -> dict:
+    """DEFAULTS < config file (`args.config`) < flags typed on the command line.
+
+    Raises:
+        CLIError: a config key that this command does not know (named, with the known keys).
+    """
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "config", "func")}
+    config = read_config(args.config) if getattr(args, "config", None) else {}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise CLIError(f"--config {args.config}: unknown key(s) {unknown}; known keys: {sorted(known)}")
+    values = {k: v for k, v in DEFAULTS.items() if k in known}
+    values.update(config)
+    values.update({k: v for k, v in given.items() if v is not None})
+    return values
