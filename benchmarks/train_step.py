@@ -1,0 +1,210 @@
+"""Benchmark: one LoRA training step, tinytune vs `transformers` + `peft`, on the same weights and data.
+
+Setup (issue 4, point 10): the `llama-30m` preset (random weights, written with
+`tinytune.save_pretrained` and loaded by both libraries in fp32), LoRA rank 16 / alpha 32 on every
+linear layer except lm_head, dropout 0.05, batch 8 x 256 random tokens (labels = inputs), AdamW
+(torch's, lr 1e-4) over the adapter parameters. One step = forward + loss + backward + AdamW step
++ zero_grad. tinytune: `tt.lora.apply` + `model(ids)` + `tt.train.causal_lm_loss`; HF:
+`peft.get_peft_model(LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear"))`
++ `model(input_ids=ids, labels=ids).loss`. Gradient checkpointing: tinytune
+`model.set_gradient_checkpointing(True)`; HF `gradient_checkpointing_enable(use_reentrant=False)` +
+`enable_input_require_grads()`. bf16 rows: the same step under `torch.autocast("cpu", torch.bfloat16)`
+(weights and adapters stay fp32).
+
+Speed: all variants live in one process; after `--warmup` rounds, `--rounds` rounds run one step of
+each variant in turn (the order rotates every round); tokens/s = 8 * 256 / median step time.
+Peak memory: a fresh subprocess per variant loads the model, applies LoRA, resets the resident-set
+high-water mark (writes "5" to /proc/self/clear_refs), runs 3 steps, and reports VmHWM minus the
+resident set before the first step: the memory the training steps add on top of the loaded model
+(activations kept for backward, logits, gradients, AdamW state, allocator slack).
+
+Usage: python benchmarks/train_step.py [--quick] [--rounds N] [--no-bf16] [--out PATH]
+Run it on an otherwise idle machine: the JSON records the load average before and after.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import tinytune as tt  # noqa: E402
+from tinytune.cli.measure import PeakMemory, _status_kib  # noqa: E402
+
+RANK, ALPHA, DROPOUT, LR = 16, 32, 0.05, 1e-4
+TARGETS = {"speed": 1.4, "memory": 0.6, "speed_gc": 1.25, "memory_gc": 0.6}
+
+
+def load_tinytune(ckpt: str, gc: bool):
+    model, _ = tt.load_pretrained(ckpt, dtype=torch.float32)
+    tt.lora.apply(model, tt.lora.LoraConfig(rank=RANK, alpha=ALPHA, dropout=DROPOUT, targets="all-linear"))
+    model.set_gradient_checkpointing(gc)
+    return model.train()
+
+
+def load_hf(ckpt: str, gc: bool):
+    import peft
+    import transformers
+    model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    if gc:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    cfg = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=DROPOUT, target_modules="all-linear",
+                          task_type="CAUSAL_LM")
+    return peft.get_peft_model(model, cfg).train()
+
+
+def make_step(lib: str, model, ids: torch.Tensor, bf16: bool):
+    """A closure running one training step; returns nothing (the loss is not synced early)."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            if lib == "tinytune":
+                loss = tt.train.causal_lm_loss(model(ids), ids)
+            else:
+                loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def variants(bf16: bool) -> list[tuple[str, bool, bool]]:
+    dtypes = [False, True] if bf16 else [False]
+    return [(lib, gc, b) for b in dtypes for gc in (False, True) for lib in ("tinytune", "hf")]
+
+
+def name(lib: str, gc: bool, bf16: bool) -> str:
+    return f"{'tinytune' if lib == 'tinytune' else 'transformers+peft'} {'bf16' if bf16 else 'fp32'}" \
+           f"{' +gc' if gc else ''}"
+
+
+def batch(batch_size: int, seq_len: int, vocab: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch_size, seq_len), generator=torch.Generator().manual_seed(0))
+
+
+def worker(args) -> None:
+    """In a fresh process: peak memory of 3 steps of one variant, as JSON on stdout."""
+    lib, gc, bf16 = args.worker.split(",")
+    gc, bf16 = gc == "1", bf16 == "1"
+    model = (load_tinytune if lib == "tinytune" else load_hf)(args.ckpt, gc)
+    step = make_step(lib, model, batch(args.batch, args.seq, args.vocab), bf16)
+    with PeakMemory("cpu") as pm:
+        for _ in range(3):
+            step()
+    print(json.dumps({"peak_bytes": pm.peak_bytes, "method": pm.method, "process_hwm_bytes": _status_kib("VmHWM") * 1024}))
+
+
+def measure_memory(args, ckpt: str, v) -> dict:
+    cmd = [sys.executable, __file__, "--worker", f"{v[0]},{int(v[1])},{int(v[2])}", "--ckpt", ckpt,
+           "--batch", str(args.batch), "--seq", str(args.seq), "--vocab", str(args.vocab)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def measure_speed(args, ckpt: str, vs) -> dict[str, list[float]]:
+    ids = batch(args.batch, args.seq, args.vocab)
+    steps = {}
+    for v in vs:
+        model = (load_tinytune if v[0] == "tinytune" else load_hf)(ckpt, v[1])
+        steps[v] = make_step(v[0], model, ids, v[2])
+    times = {v: [] for v in vs}
+    for r in range(args.warmup + args.rounds):
+        order = vs[r % len(vs):] + vs[:r % len(vs)]
+        for v in order:
+            start = time.perf_counter()
+            steps[v]()
+            if r >= args.warmup:
+                times[v].append(time.perf_counter() - start)
+    return times
+
+
+def machine() -> dict:
+    import peft
+    import transformers
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__, "python": platform.python_version(),
+            "date": datetime.datetime.now().isoformat(timespec="seconds"), "load_avg_before": os.getloadavg()}
+
+
+def report(args, vs, times, memory) -> dict:
+    rows = []
+    for v in vs:
+        med = statistics.median(times[v])
+        rows.append({"variant": name(*v), "lib": v[0], "grad_checkpointing": v[1], "bf16": v[2],
+                     "tokens_per_s": args.batch * args.seq / med, "median_step_s": med,
+                     "step_s": times[v], "peak_bytes": memory[v]["peak_bytes"],
+                     "process_hwm_bytes": memory[v]["process_hwm_bytes"]})
+    by = {(r["lib"], r["grad_checkpointing"], r["bf16"]): r for r in rows}
+    for r in rows:
+        if r["lib"] == "tinytune":
+            peer = by[("hf", r["grad_checkpointing"], r["bf16"])]
+            r["speed_ratio"] = r["tokens_per_s"] / peer["tokens_per_s"]
+            r["memory_ratio"] = r["peak_bytes"] / peer["peak_bytes"]
+    return {"setup": {"preset": args.preset, "batch": args.batch, "seq_len": args.seq, "rank": RANK, "alpha": ALPHA,
+                      "dropout": DROPOUT, "targets": "all-linear", "rounds": args.rounds, "warmup": args.warmup},
+            "targets": TARGETS, "rows": rows}
+
+
+def print_table(result: dict) -> None:
+    print(f"{'variant':<30} {'tokens/s':>9} {'step s':>7} {'peak MiB':>9} {'speed x':>8} {'memory x':>9}")
+    for r in result["rows"]:
+        ratios = f"{r['speed_ratio']:>8.2f} {r['memory_ratio']:>9.2f}" if "speed_ratio" in r else f"{'':>8} {'':>9}"
+        print(f"{r['variant']:<30} {r['tokens_per_s']:>9,.0f} {r['median_step_s']:>7.3f} "
+              f"{r['peak_bytes'] / 2**20:>9,.0f} {ratios}")
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="llama-tiny, batch 2 x 64, 2 rounds (a smoke test)")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--no-bf16", dest="bf16", action="store_false", help="skip the bf16 autocast rows")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_step_cpu.json"))
+    for flag in ("--worker", "--ckpt", "--batch", "--seq", "--vocab"):  # internal: the memory subprocess
+        p.add_argument(flag, help=argparse.SUPPRESS)
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    if args.worker:
+        args.batch, args.seq, args.vocab = int(args.batch), int(args.seq), int(args.vocab)
+        return worker(args)
+    args.preset, args.batch, args.seq = ("llama-tiny", 2, 64) if args.quick else ("llama-30m", 8, 256)
+    if args.quick:
+        args.rounds, args.warmup = min(args.rounds, 2), 1
+    info = machine()
+    with tempfile.TemporaryDirectory() as ckpt:
+        model = tt.models.build(args.preset)
+        args.vocab = model.config.vocab_size
+        tt.save_pretrained(model, ckpt)
+        del model
+        vs = variants(args.bf16)
+        memory = {v: measure_memory(args, ckpt, v) for v in vs}
+        times = measure_speed(args, ckpt, vs)
+    info["load_avg_after"] = os.getloadavg()
+    result = {"machine": info, **report(args, vs, times, memory)}
+    print_table(result)
+    if not args.quick:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
