@@ -21,7 +21,7 @@ from ..peft import count_parameters, lora, save_adapter
 from ..train import TrainConfig, fit
 from . import demo_data
 
-FULL = dict(pretrain_steps=100, docs=2000, steps=100, n_train=400, n_eval=40)
+FULL = dict(pretrain_steps=300, docs=5000, steps=300, n_train=400, n_eval=40)
 QUICK = dict(pretrain_steps=4, docs=64, steps=3, n_train=16, n_eval=4)
 MODEL = dict(hidden_size=128, intermediate_size=256, num_layers=3, num_heads=4, num_kv_heads=2)
 
@@ -98,7 +98,7 @@ def run_demo(steps: int | None = None, out: str | None = None, use_cache: bool =
     print_fn(f"exact match before fine-tuning: {before:.0%}")
     lora.apply(model, lora.LoraConfig(rank=16, alpha=32, dropout=0.0, targets="all-linear"))
     print_fn("\nLoRA rank 16 on all linear layers:\n" + str(count_parameters(model)))
-    cfg = TrainConfig(lr=3e-3, steps=sizes["steps"], batch_size=16, out_dir=out_dir / "run", log_every=25,
+    cfg = TrainConfig(lr=5e-3, steps=sizes["steps"], batch_size=16, out_dir=out_dir / "run", log_every=25,
                       schedule="cosine", warmup_steps=10 if sizes["steps"] > 20 else 0, save_every=0)
     history = fit(model, examples, cfg)
     after, answers = exact_match(model, tok, held_out)
