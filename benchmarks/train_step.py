@@ -4,7 +4,9 @@ Setup (issue 4, point 10): the `llama-30m` preset (random weights, written with
 `tinytune.save_pretrained` and loaded by both libraries in fp32), LoRA rank 16 / alpha 32 on every
 linear layer except lm_head, dropout 0.05, batch 8 x 256 random tokens (labels = inputs), AdamW
 (torch's, lr 1e-4) over the adapter parameters. One step = forward + loss + backward + AdamW step
-+ zero_grad. tinytune: `tt.lora.apply` + `model(ids)` + `tt.train.causal_lm_loss`; HF:
++ zero_grad. tinytune: `tt.lora.apply` + the loss `fit` computes (`tinytune_loss` below: the LM head is a
+plain frozen `nn.Linear`, so `model(ids, return_hidden=True)` + `causal_lm_loss_from_hidden`, i.e. the
+chunked `tt.ops.linear_cross_entropy`, which never materialises the (8 x 256 x 8192) logits); HF:
 `peft.get_peft_model(LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear"))`
 + `model(input_ids=ids, labels=ids).loss`. Gradient checkpointing: tinytune
 `model.set_gradient_checkpointing(True)`; HF `gradient_checkpointing_enable(use_reentrant=False)` +
@@ -41,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import tinytune as tt  # noqa: E402
 from tinytune.cli.measure import PeakMemory, _status_kib  # noqa: E402
+from tinytune.train.losses import causal_lm_loss_from_hidden, fused_lm_head  # noqa: E402
 
 RANK, ALPHA, DROPOUT, LR = 16, 32, 0.05, 1e-4
 TARGETS = {"speed": 1.4, "memory": 0.6, "speed_gc": 1.25, "memory_gc": 0.6}
@@ -65,6 +68,14 @@ def load_hf(ckpt: str, gc: bool):
     return peft.get_peft_model(model, cfg).train()
 
 
+def tinytune_loss(model, ids: torch.Tensor) -> torch.Tensor:
+    """The causal-LM loss as `fit` computes it: chunked from hidden states when the head allows it."""
+    weight = fused_lm_head(model)
+    if weight is None:
+        return tt.train.causal_lm_loss(model(ids), ids)
+    return causal_lm_loss_from_hidden(model(ids, return_hidden=True), weight, ids)
+
+
 def make_step(lib: str, model, ids: torch.Tensor, bf16: bool):
     """A closure running one training step; returns nothing (the loss is not synced early)."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
@@ -72,7 +83,7 @@ def make_step(lib: str, model, ids: torch.Tensor, bf16: bool):
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             if lib == "tinytune":
-                loss = tt.train.causal_lm_loss(model(ids), ids)
+                loss = tinytune_loss(model, ids)
             else:
                 loss = model(input_ids=ids, labels=ids).loss
         loss.backward()

@@ -85,9 +85,12 @@ class CausalLM(nn.Module):
         prefix_kv: per layer a (k, v) pair of shape (B or 1, nkv, P, hd) attended by every query
             (prefix tuning).
         logits_to_keep: compute logits for the last n positions only (0: all).
+        return_hidden: return the final-norm hidden states (B, T or logits_to_keep, d) instead of
+            logits, i.e. what `lm_head` would be applied to (for a chunked loss such as
+            `tinytune.ops.linear_cross_entropy`).
 
     Returns:
-        logits (B, T or logits_to_keep, vocab) in the compute dtype.
+        logits (B, T or logits_to_keep, vocab) in the compute dtype (hidden states with return_hidden).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -120,7 +123,7 @@ class CausalLM(nn.Module):
         return KVCache(self.config, batch, max_len, dtype or ref.dtype, ref.device)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
-                cache: KVCache | None = None, prefix_kv=None, logits_to_keep: int = 0):
+                cache: KVCache | None = None, prefix_kv=None, logits_to_keep: int = 0, return_hidden: bool = False):
         h = self._embed(input_ids, inputs_embeds)
         B, T, _ = h.shape
         past = cache.length if cache is not None else 0
@@ -140,7 +143,8 @@ class CausalLM(nn.Module):
             cache.length += T
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
-        return self.lm_head(self.model.norm(h))
+        h = self.model.norm(h)  # (B, T, d)
+        return h if return_hidden else self.lm_head(h)
 
     @staticmethod
     def _check_block_mask(mask, cache, prefix_kv, B: int, T: int) -> torch.Tensor:

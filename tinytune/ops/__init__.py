@@ -1,13 +1,16 @@
 """Hot kernels, written on torch alone. Knows nothing of modules or PEFT methods."""
+from .cross_entropy import LinearCrossEntropyFunction, linear_cross_entropy
 from .dropout_mask import MaskStream, PackedMask, keep_mask, quantised_probability
 from .lora_matmul import LoRALinearFunction, lora_linear, lora_linear_reference
 from .memory import saved_bytes, saved_storages
 
 __all__ = [
+    "LinearCrossEntropyFunction",
     "LoRALinearFunction",
     "MaskStream",
     "PackedMask",
     "keep_mask",
+    "linear_cross_entropy",
     "lora_linear",
     "lora_linear_reference",
     "quantised_probability",

@@ -18,7 +18,8 @@ from . import checkpoint as ckpt
 from .collate import DataStream, check_data, collate
 from .config import TrainConfig
 from .logging import ProgressLogger, write_loss_svg
-from .losses import causal_lm_loss, logits_shape, num_scored, task_loss  # noqa: F401 (causal_lm_loss: re-export)
+from .losses import causal_lm_loss  # noqa: F401 (re-export)
+from .losses import causal_lm_loss_from_hidden, fused_lm_head, logits_shape, num_scored, task_loss
 from .optim import build_optimizer, build_scheduler
 from .precision import Precision, prepare_model
 
@@ -67,7 +68,7 @@ def _forward_kwargs(model: nn.Module) -> set[str]:
     return {p.name for p in params} & {"attention_mask", "position_ids"}
 
 
-def _logits(model: nn.Module, batch: dict, accepted: set[str], task: str = "causal_lm") -> torch.Tensor:
+def _model_kwargs(model: nn.Module, batch: dict, accepted: set[str]) -> dict:
     kwargs = {}
     if "segment_ids" in batch and "attention_mask" not in accepted:
         raise ValueError(f"packed examples (segment_ids) need a model whose forward takes attention_mask "
@@ -77,7 +78,11 @@ def _logits(model: nn.Module, batch: dict, accepted: set[str], task: str = "caus
             else batch["attention_mask"]
     if "position_ids" in accepted and "position_ids" in batch:
         kwargs["position_ids"] = batch["position_ids"]
-    out = model(batch["input_ids"], **kwargs)
+    return kwargs
+
+
+def _logits(model: nn.Module, batch: dict, accepted: set[str], task: str = "causal_lm") -> torch.Tensor:
+    out = model(batch["input_ids"], **_model_kwargs(model, batch, accepted))
     if not isinstance(out, torch.Tensor):  # Hugging Face style outputs: .logits, ["logits"] or a tuple
         out = out["logits"] if isinstance(out, dict) else out[0] if isinstance(out, tuple) else \
             getattr(out, "logits", out)
@@ -87,6 +92,15 @@ def _logits(model: nn.Module, batch: dict, accepted: set[str], task: str = "caus
         raise ValueError(f"{type(model).__name__} must return logits of shape {expected} for task={task!r}; "
                          f"got {shape}")
     return out
+
+
+def _loss(model: nn.Module, batch: dict, accepted: set[str], task: str, count: int) -> torch.Tensor:
+    """`task_loss` of the model's output on `batch`; a causal LM with a plain head skips the logits."""
+    weight = fused_lm_head(model) if task == "causal_lm" else None
+    if weight is None:
+        return task_loss(task, _logits(model, batch, accepted, task), batch, count)
+    hidden = model(batch["input_ids"], return_hidden=True, **_model_kwargs(model, batch, accepted))  # (B, T, d)
+    return causal_lm_loss_from_hidden(hidden, weight, batch["labels"], count)
 
 
 @torch.no_grad()
@@ -110,10 +124,10 @@ def evaluate(model: nn.Module, data, cfg: TrainConfig, precision: Precision | No
         for start in range(0, len(data), cfg.batch_size):
             batch = collate([data[i] for i in range(start, min(start + cfg.batch_size, len(data)))],
                             cfg.pad_token_id, cfg.device)
-            with precision.autocast():
-                logits = _logits(model, batch, accepted, cfg.task)
             n = num_scored(cfg.task, batch)
-            total += float(task_loss(cfg.task, logits, batch, max(n, 1))) * n
+            with precision.autocast():
+                loss = _loss(model, batch, accepted, cfg.task, max(n, 1))
+            total += float(loss) * n
             scored += n
     finally:
         model.train(was_training)
@@ -181,10 +195,9 @@ class _Run:
     def _accumulate(self, micro: list[dict], scored: int) -> float:
         total = 0.0
         for batch in micro:
-            with self.precision.autocast():
-                logits = _logits(self.model, batch, self.accepted, self.cfg.task)
             # Divide by the whole step's scored tokens (examples): grad_accum=2 x 4 is the same step as 1 x 8.
-            loss = task_loss(self.cfg.task, logits, batch, scored)
+            with self.precision.autocast():
+                loss = _loss(self.model, batch, self.accepted, self.cfg.task, scored)
             value = float(loss.detach())  # one sync per micro-batch, to stop before a NaN reaches the gradients
             if not math.isfinite(value):
                 return value

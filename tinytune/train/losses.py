@@ -6,13 +6,20 @@ caller passes, so that gradient accumulation divides by the whole optimizer step
 | "causal_lm" | (B, T, V) | `labels` (B, T), shifted inside | scored tokens (`labels[:, 1:] != -100`) |
 | "classification" | (B, C) | `label` (B,) | examples |
 | "token_classification" | (B, T, C) | `labels` (B, T), not shifted | scored tokens (`labels != -100`) |
+
+For "causal_lm" on a tinytune `CausalLM` whose `lm_head` is a plain bias-free `nn.Linear` (no adapter on
+the head), `fit` skips the logits: `causal_lm_loss_from_hidden` takes the final hidden states and the head
+weight to `tinytune.ops.linear_cross_entropy`, which never holds the full (B, T, V) logits. Same loss.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data.encoding import IGNORE as IGNORE_INDEX  # -100: labels that are not scored
+from ..models.transformer import CausalLM
+from ..ops.cross_entropy import linear_cross_entropy
 
 TASKS = ("causal_lm", "classification", "token_classification")
 
@@ -31,6 +38,44 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_scored: int |
     """
     logits, labels = logits[:, :-1], labels[:, 1:]  # (B, T-1, V), (B, T-1)
     return token_classification_loss(logits, labels, num_scored)
+
+
+def fused_lm_head(model: nn.Module) -> torch.Tensor | None:
+    """The `lm_head` weight (V, d) when `model`'s causal-LM loss can skip the logits, else None.
+
+    That is a `CausalLM` with its own `forward`, no forward hooks on it or its head, and a head that is
+    a plain bias-free `nn.Linear` (a LoRA-wrapped or otherwise replaced head takes the logits path).
+    """
+    if not isinstance(model, CausalLM) or type(model).forward is not CausalLM.forward or "forward" in vars(model):
+        return None
+    head = model.lm_head
+    hooked = any((m._forward_hooks or m._forward_pre_hooks) for m in (model, head))
+    if type(head) is not nn.Linear or head.bias is not None or hooked:
+        return None
+    return head.weight
+
+
+def causal_lm_loss_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                               num_scored: int | None = None) -> torch.Tensor:
+    """`causal_lm_loss(hidden @ weight.T, labels, num_scored)` without materialising the logits.
+
+    The shift moves to the labels (`labels[:, 1:]` plus one ignored last column), so `hidden` is used
+    whole, not copied into a `hidden[:, :-1]` slice.
+
+    Args:
+        hidden: (B, T, d) final-norm hidden states (`model(ids, return_hidden=True)`).
+        weight: (V, d) the head weight (`fused_lm_head(model)`).
+        labels: (B, T), IGNORE_INDEX (-100) where not scored.
+        num_scored: divide the summed loss by this; None: by this batch's own count.
+
+    Returns:
+        A scalar: summed token cross-entropy / num_scored.
+    """
+    shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T): position i scores label i + 1
+    total = linear_cross_entropy(hidden, weight, shifted, ignore_index=IGNORE_INDEX, reduction="sum")
+    if num_scored is None:
+        num_scored = int((shifted != IGNORE_INDEX).sum())
+    return total / num_scored
 
 
 def token_classification_loss(logits: torch.Tensor, labels: torch.Tensor,

@@ -1,0 +1,127 @@
+"""tinytune.ops.linear_cross_entropy: equal to the plain loss (values, gradients, autocast), gradcheck, and
+its use by `fit` (same losses as the logits path; fallback for a LoRA head)."""
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tinytune as tt
+from tinytune.ops import LinearCrossEntropyFunction, linear_cross_entropy
+from tinytune.train import TrainConfig, fit
+from tinytune.train import loop as loop_mod
+from tinytune.train.losses import causal_lm_loss, causal_lm_loss_from_hidden, fused_lm_head
+
+
+def _inputs(n=11, d=6, v=13, dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, d, generator=gen, dtype=dtype)
+    weight = torch.randn(v, d, generator=gen, dtype=dtype)
+    labels = torch.randint(0, v, (n,), generator=gen)
+    labels[::3] = -100  # some rows not scored
+    return hidden, weight, labels
+
+
+@pytest.mark.parametrize("weight_grad", [True, False])
+def test_gradcheck_float64(weight_grad):
+    hidden, weight, labels = _inputs()
+    hidden.requires_grad_(True)
+    weight.requires_grad_(weight_grad)
+    fn = lambda h, w: LinearCrossEntropyFunction.apply(h, w, labels, -100, 4, torch.float64)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (hidden, weight))
+
+
+@pytest.mark.parametrize("weight_grad", [True, False])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_matches_plain_cross_entropy(weight_grad, reduction):
+    hidden, weight, labels = _inputs(n=3 * 7, d=5, v=17)
+    hidden, labels = hidden.reshape(3, 7, 5), labels.reshape(3, 7)  # leading dims are flattened
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_(weight_grad)
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_(weight_grad)
+    got = linear_cross_entropy(h1, w1, labels, reduction=reduction, chunk_size=4)
+    want = F.cross_entropy((h2 @ w2.T).reshape(-1, 17), labels.reshape(-1), reduction=reduction)
+    torch.testing.assert_close(got, want)
+    got.backward()
+    want.backward()
+    torch.testing.assert_close(h1.grad, h2.grad)
+    if weight_grad:
+        torch.testing.assert_close(w1.grad, w2.grad)
+    else:
+        assert w1.grad is None
+
+
+def test_autocast_bf16_matches_plain_loss_under_autocast():
+    hidden, weight, labels = _inputs(n=64, d=16, v=50, dtype=torch.float32)
+    h1, h2 = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = linear_cross_entropy(h1, weight, labels, chunk_size=16)
+        want = F.cross_entropy((h2 @ weight.T).float(), labels)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)  # same bf16 logits, fp32 log-softmax
+    got.backward()
+    want.backward()
+    assert h1.grad.dtype == torch.float32
+    torch.testing.assert_close(h1.grad, h2.grad, rtol=2e-2, atol=2e-3)  # bf16 rounding of (softmax - onehot)
+
+
+def test_errors_name_the_value():
+    hidden, weight, labels = _inputs()
+    with pytest.raises(ValueError, match="reduction must be one of .* got 'none'"):
+        linear_cross_entropy(hidden, weight, labels, reduction="none")
+    with pytest.raises(ValueError, match="chunk_size must be an int >= 1, got 0"):
+        linear_cross_entropy(hidden, weight, labels, chunk_size=0)
+    with pytest.raises(ValueError, match=r"labels \(10,\)"):
+        linear_cross_entropy(hidden, weight, labels[:10])
+
+
+def test_causal_lm_loss_from_hidden_equals_the_logits_path():
+    model = tt.models.build("llama-tiny")
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :3] = -100
+    hidden = model(ids, return_hidden=True)
+    torch.testing.assert_close(model.lm_head(hidden), model(ids))
+    got = causal_lm_loss_from_hidden(hidden, fused_lm_head(model), labels, 7)
+    torch.testing.assert_close(got, causal_lm_loss(model(ids), labels, 7))
+
+
+def test_fused_head_only_for_a_plain_linear_head():
+    model = tt.models.build("llama-tiny")
+    assert fused_lm_head(model) is model.lm_head.weight
+    tt.lora.apply(model, tt.lora.LoraConfig(rank=2, targets=["lm_head"]))
+    assert fused_lm_head(model) is None  # a LoRA head: the logits path
+    assert fused_lm_head(torch.nn.Linear(3, 3)) is None
+
+
+def _data(n=16):
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for i in range(n):
+        ids = torch.randint(0, 256, (6 + i % 5,), generator=gen).tolist()
+        out.append({"input_ids": ids, "labels": [-100, -100] + ids[2:]})
+    return out
+
+
+def _fit_losses(monkeypatch, fused: bool, **cfg):
+    if not fused:  # force the old path: logits + causal_lm_loss
+        monkeypatch.setattr(loop_mod, "fused_lm_head", lambda model: None)
+    model = tt.models.build("llama-tiny")
+    torch.manual_seed(1)
+    tt.lora.apply(model, tt.lora.LoraConfig(rank=4, alpha=8, targets="all-linear"))
+    cfg = TrainConfig(**{**dict(lr=1e-2, steps=4, batch_size=4, log_every=1000), **cfg})
+    history = fit(model, _data(), cfg, eval_data=_data(6), stream=io.StringIO())
+    monkeypatch.undo()
+    return history.losses + history.eval_losses
+
+
+@pytest.mark.parametrize("cfg", [{}, {"grad_accum": 2, "batch_size": 2}])
+def test_fit_losses_equal_the_logits_path(monkeypatch, cfg):
+    fused, plain = _fit_losses(monkeypatch, True, **cfg), _fit_losses(monkeypatch, False, **cfg)
+    torch.testing.assert_close(torch.tensor(fused), torch.tensor(plain), rtol=1e-5, atol=0)
+
+
+def test_fit_uses_the_chunked_loss_for_a_plain_head(monkeypatch):
+    calls = []
+    real = loop_mod.causal_lm_loss_from_hidden
+    monkeypatch.setattr(loop_mod, "causal_lm_loss_from_hidden", lambda *a: calls.append(1) or real(*a))
+    _fit_losses(monkeypatch, True, steps=1)
+    assert calls
