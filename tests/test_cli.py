@@ -153,7 +153,7 @@ def test_python_m_tinytune_and_demo_quick(tmp_path):
     assert "pre-training the base model" in out and "trainable" in out and "tokens/s" in out
     assert (tmp_path / "demo" / "adapter" / "adapter_config.json").is_file()
     assert (tmp_path / "demo" / "run" / "loss.svg").is_file()
-    assert (tmp_path / "cache" / "demo-base-quick" / "config.json").is_file()
+    assert (tmp_path / "cache" / "demo-base-v2-quick" / "config.json").is_file()
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)  # the cached base
     assert again.returncode == 0, again.stderr
     assert "cached in" in again.stdout and "pre-training the base model" not in again.stdout

@@ -1,7 +1,7 @@
 """`tinytune demo`: the whole fine-tuning story offline, on a tiny model, in a minute or two on a CPU.
 
 1. a base model: `llama-tiny` with a character tokenizer, pre-trained (all parameters) with `fit` on
-   generated instruction-formatted text, cached under $TINYTUNE_CACHE (default ~/.cache/tinytune);
+   generated Alpaca-formatted string tasks (copy a word, capitals, the next letter of one letter...), cached under $TINYTUNE_CACHE (default ~/.cache/tinytune);
 2. a task it has not seen: replace each letter by the next one (Alpaca template, `load_instructions`);
 3. exact match (greedy `tt.generate`) on held-out words before and after a LoRA fine-tune.
 """
@@ -21,7 +21,7 @@ from ..peft import count_parameters, lora, save_adapter
 from ..train import TrainConfig, fit
 from . import demo_data
 
-FULL = dict(pretrain_steps=300, docs=5000, steps=300, n_train=400, n_eval=40)
+FULL = dict(pretrain_steps=600, docs=8000, steps=200, n_train=400, n_eval=50)
 QUICK = dict(pretrain_steps=4, docs=64, steps=3, n_train=16, n_eval=4)
 MODEL = dict(hidden_size=128, intermediate_size=256, num_layers=3, num_heads=4, num_kv_heads=2)
 
@@ -29,19 +29,19 @@ MODEL = dict(hidden_size=128, intermediate_size=256, num_layers=3, num_heads=4, 
 def cache_dir(quick: bool) -> Path:
     """Where the pre-trained base lives: $TINYTUNE_CACHE or ~/.cache/tinytune, then demo-base[-quick]."""
     root = Path(os.environ.get("TINYTUNE_CACHE") or Path.home() / ".cache" / "tinytune")
-    return root / ("demo-base-quick" if quick else "demo-base")
+    return root / ("demo-base-v2-quick" if quick else "demo-base-v2")
 
 
 def pretrain(where: Path, sizes: dict, out=print):
     """Build the base model, pre-train every parameter on generated text, save it (+ tokenizer) to `where`."""
     tok = demo_data.char_tokenizer()
     model = build("llama-tiny", vocab_size=tok.vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0, **MODEL)
-    with tempfile.TemporaryDirectory() as tmp:
-        text = demo_data.write_jsonl(Path(tmp) / "text.jsonl",
-                                     [{"text": t} for t in demo_data.pretraining_text(sizes["docs"])])
-        rows = ttdata.load_text(text, tok, max_length=256)
+    with tempfile.TemporaryDirectory() as tmp:  # scored on the responses: that is where the skills are
+        text = demo_data.write_jsonl(Path(tmp) / "pretrain.jsonl", demo_data.pretraining_records(sizes["docs"]))
+        rows = ttdata.load_instructions(text, tok, "alpaca")
     out(f"pre-training the base model ({count_parameters(model).total:,} parameters, all trained) for "
-        f"{sizes['pretrain_steps']} steps on {len(rows)} rows of generated text")
+        f"{sizes['pretrain_steps']} steps on {len(rows)} generated examples of {len(demo_data.PRETRAIN_TASKS) + 1} "
+        f"string tasks (about 2 min on 2 CPU cores, once)")
     cfg = TrainConfig(lr=3e-3, steps=sizes["pretrain_steps"], batch_size=16, warmup_steps=20 if sizes["pretrain_steps"] > 40 else 0,
                       schedule="cosine", log_every=50, seed=0)
     history = fit(model, rows, cfg)

@@ -18,8 +18,10 @@ SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0..3
 CHARS = ["\n"] + [chr(c) for c in range(32, 127)]  # newline + printable ASCII
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 TASK = "Replace each letter by the next one in the alphabet."
-# Pre-training teaches the template, copying a word and mapping letters (capitals); the new mapping
-# (a->b, ..., z->a) is left to the LoRA fine-tune.
+WORD_LEN = 4  # every word has 4 letters: copying is then attention at one fixed distance, quick to learn
+NEXT_LETTER = "Write the letter that comes after this one in the alphabet."
+# Pre-training teaches the template, copying a word, mapping letters (capitals) and the successor of a single
+# letter; applying the successor to every letter of a word (a->b, ..., z->a) is left to the LoRA fine-tune.
 PRETRAIN_TASKS = {
     "Repeat the word.": lambda w: w,
     "Write the word in capital letters.": lambda w: w.upper(),
@@ -39,28 +41,41 @@ def char_tokenizer() -> Tokenizer:
     return Tokenizer(backend, pad_token_id=0, bos_token_id=1, eos_token_id=2, unk_token_id=3)
 
 
-def random_words(n: int, seed: int, min_len: int = 3, max_len: int = 5) -> list[str]:
-    """`n` distinct random lowercase strings of 3..5 letters."""
+def random_words(n: int, seed: int, min_len: int = WORD_LEN, max_len: int = WORD_LEN) -> list[str]:
+    """`n` distinct random lowercase strings of `min_len`..`max_len` letters."""
     rng, seen = random.Random(seed), set()
     while len(seen) < n:
         seen.add("".join(rng.choice(LETTERS) for _ in range(rng.randint(min_len, max_len))))
     return sorted(seen, key=lambda w: random.Random(f"{seed}{w}").random())
 
 
-def pretraining_text(n_docs: int, seed: int = 1) -> list[str]:
-    """Alpaca-formatted examples of the pre-training tasks, as plain text ending in a blank line."""
+def next_letter(c: str) -> str:
+    return LETTERS[(LETTERS.index(c) + 1) % 26]
+
+
+def pretraining_records(n_docs: int, seed: int = 1) -> list[dict]:
+    """Records `{"instruction", "input", "output"}` of the pre-training tasks (1 in 6: the next letter)."""
     rng, words = random.Random(seed), random_words(max(n_docs // 2, 50), seed + 1)
-    docs = []
+    records = []
     for _ in range(n_docs):
+        if rng.random() < 1 / 6:
+            c = rng.choice(LETTERS)
+            records.append({"instruction": NEXT_LETTER, "input": c, "output": next_letter(c)})
+            continue
         instruction, fn = rng.choice(list(PRETRAIN_TASKS.items()))
         word = rng.choice(words)
-        docs.append(ALPACA.render(instruction, word, fn(word)))
-    return docs
+        records.append({"instruction": instruction, "input": word, "output": fn(word)})
+    return records
+
+
+def pretraining_text(n_docs: int, seed: int = 1) -> list[str]:
+    """The pre-training records as Alpaca-formatted plain text."""
+    return [ALPACA.render(r["instruction"], r["input"], r["output"]) for r in pretraining_records(n_docs, seed)]
 
 
 def shift(word: str) -> str:
     """Each letter replaced by the next one (z wraps to a): "cat" -> "dbu"."""
-    return "".join(LETTERS[(LETTERS.index(c) + 1) % 26] for c in word)
+    return "".join(next_letter(c) for c in word)
 
 
 def shift_task(n_train: int, n_eval: int, seed: int = 7) -> tuple[list[dict], list[dict]]:
