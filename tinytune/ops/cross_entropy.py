@@ -3,8 +3,9 @@
 A language model's loss is `cross_entropy(hidden @ W.T, labels)` with W the (V, d) output head. Done
 plainly, forward keeps the (N, V) logits and the log-softmax for backward, and backward makes an (N, V)
 gradient: with N = 2048 tokens and V = 8192 that is 64 MiB each in fp32. Here forward walks the rows in
-chunks, keeping only each row's logsumexp (N,) and a reference to `hidden`; backward recomputes each
-chunk's logits and turns them into `softmax - onehot` on the spot. Peak extra memory: one chunk of logits.
+chunks and, since the loss is a scalar, turns each chunk's `softmax - onehot` straight into its rows of
+the gradient with respect to `hidden` (N, d): that is all backward keeps, and backward only scales it.
+Peak extra memory: one chunk of logits; no logits are recomputed.
 """
 from __future__ import annotations
 
@@ -31,50 +32,55 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     forward(hidden (N, d), weight (V, d), labels (N,), ignore_index, chunk_size, dtype) -> scalar sum, in fp32
     (fp64 when dtype is fp64); `dtype` is the matmul dtype.
-    Saved for backward: hidden and weight (references), labels, the (N,) fp32 logsumexp.
+
+    The loss is a scalar, so its gradient is known up to the upstream factor as soon as each chunk's
+    softmax is: forward computes `softmax - onehot` per chunk and turns it straight into the (C, d)
+    rows of grad_hidden (and into grad_weight when the head trains). Saved for backward: grad_hidden
+    (N, d), the size of `hidden` itself, instead of (N, V) logits; backward only scales it, so no
+    logits are recomputed.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index: int, chunk_size: int, dtype: torch.dtype):
+    def forward(ctx, hidden, weight, labels, ignore_index: int, chunk_size: int, dtype: torch.dtype,
+                grad_enabled: bool = True):
+        # Inside forward grad mode is always off, so the caller says whether a backward can follow.
+        need_h, need_w = grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1]
         valid = labels != ignore_index  # (N,)
         safe = torch.where(valid, labels, torch.zeros_like(labels))  # ignored rows gather column 0, masked below
         acc = torch.promote_types(torch.float32, dtype)  # log-softmax dtype: fp32, or fp64 for gradcheck
-        lse = torch.empty(labels.shape[0], dtype=acc, device=hidden.device)  # (N,)
         total = torch.zeros((), dtype=acc, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(dtype)  # (V, d): cast once, not per chunk
             for start in range(0, hidden.shape[0], chunk_size):
                 rows = slice(start, start + chunk_size)
-                logits = _chunk_logits(hidden[rows], w, dtype).to(acc)  # (C, V) fp32, as F.cross_entropy
-                lse[rows] = torch.logsumexp(logits, dim=-1)
+                h = hidden[rows].to(dtype)  # (C, d)
+                logits = _chunk_logits(h, w, dtype).to(acc)  # (C, V) fp32, as F.cross_entropy
+                lse = torch.logsumexp(logits, dim=-1)  # (C,)
                 target = logits.gather(1, safe[rows, None]).squeeze(1)  # (C,)
-                total += ((lse[rows] - target) * valid[rows]).sum()
-        ctx.save_for_backward(hidden, weight, safe, valid, lse)
-        ctx.chunk_size, ctx.dtype = chunk_size, dtype
+                total += ((lse - target) * valid[rows]).sum()
+                if need_h or need_w:
+                    # d(lse - z_y)/dz = softmax(z) - onehot(y), zero on ignored rows; in place on logits.
+                    g = logits.sub_(lse[:, None]).exp_()
+                    g.scatter_add_(1, safe[rows, None], torch.full_like(lse[:, None], -1.0))
+                    g = g.mul_(valid[rows, None]).to(dtype)
+                    if need_h:
+                        grad_h[rows] = g @ w  # (C, d)
+                    if need_w:
+                        grad_w += g.T @ h  # (V, d), accumulated in fp32
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        hidden, weight, safe, valid, lse = ctx.saved_tensors
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.empty_like(hidden) if need_h else None
-        acc = lse.dtype
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        scale = valid.to(acc) * grad_total.to(acc)  # (N,): 0 on ignored rows
-        with torch.autocast(hidden.device.type, enabled=False):
-            w = weight.to(ctx.dtype)
-            for start in range(0, hidden.shape[0], ctx.chunk_size):
-                rows = slice(start, start + ctx.chunk_size)
-                h = hidden[rows].to(ctx.dtype)  # (C, d)
-                # d(lse - z_y)/dz = softmax(z) - onehot(y), per row times the upstream scale.
-                g = _chunk_logits(h, w, ctx.dtype).to(acc).sub_(lse[rows, None]).exp_()  # (C, V)
-                g.scatter_add_(1, safe[rows, None], torch.full_like(lse[rows, None], -1.0))
-                g = g.mul_(scale[rows, None]).to(ctx.dtype)
-                if need_h:
-                    grad_h[rows] = g @ w  # (C, d)
-                if need_w:
-                    grad_w += g.T @ h  # (V, d), accumulated in fp32
-        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None, None
+        grad_h, grad_w = ctx.saved_tensors
+        if grad_h is not None:
+            grad_h = grad_h * grad_total.to(grad_h.dtype)
+        if grad_w is not None:
+            grad_w = (grad_w * grad_total.to(grad_w.dtype)).to(ctx.weight_dtype)
+        return grad_h, grad_w, None, None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -93,6 +99,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
             yourself, e.g. by the scored tokens of a whole accumulated batch).
         chunk_size: rows per chunk; peak extra memory is about chunk_size x V x 8 bytes.
 
+    The gradients are computed during the forward pass (see `LinearCrossEntropyFunction`) when grad
+    mode is on and an input requires grad; under `torch.no_grad()` only the loss is computed.
+
     Returns:
         A scalar fp32 loss.
 
@@ -108,7 +117,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
                          f"hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}, labels {tuple(labels.shape)}")
     dtype = _compute_dtype(hidden, weight)
     flat_h, flat_y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)  # (N, d), (N,)
-    total = LinearCrossEntropyFunction.apply(flat_h, weight, flat_y, ignore_index, chunk_size, dtype)
+    total = LinearCrossEntropyFunction.apply(flat_h, weight, flat_y, ignore_index, chunk_size, dtype,
+                                             torch.is_grad_enabled())
     if reduction == "sum":
         return total
     return total / (flat_y != ignore_index).sum()
