@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import tinytune as tt
 from tinytune.cli import main

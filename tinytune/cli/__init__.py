@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .options import DEFAULTS, CLIError, add_method_options, add_train_options, resolve
+from .options import CLIError, add_method_options, add_train_options, resolve
 from .options import _flag
 
 __all__ = ["main", "build_parser", "CLIError"]

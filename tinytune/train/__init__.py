@@ -10,7 +10,8 @@ Layers: `config` (the dataclass), `precision` (the one place that decides dtypes
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, trainable_state_dict
 from .config import TrainConfig
 from .logging import ProgressLogger, loss_svg, write_loss_svg
-from .loop import History, TrainingInterrupted, causal_lm_loss, evaluate, fit
+from .loop import History, TrainingInterrupted, evaluate, fit
+from .losses import causal_lm_loss
 from .optim import build_optimizer, build_scheduler, lr_factor, param_groups
 from .precision import Precision, prepare_model
 

@@ -18,7 +18,6 @@ from . import checkpoint as ckpt
 from .collate import DataStream, check_data, collate
 from .config import TrainConfig
 from .logging import ProgressLogger, write_loss_svg
-from .losses import causal_lm_loss  # noqa: F401 (re-export)
 from .losses import causal_lm_loss_from_hidden, fused_lm_head, logits_shape, num_scored, task_loss
 from .optim import build_optimizer, build_scheduler
 from .precision import Precision, prepare_model
