@@ -1,6 +1,7 @@
 """The `finetune`, `params` and `bench` subcommands: each takes resolved options and prints its report."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ..peft import count_parameters, save_adapter
@@ -25,9 +26,12 @@ def _require(opts: dict, *names: str) -> None:
 def finetune(opts: dict, out=print) -> dict:
     """Load, apply the method, train with `fit`, save the adapter into `opts["out"]`.
 
-    Returns a summary dict (adapter path, final loss, tokens/s, trainable count).
+    Returns a summary dict (adapter path, final loss, tokens/s, trainable count). Under `torchrun` every
+    process trains (`fit` shards the data) and rank 0 alone prints and writes the adapter.
     """
     _require(opts, "checkpoint", "data", "out")
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    out = out if is_main else (lambda *args, **kwargs: None)
     model, tokenizer = load_model(opts["checkpoint"], opts.get("tokenizer"), need_tokenizer=True)
     examples = load_dataset(opts["data"], tokenizer, opts)
     if not examples:
@@ -40,7 +44,7 @@ def finetune(opts: dict, out=print) -> dict:
     cfg = train_config(opts, out_dir, pad)
     out(f"training {opts['method']} on {len(examples)} examples from {opts['data']} for {cfg.steps} steps")
     history = fit(model, examples, cfg)
-    adapter = save_adapter(model, out_dir / "adapter")
+    adapter = save_adapter(model, out_dir / "adapter") if is_main else out_dir / "adapter"
     final = history.losses[-1] if history.losses else float("nan")
     out(f"final loss: {final:.4f} after {history.step} steps ({history.stopped_reason}); "
         f"{history.tokens_per_s:,.0f} tokens/s")

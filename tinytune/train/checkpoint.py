@@ -138,6 +138,11 @@ def _write_files(tmp: Path, model, optimizer, state: dict, manifest: dict) -> No
             os.fsync(f.fileno())
 
 
+def checkpoint_dir(out_dir: str | Path, step: int) -> Path:
+    """Where `save_checkpoint` puts step `step` of the run writing to `out_dir`."""
+    return Path(out_dir) / "checkpoints" / f"step-{step:07d}"
+
+
 def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     state: dict, config: dict | None = None) -> Path:
     """Write `out_dir/checkpoints/step-<step>/` atomically and return its path.
@@ -154,9 +159,9 @@ def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer: torch
     Returns:
         The checkpoint directory.
     """
-    root = Path(out_dir) / "checkpoints"
+    final = checkpoint_dir(out_dir, step)
+    root = final.parent
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:07d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=root))
     try:
         manifest = {"format_version": FORMAT_VERSION, "step": step,

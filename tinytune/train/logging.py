@@ -28,14 +28,15 @@ class ProgressLogger:
         out_dir: where `metrics.jsonl` goes; None: no file.
         stream: where progress goes (default: sys.stdout).
         first_step: the step the run starts from (a resumed run), so the ETA counts only this session.
+        quiet: print and write nothing (the ranks other than 0 of a multi-process run).
     """
 
     def __init__(self, total_steps: int, log_every: int, out_dir: Path | None = None, stream=None,
-                 first_step: int = 0):
-        self.total_steps, self.log_every = total_steps, log_every
+                 first_step: int = 0, quiet: bool = False):
+        self.total_steps, self.log_every, self.quiet = total_steps, log_every, quiet
         self.stream = stream if stream is not None else sys.stdout
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.metrics = Path(out_dir) / "metrics.jsonl" if out_dir is not None else None
+        self.metrics = Path(out_dir) / "metrics.jsonl" if out_dir is not None and not quiet else None
         if self.metrics is not None:
             self.metrics.parent.mkdir(parents=True, exist_ok=True)
         self.start, self.first_step = time.perf_counter(), first_step
@@ -48,6 +49,8 @@ class ProgressLogger:
 
     def step(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
         """Record optimizer step `step` (1-based) with its loss, learning rate and throughput."""
+        if self.quiet:
+            return
         self._append({"step": step, "loss": loss if math.isfinite(loss) else None, "lr": lr,
                       "tokens_per_s": round(tokens_per_s, 1), "time": round(time.time(), 3)})
         done = step - self.first_step
@@ -69,6 +72,8 @@ class ProgressLogger:
 
     def message(self, text: str) -> None:
         """Print a line of its own (ending a terminal progress line first)."""
+        if self.quiet:
+            return
         if self._open_line:
             self.stream.write("\n")
             self._open_line = False

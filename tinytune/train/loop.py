@@ -15,8 +15,10 @@ import torch.nn as nn
 
 from ..data.collate import segment_mask
 from . import checkpoint as ckpt
+from . import distributed
 from .collate import DataStream, check_data, collate
 from .config import TrainConfig
+from .distributed import Distributed
 from .logging import ProgressLogger, write_loss_svg
 from .losses import causal_lm_loss_from_hidden, fused_lm_head, logits_shape, num_scored, task_loss
 from .optim import build_optimizer, build_scheduler
@@ -93,9 +95,13 @@ def _logits(model: nn.Module, batch: dict, accepted: set[str], task: str = "caus
     return out
 
 
-def _loss(model: nn.Module, batch: dict, accepted: set[str], task: str, count: int) -> torch.Tensor:
-    """`task_loss` of the model's output on `batch`; a causal LM with a plain head skips the logits."""
-    weight = fused_lm_head(model) if task == "causal_lm" else None
+def _loss(model: nn.Module, batch: dict, accepted: set[str], task: str, count: int,
+          module: nn.Module | None = None) -> torch.Tensor:
+    """`task_loss` of the model's output on `batch`; a causal LM with a plain head skips the logits.
+
+    `module` is the model inside a DDP wrapper `model` (its head is looked up there); None: `model`.
+    """
+    weight = fused_lm_head(module if module is not None else model) if task == "causal_lm" else None
     if weight is None:
         return task_loss(task, _logits(model, batch, accepted, task), batch, count)
     hidden = model(batch["input_ids"], return_hidden=True, **_model_kwargs(model, batch, accepted))  # (B, T, d)
@@ -103,7 +109,8 @@ def _loss(model: nn.Module, batch: dict, accepted: set[str], task: str, count: i
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data, cfg: TrainConfig, precision: Precision | None = None) -> float:
+def evaluate(model: nn.Module, data, cfg: TrainConfig, precision: Precision | None = None,
+             dist: Distributed | None = None) -> float:
     """Mean loss of `model` over `data` for `cfg.task` (the training loss: per token, or per example).
 
     Args:
@@ -111,41 +118,60 @@ def evaluate(model: nn.Module, data, cfg: TrainConfig, precision: Precision | No
         data: a sequence of examples with `input_ids` and `labels` (`label` for classification).
         cfg: task, batch_size, device, dtype and pad_token_id are read.
         precision: the run's `Precision` (default: one built from cfg).
+        dist: with several processes, each evaluates every world_size-th example and the sums are
+            all-reduced, so every rank returns the same number. Pass the plain module (or an FSDP one),
+            not a DDP wrapper.
 
     Returns:
         Summed loss / scored tokens (examples, for classification) over all of `data`.
     """
     precision = precision or Precision(cfg.dtype, cfg.device)
+    dist = dist or Distributed()
     was_training, accepted = model.training, _forward_kwargs(model)
     model.eval()
     total, scored = 0.0, 0
+    mine = list(range(dist.rank, len(data), dist.world_size))
     try:
-        for start in range(0, len(data), cfg.batch_size):
-            batch = collate([data[i] for i in range(start, min(start + cfg.batch_size, len(data)))],
-                            cfg.pad_token_id, cfg.device)
-            n = num_scored(cfg.task, batch)
+        # An FSDP model gathers its weights in every forward, so every rank runs the same number of
+        # batches: a rank out of examples runs example 0 once more and does not count it.
+        for start in range(0, math.ceil(len(data) / dist.world_size), cfg.batch_size):
+            ids = mine[start:start + cfg.batch_size]
+            batch = collate([data[i] for i in ids or [0]], cfg.pad_token_id, cfg.device)
+            n = num_scored(cfg.task, batch) if ids else 0
             with precision.autocast():
                 loss = _loss(model, batch, accepted, cfg.task, max(n, 1))
             total += float(loss) * n
             scored += n
     finally:
         model.train(was_training)
+    total, scored = dist.sum([total, scored], cfg.device)
     return total / scored if scored else float("nan")
 
 
 class _Run:
-    """One run's moving parts: optimizer, schedule, data position, counters and history."""
+    """One run's moving parts: optimizer, schedule, data position, counters and history.
 
-    def __init__(self, model, train_data, cfg: TrainConfig, eval_data, precision: Precision, out):
+    `module` is the user's model; `model` is what the forward pass goes through: `module` itself, or
+    its DistributedDataParallel wrapper with several processes. Checkpoints, evaluation and the
+    optimizer use `module`.
+    """
+
+    def __init__(self, model, train_data, cfg: TrainConfig, eval_data, precision: Precision, out,
+                 dist: Distributed):
         if cfg.grad_checkpointing and not hasattr(model, "set_gradient_checkpointing"):
             raise ValueError(f"TrainConfig.grad_checkpointing=True, but {type(model).__name__} has no "
                              "set_gradient_checkpointing(enabled) method")
-        self.model, self.data, self.cfg, self.eval_data, self.precision = model, train_data, cfg, eval_data, precision
+        if cfg.out_dir is not None and distributed.is_fsdp(model):
+            raise ValueError("TrainConfig.out_dir is set, but fit does not write checkpoints of an FSDP-sharded "
+                             "model (its weights and optimizer state are DTensor shards): train with "
+                             "out_dir=None and save with torch.distributed.checkpoint (see docs/training.md)")
+        self.module, self.data, self.cfg, self.eval_data, self.precision = model, train_data, cfg, eval_data, precision
+        self.dist, self.model = dist, dist.wrap(model)
         self.optimizer = build_optimizer(model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.accepted = _forward_kwargs(model)
-        self.history, self.saved_step, self.out = History(), None, out
+        self.history, self.saved_step, self.out, self.interrupted = History(), None, out, False
         self.bad_streak, self.best_eval, self.evals_since_best = 0, math.inf, 0
         self.data_stream = DataStream(len(train_data), cfg.seed, cfg.shuffle)
         self.tokens, self.start = 0, time.perf_counter()
@@ -159,7 +185,7 @@ class _Run:
             if where is True:  # "resume if possible": a first run starts fresh
                 return False
             raise FileNotFoundError(f"resume: no checkpoint in {where}")
-        state = ckpt.load_checkpoint(found, self.model, self.optimizer)
+        state = ckpt.load_checkpoint(found, self.module, self.optimizer)
         pos = state["data"]
         if pos["num_examples"] != n_train:
             raise ValueError(f"resume: checkpoint {found} was trained on {pos['num_examples']} examples, "
@@ -170,39 +196,56 @@ class _Run:
         self.bad_streak, self.best_eval, self.evals_since_best = state["loop"]
         self.data_stream = DataStream(n_train, self.cfg.seed, self.cfg.shuffle, pos["epoch"], pos["index"])
         self.saved_step = state["step"]
-        ckpt.set_rng_state(state["rng"])  # last: nothing may draw random numbers after it
+        ckpt.set_rng_state(self._my_rng_state(state, found))  # last: nothing may draw random numbers after it
         return True
+
+    def _my_rng_state(self, state: dict, found) -> dict:
+        per_rank = state.get("rng_per_rank") or [state["rng"]]
+        if len(per_rank) == self.dist.world_size:
+            return per_rank[self.dist.rank]
+        if self.dist.is_main:
+            warnings.warn(f"resume: {found} was written by {len(per_rank)} process(es), this run has "
+                          f"{self.dist.world_size}: the data order carries over, the random streams "
+                          "(dropout) start from rank 0's", RuntimeWarning, stacklevel=3)
+        return per_rank[0]
 
     def save(self) -> None:
         """Checkpoint the current step into `out_dir` (once per step; nothing without `out_dir`)."""
-        h = self.history
+        h, dist = self.history, self.dist
         if self.cfg.out_dir is None or self.saved_step == h.step:
             return
-        state = {"step": h.step, "data": self.data_stream.position(), "scheduler": self.scheduler.state_dict(),
-                 "scaler": self.precision.state_dict(), "rng": ckpt.rng_state(self.cfg.device),
-                 "history": h._lists(), "loop": [self.bad_streak, self.best_eval, self.evals_since_best]}
-        h.checkpoint = ckpt.save_checkpoint(self.cfg.out_dir, h.step, self.model, self.optimizer, state,
-                                            self.cfg.to_dict())
+        rngs = dist.gather(ckpt.rng_state(self.cfg.device))  # every rank's dropout stream resumes exactly
+        if dist.is_main:  # the other ranks hold the same weights and optimizer state
+            state = {"step": h.step, "data": self.data_stream.position(), "scheduler": self.scheduler.state_dict(),
+                     "scaler": self.precision.state_dict(), "rng": rngs[0], "rng_per_rank": rngs,
+                     "history": h._lists(), "loop": [self.bad_streak, self.best_eval, self.evals_since_best]}
+            ckpt.save_checkpoint(self.cfg.out_dir, h.step, self.module, self.optimizer, state,
+                                 self.cfg.to_dict())
+        dist.barrier()  # nobody reads or exits before rank 0's checkpoint is complete
+        h.checkpoint = ckpt.checkpoint_dir(self.cfg.out_dir, h.step)
         self.saved_step = h.step
 
     def _micro_batches(self) -> list[dict]:
-        cfg = self.cfg
-        ids = self.data_stream.take(cfg.batch_size * cfg.grad_accum)
+        cfg, dist = self.cfg, self.dist
+        # Every rank draws the same global batch and keeps its own slice of it.
+        ids = dist.my_slice(self.data_stream.take(cfg.batch_size * cfg.grad_accum * dist.world_size))
         return [collate([self.data[i] for i in ids[k:k + cfg.batch_size]], cfg.pad_token_id, cfg.device)
                 for k in range(0, len(ids), cfg.batch_size)]
 
     def _accumulate(self, micro: list[dict], scored: int) -> float:
-        total = 0.0
-        for batch in micro:
-            # Divide by the whole step's scored tokens (examples): grad_accum=2 x 4 is the same step as 1 x 8.
-            with self.precision.autocast():
-                loss = _loss(self.model, batch, self.accepted, self.cfg.task, scored)
-            value = float(loss.detach())  # one sync per micro-batch, to stop before a NaN reaches the gradients
-            if not math.isfinite(value):
-                return value
-            self.precision.backward(loss)
+        total, dist = 0.0, self.dist
+        for k, batch in enumerate(micro):
+            # Divide by the whole step's scored tokens (examples) over all ranks: grad_accum=2 x 4 and two
+            # processes x 4 are the same step as 1 x 8. DDP averages over ranks, hence the world_size.
+            with distributed.no_sync(self.model, k < len(micro) - 1):
+                with self.precision.autocast():
+                    loss = _loss(self.model, batch, self.accepted, self.cfg.task, scored, self.module)
+                value = float(loss.detach())  # one sync per micro-batch, to stop before a NaN reaches the grads
+                if not math.isfinite(value) and not dist.active:  # (ranks must all run backward together)
+                    return value
+                self.precision.backward(loss * dist.world_size if dist.active else loss)
             total += value
-        return total
+        return dist.sum([total], self.cfg.device)[0]
 
     def _clip(self) -> bool:
         if self.cfg.max_grad_norm is None:
@@ -215,8 +258,9 @@ class _Run:
     def optimizer_step(self) -> tuple[float, bool, int]:
         """One optimizer step: (loss, whether it was applied, scored tokens)."""
         micro = self._micro_batches()
-        self.tokens += sum(int(b["attention_mask"].sum()) for b in micro)
-        scored = sum(num_scored(self.cfg.task, b) for b in micro)
+        tokens, scored = self.dist.sum([sum(int(b["attention_mask"].sum()) for b in micro),
+                                        sum(num_scored(self.cfg.task, b) for b in micro)], self.cfg.device)
+        self.tokens, scored = self.tokens + int(tokens), int(scored)
         loss = self._accumulate(micro, scored) if scored else float("nan")
         applied = math.isfinite(loss) and self._clip()
         if applied:
@@ -237,12 +281,14 @@ class _Run:
             return None
         h.skipped_steps.append(h.step)
         if not scored:
-            warnings.warn(f"step {h.step}: no scored tokens in the batch (every label is -100); step skipped",
-                          RuntimeWarning, stacklevel=2)
+            if self.dist.is_main:
+                warnings.warn(f"step {h.step}: no scored tokens in the batch (every label is -100); step skipped",
+                              RuntimeWarning, stacklevel=2)
             return None
         self.bad_streak += 1
-        warnings.warn(f"step {h.step}: non-finite loss or gradient norm (loss {loss}); step skipped "
-                      f"({self.bad_streak}/{cfg.max_bad_steps} in a row)", RuntimeWarning, stacklevel=2)
+        if self.dist.is_main:
+            warnings.warn(f"step {h.step}: non-finite loss or gradient norm (loss {loss}); step skipped "
+                          f"({self.bad_streak}/{cfg.max_bad_steps} in a row)", RuntimeWarning, stacklevel=2)
         if self.bad_streak < cfg.max_bad_steps:
             return None
         return (f"stopped: non-finite loss or gradient norm in {self.bad_streak} consecutive steps "
@@ -251,7 +297,7 @@ class _Run:
 
     def _evaluate(self, logger: ProgressLogger) -> str | None:
         h, patience = self.history, self.cfg.early_stopping_patience
-        loss = evaluate(self.model, self.eval_data, self.cfg, self.precision)
+        loss = evaluate(self.module, self.eval_data, self.cfg, self.precision, self.dist)
         h.eval_steps.append(h.step)
         h.eval_losses.append(loss)
         logger.eval(h.step, loss)
@@ -273,10 +319,17 @@ class _Run:
             return reason  # no checkpoint now: the last good one stays the latest
         if self.eval_data is not None and cfg.eval_every and h.step % cfg.eval_every == 0:
             reason = self._evaluate(logger)
-        if any([bool(cb(h.step, h)) for cb in callbacks]):  # a list: every callback runs
+        stop_asked = any([bool(cb(h.step, h)) for cb in callbacks])  # a list: every callback runs
+        if self.dist.active:  # every rank stops at the same step, whichever rank was asked to
+            stop_asked, signalled = (v > 0 for v in self.dist.sum([stop_asked, bool(received)], self.cfg.device))
+        else:
+            signalled = bool(received)
+        if stop_asked:
             reason = reason or f"stopped by a callback at step {h.step}"
-        if received:
-            reason = f"interrupted by {signal.Signals(received[0]).name} at step {h.step}"
+        if signalled:
+            self.interrupted = True
+            name = signal.Signals(received[0]).name if received else "a signal to another rank"
+            reason = f"interrupted by {name} at step {h.step}"
         if reason is None and h.step >= cfg.steps:
             reason = "completed"
             if self.eval_data is not None and (not h.eval_steps or h.eval_steps[-1] != h.step):
@@ -289,26 +342,28 @@ class _Run:
     def train(self, callbacks, received) -> History:
         """Run steps until `cfg.steps` or an earlier stop; returns the history."""
         cfg, h = self.cfg, self.history
-        logger = ProgressLogger(cfg.steps, cfg.log_every, cfg.out_dir, self.out, first_step=h.step)
-        was_training = self.model.training
-        was_checkpointing = bool(getattr(self.model, "is_gradient_checkpointing", False))
+        logger = ProgressLogger(cfg.steps, cfg.log_every, cfg.out_dir, self.out, first_step=h.step,
+                                quiet=not self.dist.is_main)
+        model = self.module
+        was_training = model.training
+        was_checkpointing = bool(getattr(model, "is_gradient_checkpointing", False))
         if cfg.grad_checkpointing:
-            self.model.set_gradient_checkpointing(True)
-        self.model.train()
+            model.set_gradient_checkpointing(True)
+        model.train()
         self.start, reason = time.perf_counter(), ("completed" if h.step >= cfg.steps else None)
         try:
             while reason is None:
                 reason = self._step_and_decide(logger, callbacks, received)
         finally:
-            self.model.train(was_training)
+            model.train(was_training)
             if cfg.grad_checkpointing:
-                self.model.set_gradient_checkpointing(was_checkpointing)  # as the caller had it
+                model.set_gradient_checkpointing(was_checkpointing)  # as the caller had it
             logger.close()
         h.tokens_per_s = self.tokens / max(time.perf_counter() - self.start, 1e-9)
-        h.stopped_reason = reason if not received else f"{reason}; checkpoint: {h.checkpoint}"
+        h.stopped_reason = reason if not self.interrupted else f"{reason}; checkpoint: {h.checkpoint}"
         if reason != "completed":
             logger.message(h.stopped_reason)
-        if cfg.out_dir is not None:
+        if cfg.out_dir is not None and self.dist.is_main:
             write_loss_svg(cfg.out_dir / "loss.svg", h.losses, h.eval_steps, h.eval_losses)
         return h
 
@@ -344,14 +399,15 @@ def fit(model: nn.Module, train_data, cfg: TrainConfig, eval_data=None, *, resum
     n_train = check_data(train_data, "train_data", cfg.task)
     if eval_data is not None:
         check_data(eval_data, "eval_data", cfg.task)
+    dist = distributed.setup(cfg.device)  # before the model moves: "cuda" means this rank's device
     precision = Precision(cfg.dtype, cfg.device)
     prepare_model(model, cfg.device, cfg.base_dtype)
-    run = _Run(model, train_data, cfg, eval_data, precision, stream)
+    run = _Run(model, train_data, cfg, eval_data, precision, stream, dist)
     if not run.resume(resume_from if resume_from is not None else cfg.resume, n_train):
-        ckpt.seed_everything(cfg.seed)
+        ckpt.seed_everything(cfg.seed + dist.rank)  # each rank its own dropout stream
     with ckpt.catch_signals(cfg.out_dir is not None) as received:
         history = run.train(list(callbacks), received)
-    if received:
+    if run.interrupted:
         raise TrainingInterrupted(history.stopped_reason, history)
     return history
 
