@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import tinytune as tt
 from tinytune.ops import LinearCrossEntropyFunction, linear_cross_entropy
 from tinytune.train import TrainConfig, fit
-from tinytune.train import loop as loop_mod
+from tinytune.train import forward as forward_mod
 from tinytune.train.losses import causal_lm_loss, causal_lm_loss_from_hidden, fused_lm_head
 
 
@@ -103,7 +103,7 @@ def _data(n=16):
 
 def _fit_losses(monkeypatch, fused: bool, **cfg):
     if not fused:  # force the old path: logits + causal_lm_loss
-        monkeypatch.setattr(loop_mod, "fused_lm_head", lambda model: None)
+        monkeypatch.setattr(forward_mod, "fused_lm_head", lambda model: None)
     model = tt.models.build("llama-tiny")
     torch.manual_seed(1)
     tt.lora.apply(model, tt.lora.LoraConfig(rank=4, alpha=8, targets="all-linear"))
@@ -121,7 +121,7 @@ def test_fit_losses_equal_the_logits_path(monkeypatch, cfg):
 
 def test_fit_uses_the_chunked_loss_for_a_plain_head(monkeypatch):
     calls = []
-    real = loop_mod.causal_lm_loss_from_hidden
-    monkeypatch.setattr(loop_mod, "causal_lm_loss_from_hidden", lambda *a: calls.append(1) or real(*a))
+    real = forward_mod.causal_lm_loss_from_hidden
+    monkeypatch.setattr(forward_mod, "causal_lm_loss_from_hidden", lambda *a: calls.append(1) or real(*a))
     _fit_losses(monkeypatch, True, steps=1)
     assert calls

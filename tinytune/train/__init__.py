@@ -5,12 +5,14 @@
 
 Layers: `config` (the dataclass), `precision` (the one place that decides dtypes and autocast),
 `optim` (AdamW + schedules), `checkpoint` (atomic save / resume), `logging` (progress, JSONL, SVG),
+`forward` (one batch: model call, task loss, `evaluate`), `distributed` (torchrun: DDP, FSDP, collectives),
 `loop` (`fit`).
 """
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, trainable_state_dict
 from .config import TrainConfig
 from .logging import ProgressLogger, loss_svg, write_loss_svg
-from .loop import History, TrainingInterrupted, evaluate, fit
+from .forward import evaluate
+from .loop import History, TrainingInterrupted, fit
 from .losses import causal_lm_loss
 from .optim import build_optimizer, build_scheduler, lr_factor, param_groups
 from .precision import Precision, prepare_model

@@ -1,7 +1,6 @@
 """`fit`: the training loop (batches, accumulation, clipping, eval, early stopping, checkpoints, resume)."""
 from __future__ import annotations
 
-import inspect
 import math
 import signal
 import time
@@ -13,14 +12,14 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..data.collate import segment_mask
 from . import checkpoint as ckpt
 from . import distributed
 from .collate import DataStream, check_data, collate
+from .forward import batch_loss, evaluate, forward_kwargs
 from .config import TrainConfig
 from .distributed import Distributed
 from .logging import ProgressLogger, write_loss_svg
-from .losses import causal_lm_loss_from_hidden, fused_lm_head, logits_shape, num_scored, task_loss
+from .losses import num_scored
 from .optim import build_optimizer, build_scheduler
 from .precision import Precision, prepare_model
 
@@ -62,92 +61,6 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.history = history
 
 
-def _forward_kwargs(model: nn.Module) -> set[str]:
-    params = inspect.signature(model.forward).parameters.values()
-    if any(p.kind is p.VAR_KEYWORD for p in params):
-        return {"attention_mask", "position_ids"}
-    return {p.name for p in params} & {"attention_mask", "position_ids"}
-
-
-def _model_kwargs(model: nn.Module, batch: dict, accepted: set[str]) -> dict:
-    kwargs = {}
-    if "segment_ids" in batch and "attention_mask" not in accepted:
-        raise ValueError(f"packed examples (segment_ids) need a model whose forward takes attention_mask "
-                         f"(a block-diagonal mask keeps examples apart); {type(model).__name__}'s does not")
-    if "attention_mask" in accepted:  # packed rows attend within their own example only
-        kwargs["attention_mask"] = segment_mask(batch["segment_ids"]) if "segment_ids" in batch \
-            else batch["attention_mask"]
-    if "position_ids" in accepted and "position_ids" in batch:
-        kwargs["position_ids"] = batch["position_ids"]
-    return kwargs
-
-
-def _logits(model: nn.Module, batch: dict, accepted: set[str], task: str = "causal_lm") -> torch.Tensor:
-    out = model(batch["input_ids"], **_model_kwargs(model, batch, accepted))
-    if not isinstance(out, torch.Tensor):  # Hugging Face style outputs: .logits, ["logits"] or a tuple
-        out = out["logits"] if isinstance(out, dict) else out[0] if isinstance(out, tuple) else \
-            getattr(out, "logits", out)
-    lead, expected = logits_shape(task, batch)
-    if not isinstance(out, torch.Tensor) or out.dim() != len(lead) + 1 or tuple(out.shape[:-1]) != lead:
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(f"{type(model).__name__} must return logits of shape {expected} for task={task!r}; "
-                         f"got {shape}")
-    return out
-
-
-def _loss(model: nn.Module, batch: dict, accepted: set[str], task: str, count: int,
-          module: nn.Module | None = None) -> torch.Tensor:
-    """`task_loss` of the model's output on `batch`; a causal LM with a plain head skips the logits.
-
-    `module` is the model inside a DDP wrapper `model` (its head is looked up there); None: `model`.
-    """
-    weight = fused_lm_head(module if module is not None else model) if task == "causal_lm" else None
-    if weight is None:
-        return task_loss(task, _logits(model, batch, accepted, task), batch, count)
-    hidden = model(batch["input_ids"], return_hidden=True, **_model_kwargs(model, batch, accepted))  # (B, T, d)
-    return causal_lm_loss_from_hidden(hidden, weight, batch["labels"], count)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, data, cfg: TrainConfig, precision: Precision | None = None,
-             dist: Distributed | None = None) -> float:
-    """Mean loss of `model` over `data` for `cfg.task` (the training loss: per token, or per example).
-
-    Args:
-        model: the model, on `cfg.device`; put in eval mode for the call, its mode restored after.
-        data: a sequence of examples with `input_ids` and `labels` (`label` for classification).
-        cfg: task, batch_size, device, dtype and pad_token_id are read.
-        precision: the run's `Precision` (default: one built from cfg).
-        dist: with several processes, each evaluates every world_size-th example and the sums are
-            all-reduced, so every rank returns the same number. Pass the plain module (or an FSDP one),
-            not a DDP wrapper.
-
-    Returns:
-        Summed loss / scored tokens (examples, for classification) over all of `data`.
-    """
-    precision = precision or Precision(cfg.dtype, cfg.device)
-    dist = dist or Distributed()
-    was_training, accepted = model.training, _forward_kwargs(model)
-    model.eval()
-    total, scored = 0.0, 0
-    mine = list(range(dist.rank, len(data), dist.world_size))
-    try:
-        # An FSDP model gathers its weights in every forward, so every rank runs the same number of
-        # batches: a rank out of examples runs example 0 once more and does not count it.
-        for start in range(0, math.ceil(len(data) / dist.world_size), cfg.batch_size):
-            ids = mine[start:start + cfg.batch_size]
-            batch = collate([data[i] for i in ids or [0]], cfg.pad_token_id, cfg.device)
-            n = num_scored(cfg.task, batch) if ids else 0
-            with precision.autocast():
-                loss = _loss(model, batch, accepted, cfg.task, max(n, 1))
-            total += float(loss) * n
-            scored += n
-    finally:
-        model.train(was_training)
-    total, scored = dist.sum([total, scored], cfg.device)
-    return total / scored if scored else float("nan")
-
-
 class _Run:
     """One run's moving parts: optimizer, schedule, data position, counters and history.
 
@@ -170,7 +83,7 @@ class _Run:
         self.optimizer = build_optimizer(model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        self.accepted = _forward_kwargs(model)
+        self.accepted = forward_kwargs(model)
         self.history, self.saved_step, self.out, self.interrupted = History(), None, out, False
         self.bad_streak, self.best_eval, self.evals_since_best = 0, math.inf, 0
         self.data_stream = DataStream(len(train_data), cfg.seed, cfg.shuffle)
@@ -239,7 +152,7 @@ class _Run:
             # processes x 4 are the same step as 1 x 8. DDP averages over ranks, hence the world_size.
             with distributed.no_sync(self.model, k < len(micro) - 1):
                 with self.precision.autocast():
-                    loss = _loss(self.model, batch, self.accepted, self.cfg.task, scored, self.module)
+                    loss = batch_loss(self.model, batch, self.accepted, self.cfg.task, scored, self.module)
                 value = float(loss.detach())  # one sync per micro-batch, to stop before a NaN reaches the grads
                 if not math.isfinite(value) and not dist.active:  # (ranks must all run backward together)
                     return value
