@@ -1,4 +1,8 @@
-"""Shared test set-up: seeded RNG, default dtype restored, small model builders."""
+"""Shared test set-up: seeded RNG, default dtype restored, small model builders, the demo run once."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn as nn
@@ -19,6 +23,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def full_demo(tmp_path_factory):
+    """`python -m tinytune demo` as a user runs it (pre-training included, ~25 s on 2 cores), once per
+    session: (its stdout, the cache directory holding the pre-trained base, the output directory)."""
+    root = tmp_path_factory.mktemp("demo")
+    env = {**os.environ, "TINYTUNE_CACHE": str(root / "cache")}
+    cmd = [sys.executable, "-m", "tinytune", "demo", "--out", str(root / "out")]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return result.stdout, root / "cache", root / "out"
 
 
 class TinyAttention(nn.Module):

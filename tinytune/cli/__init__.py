@@ -71,7 +71,7 @@ def _add_demo(sub) -> None:
                        description="Builds a tiny Llama with a character tokenizer, pre-trains it briefly on "
                        "generated text (cached), fine-tunes it with LoRA on a letter-shift instruction task "
                        "and prints exact match before/after, the parameter table, tokens/s and generations.")
-    p.add_argument("--steps", type=int, default=None, help="LoRA fine-tuning steps (default: 300; --quick: 3)")
+    p.add_argument("--steps", type=int, default=None, help="LoRA fine-tuning steps (default: 150; --quick: 3)")
     p.add_argument("--out", default=None, metavar="DIR", help="output directory (default: a new temporary one)")
     p.add_argument("--no-cache", action="store_true", help="pre-train again instead of using the cached base")
     p.add_argument("--quick", action="store_true", help="a few steps of everything (for tests)")

@@ -1,8 +1,10 @@
 """`tinytune demo`: the whole fine-tuning story offline, on a tiny model, in a minute or two on a CPU.
 
 1. a base model: `llama-tiny` with a character tokenizer, pre-trained (all parameters) with `fit` on
-   generated Alpaca-formatted string tasks (copy a word, capitals, the next letter of one letter...), cached under $TINYTUNE_CACHE (default ~/.cache/tinytune);
-2. a task it has not seen: replace each letter by the next one (Alpaca template, `load_instructions`);
+   generated instruction records (repeat a word, capitals, the next letter of one letter...), cached under
+   $TINYTUNE_CACHE (default ~/.cache/tinytune);
+2. a task it has not seen: replace each letter of a word by the next one (`load_instructions` with the
+   demo's compact `InstructionTemplate`, loss on the response only);
 3. exact match (greedy `tt.generate`) on held-out words before and after a LoRA fine-tune.
 """
 from __future__ import annotations
@@ -21,7 +23,7 @@ from ..peft import count_parameters, lora, save_adapter
 from ..train import TrainConfig, fit
 from . import demo_data
 
-FULL = dict(pretrain_steps=600, docs=8000, steps=200, n_train=400, n_eval=50)
+FULL = dict(pretrain_steps=500, docs=20000, steps=150, n_train=400, n_eval=100)
 QUICK = dict(pretrain_steps=4, docs=64, steps=3, n_train=16, n_eval=4)
 MODEL = dict(hidden_size=128, intermediate_size=256, num_layers=3, num_heads=4, num_kv_heads=2)
 
@@ -29,7 +31,7 @@ MODEL = dict(hidden_size=128, intermediate_size=256, num_layers=3, num_heads=4, 
 def cache_dir(quick: bool) -> Path:
     """Where the pre-trained base lives: $TINYTUNE_CACHE or ~/.cache/tinytune, then demo-base[-quick]."""
     root = Path(os.environ.get("TINYTUNE_CACHE") or Path.home() / ".cache" / "tinytune")
-    return root / ("demo-base-v2-quick" if quick else "demo-base-v2")
+    return root / ("demo-base-v3-quick" if quick else "demo-base-v3")
 
 
 def pretrain(where: Path, sizes: dict, out=print):
@@ -38,11 +40,11 @@ def pretrain(where: Path, sizes: dict, out=print):
     model = build("llama-tiny", vocab_size=tok.vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0, **MODEL)
     with tempfile.TemporaryDirectory() as tmp:  # scored on the responses: that is where the skills are
         text = demo_data.write_jsonl(Path(tmp) / "pretrain.jsonl", demo_data.pretraining_records(sizes["docs"]))
-        rows = ttdata.load_instructions(text, tok, "alpaca")
+        rows = ttdata.load_instructions(text, tok, demo_data.TEMPLATE)
     out(f"pre-training the base model ({count_parameters(model).total:,} parameters, all trained) for "
         f"{sizes['pretrain_steps']} steps on {len(rows)} generated examples of {len(demo_data.PRETRAIN_TASKS) + 1} "
-        f"string tasks (about 2 min on 2 CPU cores, once)")
-    cfg = TrainConfig(lr=3e-3, steps=sizes["pretrain_steps"], batch_size=16, warmup_steps=20 if sizes["pretrain_steps"] > 40 else 0,
+        f"string tasks (about 20 s on 2 CPU cores, once)")
+    cfg = TrainConfig(lr=3e-3, steps=sizes["pretrain_steps"], batch_size=32, warmup_steps=20 if sizes["pretrain_steps"] > 40 else 0,
                       schedule="cosine", log_every=50, seed=0)
     history = fit(model, rows, cfg)
     out(f"pre-training loss {history.losses[0]:.3f} -> {history.losses[-1]:.3f}, {history.tokens_per_s:,.0f} tokens/s")
@@ -62,7 +64,7 @@ def base_model(sizes: dict, use_cache: bool, quick: bool, out=print):
 @torch.no_grad()
 def predictions(model, tok, records: list[dict]) -> list[str]:
     """Greedy answers to each record's prompt (batched by prompt length, so no padding is needed)."""
-    prompts = [tok.encode(ttdata.ALPACA.prompt(r["instruction"], r["input"])) for r in records]
+    prompts = [tok.encode(demo_data.TEMPLATE.prompt(r["instruction"], r["input"])) for r in records]
     groups = defaultdict(list)
     for i, ids in enumerate(prompts):
         groups[len(ids)].append(i)
@@ -91,9 +93,9 @@ def run_demo(steps: int | None = None, out: str | None = None, use_cache: bool =
     train, held_out = demo_data.shift_task(sizes["n_train"], sizes["n_eval"])
     train_file = demo_data.write_jsonl(out_dir / "data" / "shift_train.jsonl", train)
     demo_data.write_jsonl(out_dir / "data" / "shift_eval.jsonl", held_out)
-    examples = ttdata.load_instructions(train_file, tok, "alpaca")
+    examples = ttdata.load_instructions(train_file, tok, demo_data.TEMPLATE)
     print_fn(f"\ntask: {demo_data.TASK!r} ({len(examples)} training words, {len(held_out)} held-out words, "
-             f"Alpaca template)")
+             f"template {demo_data.TEMPLATE.prompt_input!r})")
     before, _ = exact_match(model, tok, held_out)
     print_fn(f"exact match before fine-tuning: {before:.0%}")
     lora.apply(model, lora.LoraConfig(rank=16, alpha=32, dropout=0.0, targets="all-linear"))

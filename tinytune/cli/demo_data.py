@@ -11,22 +11,27 @@ from pathlib import Path
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors
 
-from ..data import ALPACA
+from ..data import InstructionTemplate
 from ..models import Tokenizer
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0..3
 CHARS = ["\n"] + [chr(c) for c in range(32, 127)]  # newline + printable ASCII
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
-TASK = "Replace each letter by the next one in the alphabet."
-WORD_LEN = 4  # every word has 4 letters: copying is then attention at one fixed distance, quick to learn
-NEXT_LETTER = "Write the letter that comes after this one in the alphabet."
-# Pre-training teaches the template, copying a word, mapping letters (capitals) and the successor of a single
+# A compact instruction format: "Shift letters: abcd\n" then the response. A long preamble (Alpaca's ~200
+# characters) leaves ~3% of each example scored, and a 0.5M-parameter model then never learns to copy in
+# a few minutes (measured: answer loss stuck at ~2.5 nats after 600 steps); with this format it copies
+# exactly after 500 steps.
+TEMPLATE = InstructionTemplate("demo", prompt_input="{instruction} {input}\n", prompt_no_input="{instruction}\n")
+TASK = "Shift letters:"
+WORD_LEN = 4  # every word has 4 letters
+NEXT_LETTER = "Next letter:"
+# Pre-training teaches the format, copying a word, mapping letters (capitals) and the successor of a single
 # letter; applying the successor to every letter of a word (a->b, ..., z->a) is left to the LoRA fine-tune.
 PRETRAIN_TASKS = {
-    "Repeat the word.": lambda w: w,
-    "Write the word in capital letters.": lambda w: w.upper(),
-    "Write the first letter of the word.": lambda w: w[0],
-    "Write the word twice.": lambda w: f"{w} {w}",
+    "Repeat:": lambda w: w,
+    "Capitals:": lambda w: w.upper(),
+    "First letter:": lambda w: w[0],
+    "Twice:": lambda w: f"{w} {w}",
 }
 
 
@@ -50,15 +55,16 @@ def random_words(n: int, seed: int, min_len: int = WORD_LEN, max_len: int = WORD
 
 
 def next_letter(c: str) -> str:
+    """The letter after `c` (z wraps to a)."""
     return LETTERS[(LETTERS.index(c) + 1) % 26]
 
 
 def pretraining_records(n_docs: int, seed: int = 1) -> list[dict]:
-    """Records `{"instruction", "input", "output"}` of the pre-training tasks (1 in 6: the next letter)."""
-    rng, words = random.Random(seed), random_words(max(n_docs // 2, 50), seed + 1)
+    """Records `{"instruction", "input", "output"}` of the pre-training tasks (1 in 5: the next letter)."""
+    rng, words = random.Random(seed), random_words(max(n_docs // 6, 50), seed + 1)
     records = []
     for _ in range(n_docs):
-        if rng.random() < 1 / 6:
+        if rng.random() < 1 / 5:
             c = rng.choice(LETTERS)
             records.append({"instruction": NEXT_LETTER, "input": c, "output": next_letter(c)})
             continue
@@ -66,11 +72,6 @@ def pretraining_records(n_docs: int, seed: int = 1) -> list[dict]:
         word = rng.choice(words)
         records.append({"instruction": instruction, "input": word, "output": fn(word)})
     return records
-
-
-def pretraining_text(n_docs: int, seed: int = 1) -> list[str]:
-    """The pre-training records as Alpaca-formatted plain text."""
-    return [ALPACA.render(r["instruction"], r["input"], r["output"]) for r in pretraining_records(n_docs, seed)]
 
 
 def shift(word: str) -> str:
@@ -87,6 +88,7 @@ def shift_task(n_train: int, n_eval: int, seed: int = 7) -> tuple[list[dict], li
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:
+    """Write `records` one JSON object per line (directories created); returns `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     return path
