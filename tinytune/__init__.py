@@ -6,15 +6,18 @@
 """
 from . import data, lora, models, ops, peft, train
 from .models import generate, load_pretrained, save_pretrained
-from .peft import ParameterCount, count_parameters, load_adapter, save_adapter
+from .peft import ParameterCount, adapter, count_parameters, freeze, ia3, load_adapter, save_adapter
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ParameterCount",
+    "adapter",
     "count_parameters",
     "data",
+    "freeze",
     "generate",
+    "ia3",
     "load_adapter",
     "load_pretrained",
     "lora",

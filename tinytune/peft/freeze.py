@@ -1,0 +1,388 @@
+"""Selective fine-tuning: train a chosen subset of a model's own parameters, add nothing.
+
+    freeze.freeze(model)                              # every parameter frozen
+    freeze.unfreeze(model, ["lm_head"])               # same matching rules as LoRA targets
+    freeze.bitfit(model)                              # biases only (Ben Zaken et al., 2021)
+    freeze.apply(model, freeze.FreezeConfig(mode="last_blocks", n_blocks=2))
+
+Nothing is wrapped or swapped: the only state is each parameter's `requires_grad`. The "state dict"
+of the method is therefore the trainable parameters themselves, under their model names.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+
+from ._targets import TargetSpec, find_targets, output_heads, validate_spec
+
+__all__ = [
+    "FreezeConfig", "MODES", "freeze", "unfreeze", "bitfit", "norms_only", "last_blocks", "embeddings_and_head",
+    "apply", "state_dict", "load_state_dict", "peft_config_dict", "apply_peft_config", "is_norm", "find_blocks",
+]
+
+MODES = ("bitfit", "norms", "last_blocks", "embeddings", "targets")
+PEFT_TYPE = "FREEZE"  # not a peft.PeftType: PEFT has no selective fine-tuning method
+
+# Norm layers whose class names do not end in "Norm" (BatchNorm1d, ...) plus the common ones, by type.
+_NORM_TYPES = tuple(
+    t for t in (
+        nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, getattr(nn, "RMSNorm", None),
+        nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+        nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
+    ) if t is not None
+)
+_NORM_NAME = re.compile(r"Norm(\d[dD])?$")  # LlamaRMSNorm, T5LayerNorm, LazyBatchNorm2d, ...
+
+
+@dataclass
+class FreezeConfig:
+    """What `apply` trains. Validated on construction (ValueError naming the field).
+
+    Attributes:
+        mode: "bitfit" (biases), "norms" (normalisation layers), "last_blocks" (the last
+            `n_blocks` entries of the block list), "embeddings" (nn.Embedding modules and the
+            output head) or "targets" (the modules `targets` matches).
+        targets: for mode="targets" only: module names (equal, or a dotted suffix), a regex
+            (`re.fullmatch`), "all-linear" or a callable `(name, module) -> bool`.
+        n_blocks: for mode="last_blocks" only: how many blocks, counted from the end (>= 1).
+        blocks: for mode="last_blocks" only: dotted name of the block list; None auto-detects it.
+    """
+
+    mode: str = "bitfit"
+    targets: TargetSpec = None
+    n_blocks: int | None = None
+    blocks: str | None = None
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"unknown FreezeConfig.mode={self.mode!r}; expected one of {', '.join(map(repr, MODES))}")
+        if isinstance(self.targets, tuple):
+            self.targets = list(self.targets)
+        if self.mode == "targets":
+            if self.targets is None:
+                raise ValueError("FreezeConfig.targets is None but mode='targets' needs module names, a regex, "
+                                 "'all-linear' or a callable")
+            validate_spec(self.targets, "FreezeConfig.targets")
+        elif self.targets is not None:
+            raise ValueError(f"FreezeConfig.targets={self.targets!r} is only used with mode='targets', not {self.mode!r}")
+        if self.mode == "last_blocks":
+            _check_n(self.n_blocks, "FreezeConfig.n_blocks")
+            if self.blocks is not None and (not isinstance(self.blocks, str) or not self.blocks):
+                raise ValueError(f"FreezeConfig.blocks must be a dotted module name or None, got {self.blocks!r}")
+        else:
+            for field in ("n_blocks", "blocks"):
+                if getattr(self, field) is not None:
+                    raise ValueError(f"FreezeConfig.{field}={getattr(self, field)!r} is only used with "
+                                     f"mode='last_blocks', not {self.mode!r}")
+
+
+def _check_n(n, field: str) -> None:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"{field} must be an integer >= 1, got {field.rpartition('.')[2]}={n!r}")
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Freeze every parameter of `model` (requires_grad=False), in place.
+
+    Returns: model (so calls chain: `unfreeze(freeze(model), ["lm_head"])`).
+    """
+    model.requires_grad_(False)
+    return model
+
+
+def _owners(found: Iterable[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """The matches that hold at least one parameter (a ReLU or a rotary cache has nothing to train)."""
+    return [(n, m) for n, m in found if next(m.parameters(), None) is not None]
+
+
+def _parameter_modules(model: nn.Module, limit: int = 12) -> str:
+    """Names of modules that hold parameters directly, for error messages."""
+    names = [n for n, m in model.named_modules() if n and next(m.parameters(recurse=False), None) is not None]
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return (shown + (f" ... and {len(names) - limit} more" if len(names) > limit else "")) if names else "(none)"
+
+
+def _set_trainable(modules: list[tuple[str, nn.Module]]) -> list[str]:
+    for _, module in modules:
+        module.requires_grad_(True)
+    return [name for name, _ in modules]
+
+
+def _match(model: nn.Module, targets: TargetSpec, exclude: TargetSpec, what: str) -> list[tuple[str, nn.Module]]:
+    """Matched modules that own parameters, or ValueError naming the targets and what exists."""
+    if targets is None:
+        raise ValueError(f"{what}: targets is None; give module names, a regex, 'all-linear' or a callable")
+    validate_spec(targets, f"{what} targets")
+    validate_spec(exclude, f"{what} exclude")
+    found = find_targets(model, targets, exclude)
+    owners = _owners(found)
+    if not owners:
+        why = (f"matched only modules without parameters ({[n for n, _ in found][:8]})" if found
+               else "matched no module")
+        raise ValueError(
+            f"{what}: targets {targets!r} (exclude={exclude!r}) {why} of {type(model).__name__}; "
+            f"modules with parameters that exist: {_parameter_modules(model)}"
+        )
+    return owners
+
+
+def unfreeze(model: nn.Module, targets: TargetSpec, exclude: TargetSpec = None) -> list[str]:
+    """Make every parameter of the modules `targets` matches trainable (others are left as they are).
+
+    Matching follows LoRA's rules exactly (tinytune/peft/_targets.py): a list of names (equal, or a
+    dotted suffix), a regex (`re.fullmatch` on the dotted name), "all-linear" (every nn.Linear but
+    the output head) or a callable `(name, module) -> bool`. Combine with `freeze` for "only these".
+
+    Args:
+        model: any nn.Module, changed in place.
+        targets: which modules to train.
+        exclude: modules to leave alone, by the same rules.
+
+    Returns:
+        The dotted names of the matched modules that hold parameters, in model order.
+
+    Raises:
+        ValueError: a malformed spec, or nothing with parameters matched (the message lists module
+            names that exist). Nothing is changed when it raises.
+    """
+    return _set_trainable(_match(model, targets, exclude, "unfreeze"))
+
+
+def bitfit(model: nn.Module) -> list[str]:
+    """BitFit: freeze everything, then train every parameter called `bias` (norm biases included).
+
+    Returns:
+        The names of the bias parameters made trainable, in model order.
+
+    Raises:
+        ValueError: the model has no bias parameters (nothing is frozen then).
+    """
+    biases = [(n, p) for n, p in model.named_parameters() if n.rpartition(".")[2] == "bias"]
+    if not biases:
+        raise ValueError(f"bitfit: {type(model).__name__} has no bias parameters, so BitFit would train nothing; "
+                         "use norms_only, last_blocks or unfreeze instead")
+    freeze(model)
+    for _, p in biases:
+        p.requires_grad_(True)
+    return [n for n, _ in biases]
+
+
+def is_norm(module: nn.Module) -> bool:
+    """Returns: whether `module` is a normalisation layer: a torch norm type (LayerNorm, GroupNorm,
+    RMSNorm, BatchNorm*, InstanceNorm*, ...) or a class named like `...Norm` / `...Norm2d`."""
+    return isinstance(module, _NORM_TYPES) or _NORM_NAME.search(type(module).__name__) is not None
+
+
+def norms_only(model: nn.Module) -> list[str]:
+    """Freeze everything, then train the normalisation layers (LayerNorm, RMSNorm, GroupNorm, ...).
+
+    Returns:
+        The names of the norm modules made trainable (those with parameters), in model order.
+
+    Raises:
+        ValueError: the model has no norm layer with parameters (nothing is frozen then).
+    """
+    found = _owners((n, m) for n, m in model.named_modules() if n and is_norm(m))
+    if not found:
+        raise ValueError(f"norms_only: {type(model).__name__} has no normalisation layer with parameters; "
+                         f"modules with parameters that exist: {_parameter_modules(model)}")
+    freeze(model)
+    return _set_trainable(found)
+
+
+def _block_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """Non-empty nn.ModuleLists whose entries all have one type, outermost only (so a per-block
+    list of experts or heads never wins over the list of blocks that holds it)."""
+    lists = [(n, m) for n, m in model.named_modules()
+             if isinstance(m, nn.ModuleList) and len(m) and len({type(b) for b in m}) == 1]
+    return [(n, m) for n, m in lists if not any(n.startswith(other + ".") for other, _ in lists if other and other != n)]
+
+
+def find_blocks(model: nn.Module, blocks: str | None = None) -> tuple[str, nn.Module]:
+    """The model's list of blocks: the dotted name `blocks`, or the longest outermost nn.ModuleList
+    of identical-type modules (ties: the one with more parameters, then the first).
+
+    Returns:
+        (dotted name, the nn.ModuleList / nn.Sequential).
+
+    Raises:
+        ValueError: `blocks` names no module, or no candidate list exists (message lists the lists found).
+        TypeError: `blocks` names a module that is not an nn.ModuleList / nn.Sequential.
+    """
+    candidates = _block_lists(model)
+    if blocks is None:
+        if not candidates:
+            raise ValueError(f"last_blocks: {type(model).__name__} has no nn.ModuleList of identical blocks; "
+                             "pass blocks='<dotted name of the block list>'")
+        return max(candidates, key=lambda c: (len(c[1]), sum(p.numel() for p in c[1].parameters())))
+    try:
+        found = model.get_submodule(blocks)
+    except AttributeError:
+        raise ValueError(f"last_blocks: blocks={blocks!r} names no module of {type(model).__name__}; block lists "
+                         f"that exist: {[n for n, _ in candidates] or '(none)'}") from None
+    if not isinstance(found, (nn.ModuleList, nn.Sequential)):
+        raise TypeError(f"last_blocks: blocks={blocks!r} is a {type(found).__name__}; expected an nn.ModuleList "
+                        "or nn.Sequential of blocks")
+    return blocks, found
+
+
+def last_blocks(model: nn.Module, n: int, blocks: str | None = None) -> list[str]:
+    """Freeze everything, then train the last `n` entries of the model's block list.
+
+    Args:
+        model: any nn.Module, changed in place.
+        n: how many blocks, counted from the end (1 <= n <= number of blocks).
+        blocks: dotted name of the block list (an nn.ModuleList or nn.Sequential); None picks the
+            longest outermost nn.ModuleList whose entries share one type (`find_blocks`).
+
+    Returns:
+        The dotted names of the blocks made trainable, e.g. ["model.layers.1"].
+
+    Raises:
+        ValueError: n is not an integer in [1, number of blocks] (the message names both), or no
+            block list is found. Nothing is changed when it raises.
+        TypeError: `blocks` names a module that is not a list of blocks.
+    """
+    name, block_list = find_blocks(model, blocks)
+    count = len(block_list)
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= count:
+        raise ValueError(f"last_blocks: n={n!r} must be an integer between 1 and the number of blocks in "
+                         f"{name!r}, which is {count}")
+    prefix = name + "." if name else ""
+    chosen = [(f"{prefix}{i}", block_list[i]) for i in range(count - n, count)]
+    freeze(model)
+    return _set_trainable(chosen)
+
+
+def embeddings_and_head(model: nn.Module) -> list[str]:
+    """Freeze everything, then train every nn.Embedding and the output head (a linear named like
+    `lm_head` / `output` / `classifier` / `score`, or tied to an embedding's weight).
+
+    Returns:
+        The dotted names of the modules made trainable, in model order.
+
+    Raises:
+        ValueError: the model has neither (nothing is frozen then).
+    """
+    heads = output_heads(model)
+    found = [(n, m) for n, m in model.named_modules() if n and (isinstance(m, nn.Embedding) or n in heads)]
+    if not found:
+        raise ValueError(f"embeddings_and_head: {type(model).__name__} has no nn.Embedding and no output head "
+                         f"(a linear named like lm_head); modules with parameters: {_parameter_modules(model)}")
+    freeze(model)
+    return _set_trainable(found)
+
+
+def apply(model: nn.Module, cfg: FreezeConfig) -> list[str]:
+    """Freeze everything in `model`, then make trainable what `cfg.mode` selects.
+
+    Returns:
+        What the mode's function returns: bias parameter names for "bitfit", module names otherwise.
+
+    Raises:
+        TypeError: `cfg` is not a FreezeConfig.
+        ValueError / TypeError: as the mode's function (`bitfit`, `norms_only`, `last_blocks`,
+            `embeddings_and_head`, `unfreeze`). Nothing is changed when it raises.
+    """
+    if not isinstance(cfg, FreezeConfig):
+        raise TypeError(f"apply expects a freeze.FreezeConfig, got {type(cfg).__name__}")
+    if cfg.mode == "bitfit":
+        return bitfit(model)
+    if cfg.mode == "norms":
+        return norms_only(model)
+    if cfg.mode == "last_blocks":
+        return last_blocks(model, cfg.n_blocks, cfg.blocks)
+    if cfg.mode == "embeddings":
+        return embeddings_and_head(model)
+    found = _match(model, cfg.targets, None, "apply")  # validate before freezing: all or nothing
+    freeze(model)
+    return _set_trainable(found)
+
+
+def _trainable(model: nn.Module) -> dict[str, torch.Tensor]:
+    # named_parameters lists a tied parameter once, under its first name
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Returns: the trainable parameters under their model names (`model.named_parameters()`; a tied
+    parameter once, under its first name), detached, not copied."""
+    return {n: p.detach() for n, p in _trainable(model).items()}
+
+
+def load_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], strict: bool = True) -> tuple[list[str], list[str]]:
+    """Copy `sd` into the model's trainable parameters (apply the same selection first).
+
+    Returns:
+        (missing, unexpected) key lists (both empty under strict=True).
+
+    Raises:
+        ValueError: nothing in the model is trainable; a key is mis-shaped; with strict, a key is
+            missing or unexpected (a key naming a frozen parameter is unexpected, and says so). Each
+            message names the keys. Nothing is copied when it raises.
+    """
+    params = _trainable(model)
+    if not params:
+        raise ValueError(f"load_state_dict: every parameter of {type(model).__name__} is frozen; "
+                         "apply the same freeze selection first")
+    missing = sorted(set(params) - set(sd))
+    unexpected = sorted(set(sd) - set(params))
+    frozen = {n for n, _ in model.named_parameters()} & set(unexpected)
+    problems = []
+    if strict and missing:
+        problems.append(f"missing keys: {missing}")
+    if strict and unexpected:
+        note = f" ({sorted(frozen)} are frozen in this model)" if frozen else ""
+        problems.append(f"unexpected keys: {unexpected}{note}")
+    shapes = [f"{k}: given {tuple(sd[k].shape)} vs model {tuple(p.shape)}"
+              for k, p in params.items() if k in sd and sd[k].shape != p.shape]
+    if shapes:
+        problems.append(f"mis-shaped keys: {shapes}")
+    if problems:
+        raise ValueError("cannot load the freeze state dict; " + "; ".join(problems))
+    with torch.no_grad():
+        for key, param in params.items():
+            if key in sd:
+                param.copy_(sd[key].to(device=param.device, dtype=param.dtype))
+    return missing, unexpected
+
+
+def peft_config_dict(model: nn.Module) -> dict:
+    """An adapter_config.json for the PEFT layout: `peft_type` "FREEZE" (PEFT has none) and the
+    exact names of the trainable parameters, which `apply_peft_config` restores.
+
+    Raises:
+        ValueError: nothing in the model is trainable.
+    """
+    names = list(_trainable(model))
+    if not names:
+        raise ValueError(f"peft_config_dict: every parameter of {type(model).__name__} is frozen; nothing to save")
+    return {"peft_type": PEFT_TYPE, "task_type": None, "trainable_parameters": names,
+            "base_model_name_or_path": None, "inference_mode": True}
+
+
+def apply_peft_config(model: nn.Module, config: dict) -> list[str]:
+    """Freeze everything, then make trainable exactly the parameters `config` (from
+    `peft_config_dict`) names. Returns those names.
+
+    Raises:
+        ValueError: the peft_type is not "FREEZE", the list is missing, or it names a parameter the
+            model lacks (named in the message). Nothing is changed when it raises.
+    """
+    if config.get("peft_type") != PEFT_TYPE:
+        raise ValueError(f"apply_peft_config: peft_type={config.get('peft_type')!r}; expected {PEFT_TYPE!r}")
+    names = config.get("trainable_parameters")
+    if not isinstance(names, list) or not names:
+        raise ValueError(f"apply_peft_config: trainable_parameters must be a non-empty list of names, got {names!r}")
+    params = dict(model.named_parameters())
+    unknown = [n for n in names if n not in params]
+    if unknown:
+        raise ValueError(f"apply_peft_config: {type(model).__name__} has no parameters {unknown[:8]}")
+    freeze(model)
+    for name in names:
+        params[name].requires_grad_(True)
+    return list(names)

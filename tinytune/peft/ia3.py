@@ -1,0 +1,397 @@
+"""(IA)^3 (Liu et al., 2022): learned vectors that rescale activations, in Hugging Face PEFT's format.
+
+    cfg = ia3.IA3Config(targets=["k_proj", "v_proj", "down_proj"], feedforward=["down_proj"])
+    names = ia3.apply(model, cfg)          # swaps modules in place, freezes everything else
+
+For a wrapped `nn.Linear` with weight W (out x in) and bias b:
+    non-feedforward target:  y = (x W^T + b) * l      l = ia3_l: (out, 1), the bias is scaled too
+    feedforward target:      y = (x * l) W^T + b      l = ia3_l: (1, in),  the bias is not
+The shapes, the maths (bias included) and the state-dict keys `base_model.model.<path>.ia3_l` are PEFT's,
+so adapters move between tinytune and `peft` unchanged.
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+import torch.nn as nn
+
+from ._targets import (
+    ALL_LINEAR, TargetSpec, describe_candidates, find_targets, get_parent, matches, output_heads, replace_module,
+    validate_spec,
+)
+from .lora import _guard_fused_fast_paths  # the nn.TransformerEncoderLayer fast-path guard, shared with LoRA
+from .lora_layers import LORA_LAYER_TYPES, adapter_dtype
+
+__all__ = [
+    "IA3Config", "IA3Linear", "apply", "merge", "unmerge", "merge_and_unload", "disabled", "state_dict",
+    "load_state_dict", "ia3_layers", "peft_config_dict", "config_from_peft",
+]
+
+PEFT_PREFIX = "base_model.model."
+PEFT_TYPE = "IA3"
+
+
+@dataclass
+class IA3Config:
+    """What `apply` does. Validated on construction (ValueError naming the field).
+
+    Attributes:
+        targets: which nn.Linear modules get a vector: a list of names (equal, or a dotted suffix),
+            a regex (`re.fullmatch` on the dotted name), "all-linear" or a callable `(name, module) -> bool`.
+        feedforward: which of the targets scale their input instead of their output, by the same
+            rules; in the list form it must be a subset of a list of `targets`. None: no target is.
+        exclude: modules to leave alone, by the same rules.
+        init_ones: start every vector at 1, so the model equals its base (PEFT's `init_ia3_weights`);
+            False draws N(0, 1) as PEFT does (discouraged).
+    """
+
+    targets: TargetSpec = ("k_proj", "v_proj", "down_proj")
+    feedforward: TargetSpec = ("down_proj",)
+    exclude: TargetSpec = None
+    init_ones: bool = True
+
+    def __post_init__(self):
+        for field in ("targets", "feedforward", "exclude"):
+            if isinstance(getattr(self, field), (tuple, set, frozenset)):
+                setattr(self, field, list(getattr(self, field)))
+            validate_spec(getattr(self, field), f"IA3Config.{field}")
+        if self.targets is None:
+            raise ValueError("IA3Config.targets is None; give module names, a regex, 'all-linear' or a callable")
+        if not isinstance(self.init_ones, bool):
+            raise ValueError(f"IA3Config.init_ones must be True or False, got init_ones={self.init_ones!r}")
+        if isinstance(self.targets, list) and isinstance(self.feedforward, list):
+            extra = [f for f in self.feedforward if f not in self.targets]
+            if extra:  # PEFT's rule: a feedforward module must also be a target
+                raise ValueError(f"IA3Config.feedforward entries {extra!r} are not in targets {self.targets!r}; "
+                                 "feedforward must be a subset of targets")
+
+
+class IA3Linear(nn.Module):
+    """An `nn.Linear` whose output (or, for a feedforward layer, input) is scaled by a learned vector.
+
+    Args:
+        base: the `nn.Linear` to wrap; kept as `.base` (the same object, weights shared) and frozen.
+        feedforward: scale the input, `base(x * l)` with `ia3_l` (1, in); otherwise scale the
+            output, `base(x) * l` with `ia3_l` (out, 1).
+        init_ones: `ia3_l` starts at 1 (the layer equals its base); False: N(0, 1).
+
+    `ia3_l` is fp32 for a bf16/fp16 base (PEFT would cast it to the base dtype), else the base dtype.
+
+    Raises:
+        TypeError: `base` is not an nn.Linear.
+    """
+
+    def __init__(self, base: nn.Linear, feedforward: bool, init_ones: bool = True):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"IA3Linear wraps an nn.Linear, got {type(base).__name__}")
+        self.base = base
+        self.feedforward = bool(feedforward)
+        self.merged = False
+        self._disabled = False  # set only by tinytune.peft.ia3.disabled()
+        base.requires_grad_(False)
+        shape = (1, base.in_features) if self.feedforward else (base.out_features, 1)
+        factory = {"dtype": adapter_dtype(base.weight.dtype), "device": base.weight.device}
+        self.ia3_l = nn.Parameter(torch.ones(shape, **factory))
+        if not init_ones:
+            with torch.no_grad():
+                self.ia3_l.normal_()  # PEFT's init_ia3_weights=False keeps torch.randn
+
+    in_features = property(lambda self: self.base.in_features)
+    out_features = property(lambda self: self.base.out_features)
+    weight = property(lambda self: self.base.weight, doc="The base weight.")
+    bias = property(lambda self: self.base.bias, doc="The base bias.")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged or self._disabled:
+            return self.base(x)
+        scale = self.ia3_l.flatten()  # (in,) or (out,): broadcasts over the last dim
+        if self.feedforward:
+            # as PEFT: scale in the vector's dtype, then back to the input's dtype for the base
+            return self.base((x.to(scale.dtype) * scale).to(x.dtype))
+        out = self.base(x)  # (..., out): includes the bias, which is scaled too (PEFT)
+        return (out * scale).to(out.dtype)
+
+    @torch.no_grad()
+    def _rescale(self, op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+        """Apply `op(tensor, l)` to the base weight, and to the bias for an output-scaling layer."""
+        weight, l = self.base.weight, self.ia3_l
+        weight.copy_(op(weight, l).to(weight.dtype))  # (out, in) with (out, 1) rows or (1, in) columns
+        bias = self.base.bias
+        if not self.feedforward and bias is not None:
+            bias.copy_(op(bias, l.reshape(bias.shape)).to(bias.dtype))
+
+    def merge(self) -> None:
+        """Fold `ia3_l` into the base weight (and bias, for output scaling); a second call does nothing.
+
+        Raises:
+            ValueError: `ia3_l` has a zero entry, which `unmerge` could not divide out.
+        """
+        if self.merged:
+            return
+        if bool((self.ia3_l == 0).any()):
+            raise ValueError("IA3Linear.merge: ia3_l has zero entries, so unmerge could not undo the merge; "
+                             "use merge_and_unload for a one-way merge")
+        self._rescale(torch.mul)
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Divide `ia3_l` out again (exact up to rounding; PEFT adds 1e-8 to l, we do not). Safe twice."""
+        if not self.merged:
+            return
+        self._rescale(torch.div)
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"feedforward={self.feedforward}, ia3_l={tuple(self.ia3_l.shape)}, merged={self.merged}"
+
+
+def ia3_layers(model: nn.Module) -> Iterator[tuple[str, IA3Linear]]:
+    """Yields: the (name, layer) pairs of every (IA)^3 layer in `model`, in model order."""
+    for name, module in model.named_modules():
+        if isinstance(module, IA3Linear):
+            yield name, module
+
+
+def _check_target(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Raise if `module` cannot take (IA)^3 (already has it, wrong type, its weight read directly)."""
+    parent, _ = get_parent(model, name)
+    if isinstance(module, IA3Linear) or isinstance(parent, IA3Linear):
+        owner = name if isinstance(module, IA3Linear) else name.rpartition(".")[0]
+        raise ValueError(f"module {owner!r} already has (IA)^3; call merge_and_unload first to apply it again")
+    if isinstance(parent, (nn.MultiheadAttention, *LORA_LAYER_TYPES)):
+        raise TypeError(f"cannot put (IA)^3 on {name!r}: its parent {type(parent).__name__} reads the weight "
+                        "directly instead of calling the module, so the vector would be silently ignored")
+    if not isinstance(module, nn.Linear):
+        raise TypeError(f"module {name!r} matched the (IA)^3 targets but is a {type(module).__name__}; "
+                        "(IA)^3 here supports nn.Linear")
+
+
+def apply(model: nn.Module, cfg: IA3Config) -> list[str]:
+    """Wrap every module of `model` that `cfg.targets` matches in an `IA3Linear`, in place.
+
+    Every other parameter is frozen; only the `ia3_l` vectors train. Nothing is changed unless
+    every match can be wrapped.
+
+    Returns:
+        The dotted names of the wrapped modules, in model order.
+
+    Raises:
+        TypeError: `cfg` is not an IA3Config; a matched module is not an nn.Linear, or its parent
+            reads its weight directly (nn.MultiheadAttention, a LoRA layer).
+        ValueError: nothing matched (the message lists module names that exist), or a matched
+            module already has (IA)^3.
+    """
+    if not isinstance(cfg, IA3Config):
+        raise TypeError(f"apply expects an ia3.IA3Config, got {type(cfg).__name__}")
+    found = find_targets(model, cfg.targets, cfg.exclude)
+    if cfg.targets == ALL_LINEAR:  # quietly leave out linears a parent reads directly
+        found = [(n, m) for n, m in found if not isinstance(get_parent(model, n)[0], nn.MultiheadAttention)]
+    if not found:
+        raise ValueError(f"(IA)^3 targets {cfg.targets!r} (exclude={cfg.exclude!r}) matched no module of "
+                         f"{type(model).__name__}; linear modules that exist: {describe_candidates(model, (nn.Linear,))}")
+    for name, module in found:
+        _check_target(model, name, module)
+    heads = output_heads(model) if cfg.feedforward == ALL_LINEAR else set()
+    feedforward = [matches(name, module, cfg.feedforward, heads) for name, module in found]
+    model.requires_grad_(False)
+    for (name, module), ff in zip(found, feedforward):
+        layer = IA3Linear(module, ff, cfg.init_ones)
+        replace_module(model, name, layer)
+        _guard_fused_fast_paths(model, name, layer)
+    return [name for name, _ in found]
+
+
+def _require_ia3(model: nn.Module, what: str) -> list[tuple[str, IA3Linear]]:
+    layers = list(ia3_layers(model))
+    if not layers:
+        raise ValueError(f"{what}: {type(model).__name__} has no (IA)^3 layers; call ia3.apply first")
+    return layers
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold every vector into its base weight (and bias, for output scaling, as PEFT). Safe twice.
+
+    Returns:
+        model.
+
+    Raises:
+        ValueError: no (IA)^3 layers, or a vector has a zero entry (named; nothing is merged then).
+    """
+    layers = _require_ia3(model, "merge")
+    zeros = [name for name, layer in layers if not layer.merged and bool((layer.ia3_l == 0).any())]
+    if zeros:
+        raise ValueError(f"merge: ia3_l of {zeros[:5]} has zero entries, so unmerge could not undo it; "
+                         "use merge_and_unload for a one-way merge")
+    for _, layer in layers:
+        layer.merge()
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Undo `merge` by dividing the vectors out (exact up to float rounding). Safe to call twice.
+
+    Returns: model.  Raises: ValueError: the model has no (IA)^3 layers.
+    """
+    for _, layer in _require_ia3(model, "unmerge"):
+        layer.unmerge()
+    return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge (one way: zero entries are allowed), then put the plain nn.Linear modules back; they stay
+    frozen, as `apply` left them.
+
+    Returns: model.  Raises: ValueError: the model has no (IA)^3 layers.
+    """
+    for name, layer in _require_ia3(model, "merge_and_unload"):
+        if not layer.merged:
+            layer._rescale(torch.mul)
+        replace_module(model, name, layer.base)
+    return model
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module):
+    """Inside the block every (IA)^3 layer computes exactly its base layer (bit for bit).
+
+    Raises:
+        RuntimeError: a layer is merged (its base weight holds the vector); call `unmerge` first.
+    """
+    layers = _require_ia3(model, "disabled")
+    merged = [name for name, layer in layers if layer.merged]
+    if merged:
+        raise RuntimeError(f"disabled(): (IA)^3 is merged into {merged[:5]}; call ia3.unmerge(model) first "
+                           "(a merged base weight cannot give the base model bit for bit)")
+    previous = [layer._disabled for _, layer in layers]
+    for _, layer in layers:
+        layer._disabled = True
+    try:
+        yield model
+    finally:
+        for (_, layer), was in zip(layers, previous):
+            layer._disabled = was
+
+
+def _parameters_by_key(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {f"{PEFT_PREFIX}{name}.ia3_l": layer.ia3_l for name, layer in ia3_layers(model)}
+
+
+def state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Returns: the vectors only, keyed `base_model.model.<module path>.ia3_l` (PEFT's), detached, not
+    copied ({} for a model without (IA)^3)."""
+    return {k: v.detach() for k, v in _parameters_by_key(model).items()}
+
+
+def load_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], strict: bool = True) -> tuple[list[str], list[str]]:
+    """Copy vectors from `sd` (PEFT key names; the `base_model.model.` prefix is optional).
+
+    Returns:
+        (missing, unexpected) key lists (both empty under strict=True).
+
+    Raises:
+        ValueError: the model has no (IA)^3; a key is mis-shaped; with strict, a key is missing or
+            unexpected. Each message names the keys. Nothing is copied when it raises.
+    """
+    _require_ia3(model, "load_state_dict")
+    params = _parameters_by_key(model)
+    given = {k if k.startswith(PEFT_PREFIX) else PEFT_PREFIX + k: v for k, v in sd.items()}
+    missing, unexpected = sorted(set(params) - set(given)), sorted(set(given) - set(params))
+    problems = [f"missing keys: {missing}"] if strict and missing else []
+    problems += [f"unexpected keys: {unexpected}"] if strict and unexpected else []
+    shapes = [f"{k}: given {tuple(given[k].shape)} vs model {tuple(p.shape)}"
+              for k, p in params.items() if k in given and given[k].shape != p.shape]
+    problems += [f"mis-shaped keys: {shapes}"] if shapes else []
+    if problems:
+        raise ValueError("cannot load the (IA)^3 state dict; " + "; ".join(problems))
+    with torch.no_grad():
+        for key, param in params.items():
+            if key in given:
+                param.copy_(given[key].to(device=param.device, dtype=param.dtype))
+    return missing, unexpected
+
+
+def _spec_for_json(spec: TargetSpec, field: str):
+    if callable(spec):
+        raise ValueError(f"peft_config_dict: {field} is a callable, which adapter_config.json cannot hold; "
+                         "use names or a regex, or pass the model to write its exact module paths")
+    return spec if spec is None or isinstance(spec, str) else list(spec)
+
+
+def _feedforward_paths(targets: list[str], feedforward: list[str]):
+    """PEFT tests list-form feedforward names with a plain `key.endswith(entry)`; when that would also
+    catch a non-feedforward path (say "xa.b" for "a.b"), write an exact regex instead."""
+    others = [t for t in targets if t not in feedforward]
+    if any(t.endswith(f) for t in others for f in feedforward):
+        return "(?:" + "|".join(re.escape(f) for f in feedforward) + ")"
+    return feedforward
+
+
+def peft_config_dict(model_or_cfg: nn.Module | IA3Config) -> dict:
+    """The adapter_config.json dict in PEFT's IA3 format.
+
+    Args:
+        model_or_cfg: a model with (IA)^3 (writes the exact module paths it holds) or an IA3Config
+            (writes its specs as given).
+
+    Returns:
+        A JSON-able dict with `peft_type` "IA3", `target_modules`, `feedforward_modules`,
+        `exclude_modules`, `fan_in_fan_out`, `init_ia3_weights`, `modules_to_save`, `task_type`, ...
+
+    Raises:
+        ValueError: the model has no (IA)^3, or a spec is a callable.
+        TypeError: the argument is neither a module nor an IA3Config.
+    """
+    if isinstance(model_or_cfg, IA3Config):
+        cfg = model_or_cfg
+        targets, exclude = _spec_for_json(cfg.targets, "targets"), _spec_for_json(cfg.exclude, "exclude")
+        feedforward = _spec_for_json(cfg.feedforward, "feedforward")
+        init = cfg.init_ones
+    elif isinstance(model_or_cfg, nn.Module):
+        layers = _require_ia3(model_or_cfg, "peft_config_dict")
+        targets, exclude, init = [n for n, _ in layers], None, True
+        feedforward = _feedforward_paths(targets, [n for n, layer in layers if layer.feedforward])
+    else:
+        raise TypeError(f"peft_config_dict expects a model or an ia3.IA3Config, got {type(model_or_cfg).__name__}")
+    return {
+        "peft_type": PEFT_TYPE, "task_type": None, "target_modules": targets,
+        "feedforward_modules": [] if feedforward is None else feedforward,  # PEFT reads None as "look it up"
+        "exclude_modules": exclude, "fan_in_fan_out": False, "init_ia3_weights": init, "modules_to_save": None,
+        "inference_mode": True, "base_model_name_or_path": None, "revision": None, "auto_mapping": None,
+    }
+
+
+_PEFT_FIELDS = {  # PeftConfig's own fields plus IA3Config's (peft 0.21); anything else is refused
+    "peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+    "inference_mode", "target_modules", "exclude_modules", "feedforward_modules", "fan_in_fan_out",
+    "modules_to_save", "init_ia3_weights",
+}
+
+
+def config_from_peft(d: dict) -> IA3Config:
+    """The IA3Config for a PEFT adapter_config.json dict (written by PEFT or by `peft_config_dict`).
+
+    `fan_in_fan_out` is accepted either way: the vectors have the same shapes and meaning for a
+    transposed (GPT-2 Conv1D) weight, and tinytune's linears are never transposed.
+
+    Raises:
+        ValueError: peft_type is not "IA3"; an unknown field; `target_modules` missing (tinytune
+            keeps no per-architecture defaults); non-empty `modules_to_save`. Each names the field.
+    """
+    if d.get("peft_type") != PEFT_TYPE:
+        raise ValueError(f"config_from_peft: peft_type={d.get('peft_type')!r}; expected {PEFT_TYPE!r}")
+    unknown = sorted(set(d) - _PEFT_FIELDS)
+    if unknown:
+        raise ValueError(f"config_from_peft: unknown IA3 config fields {unknown}; known: {sorted(_PEFT_FIELDS)}")
+    if d.get("target_modules") is None:
+        raise ValueError("config_from_peft: the field 'target_modules' is missing or null; tinytune has no "
+                         "per-architecture default, so the adapter must name its modules")
+    if d.get("modules_to_save"):
+        raise ValueError(f"config_from_peft: modules_to_save={d['modules_to_save']!r} is not supported")
+    as_spec = lambda v: v if v is None or isinstance(v, str) else sorted(v)  # noqa: E731 (sets from PEFT)
+    return IA3Config(targets=as_spec(d["target_modules"]), feedforward=as_spec(d.get("feedforward_modules")),
+                     exclude=as_spec(d.get("exclude_modules")), init_ones=bool(d.get("init_ia3_weights", True)))
