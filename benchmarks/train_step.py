@@ -16,9 +16,10 @@ chunked `tt.ops.linear_cross_entropy`, which never materialises the (8 x 256 x 8
 Speed: all variants live in one process; after `--warmup` rounds, `--rounds` rounds run one step of
 each variant in turn (the order rotates every round); tokens/s = 8 * 256 / median step time.
 Peak memory: a fresh subprocess per variant (`--memory-runs` of them, interleaved; the median is kept)
-loads the model, applies LoRA, resets the resident-set high-water mark (writes "5" to /proc/self/clear_refs), runs 3 steps, and reports VmHWM minus the
-resident set before the first step: the memory the training steps add on top of the loaded model
-(activations kept for backward, logits, gradients, AdamW state, allocator slack).
+loads the model, applies LoRA, resets the resident-set high-water mark (writes "5" to
+/proc/self/clear_refs), runs 3 steps, and reports VmHWM minus the resident set before the first step:
+the memory the training steps add on top of the loaded model (activations kept for backward, logits,
+gradients, AdamW state, allocator slack).
 
 Usage: python benchmarks/train_step.py [--quick] [--rounds N] [--memory-runs N] [--no-bf16] [--out PATH]
 Run it on an otherwise idle machine: the JSON records the load average before and after.
