@@ -142,10 +142,8 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's state dict with every LoRA layer folded into plain weights (model unchanged)."""
     state = {k: v.detach() for k, v in model.state_dict().items()}
     for name, layer in lora.lora_layers(model):
-        weight = state.pop(f"{name}.base.weight")
-        if not layer.merged:
-            weight = weight + layer.delta_weight().detach().to(weight.dtype)
-        state[f"{name}.weight"] = weight
+        state.pop(f"{name}.base.weight")
+        state[f"{name}.weight"] = layer.merged_weight()  # W + s B A (DoRA: rescaled); as is when merged
         if f"{name}.base.bias" in state:
             state[f"{name}.bias"] = state.pop(f"{name}.base.bias")
         for key in [k for k in state if k.startswith(f"{name}.lora_")]:

@@ -21,16 +21,28 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
 
+def _init_lora_weights(layer: nn.Module):
+    """PEFT's `init_lora_weights` for a layer's init. "pissa" matters on load: PEFT (and tinytune)
+    then take the SVD of the given base weight again and replace it by the residual, so a PiSSA
+    adapter applies to the ORIGINAL base model."""
+    return {"kaiming": True, "gaussian": "gaussian", "pissa": "pissa"}[layer.init]
+
+
 def _lora_config_dict(model: nn.Module) -> dict:
     layers = list(lora.lora_layers(model))
     first = layers[0][1]
     for name, layer in layers:
-        for field in ("rank", "alpha", "dropout", "rslora"):
+        for field in ("rank", "alpha", "dropout", "rslora", "dora"):
             if getattr(layer, field) != getattr(first, field):
                 raise ValueError(
                     f"save_adapter: LoRA layers differ in {field} ({layers[0][0]!r}: {getattr(first, field)}, "
                     f"{name!r}: {getattr(layer, field)}); the PEFT layout written here needs one value"
                 )
+        if (layer.init == "pissa") != (first.init == "pissa"):
+            raise ValueError(
+                f"save_adapter: LoRA layers differ in init ({layers[0][0]!r}: {first.init!r}, {name!r}: "
+                f"{layer.init!r}); a PiSSA adapter must be PiSSA throughout (its config says which bases to rewrite)"
+            )
     bias_trained = any(k.endswith(".bias") for k in lora.state_dict(model))
     return {
         "peft_type": "LORA",
@@ -42,8 +54,8 @@ def _lora_config_dict(model: nn.Module) -> dict:
         "use_rslora": first.rslora,
         "fan_in_fan_out": False,
         "bias": "lora_only" if bias_trained else "none",
-        "init_lora_weights": True if first.init == "kaiming" else "gaussian",
-        "use_dora": False,
+        "init_lora_weights": _init_lora_weights(first),
+        "use_dora": first.dora,
         "modules_to_save": None,
         "inference_mode": True,
         "base_model_name_or_path": None,
@@ -91,13 +103,30 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 _UNSUPPORTED = {  # PEFT config fields whose non-default values this loader cannot honour yet
-    "use_dora": (False, None),
     "fan_in_fan_out": (False, None),
     "rank_pattern": ({}, None),
     "alpha_pattern": ({}, None),
     "layers_to_transform": (None,),
     "modules_to_save": (None, []),
 }
+
+
+# inits that rewrite the base weights in ways tinytune does not reproduce: loading their A and B
+# onto an unmodified base would give a different model without a word
+_BASE_REWRITING_INITS = ("olora", "corda", "loftq", "lora_ga")
+
+
+def _init_from_peft(value, path: Path) -> str:
+    """tinytune's init for PEFT's `init_lora_weights` (only "pissa" changes what loading does)."""
+    if value in ("gaussian", "pissa"):
+        return value
+    if isinstance(value, str) and (value.startswith("pissa_niter") or value.lower() in _BASE_REWRITING_INITS):
+        raise ValueError(
+            f"load_adapter: init_lora_weights={value!r} in {path / CONFIG_NAME} is not supported: it rewrites the base "
+            "weights in a way tinytune does not reproduce (only 'pissa', the full SVD, is). Convert the adapter to "
+            "plain LoRA with PEFT (save_pretrained(..., path_initial_model_for_weight_conversion=...))"
+        )
+    return "kaiming"  # True, False, "eva", "orthogonal", ...: the file's A and B overwrite the init
 
 
 def _config_from_peft(config: dict, path: Path) -> lora.LoraConfig:
@@ -118,8 +147,9 @@ def _config_from_peft(config: dict, path: Path) -> lora.LoraConfig:
         targets=targets if isinstance(targets, str) else list(targets),
         exclude=config.get("exclude_modules"),
         rslora=bool(config.get("use_rslora", False)),
-        init="gaussian" if config.get("init_lora_weights") == "gaussian" else "kaiming",
+        init=_init_from_peft(config.get("init_lora_weights", True), path),
         train_bias=config.get("bias", "none") == "lora_only",
+        dora=bool(config.get("use_dora") or False),
     )
 
 

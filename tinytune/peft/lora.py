@@ -5,6 +5,8 @@
 
 The adapter state dict uses Hugging Face PEFT's key names
 (`base_model.model.<module path>.lora_A.weight`, ...), so files interoperate with `peft`.
+Variants: `dora=True` (DoRA), `init="pissa"` (PiSSA), and `loraplus_param_groups` (LoRA+);
+see docs/lora_variants.md.
 """
 from __future__ import annotations
 
@@ -21,15 +23,17 @@ from .lora_layers import (
     LORA_LAYER_TYPES,
     LoRAEmbedding,
     LoRALinear,
+    check_dora,
     check_hyperparameters,
     lora_scaling,
 )
+from .loraplus import loraplus_param_groups
 
 PEFT_PREFIX = "base_model.model."
 
 __all__ = [
     "LoraConfig", "LoRALinear", "LoRAEmbedding", "apply", "merge", "unmerge", "merge_and_unload",
-    "disabled", "state_dict", "load_state_dict", "lora_layers", "lora_scaling", "INITS",
+    "disabled", "state_dict", "load_state_dict", "lora_layers", "lora_scaling", "INITS", "loraplus_param_groups",
 ]
 
 
@@ -45,8 +49,15 @@ class LoraConfig:
             (`re.fullmatch` on the dotted name), "all-linear", or a callable `(name, module) -> bool`.
         exclude: modules to leave alone, by the same rules.
         rslora: rank-stabilised scaling.
-        init: "kaiming" or "gaussian" for A; B is always zero.
+        init: "kaiming" or "gaussian" for A, with B zero; or "pissa": A and B from the top-`rank`
+            singular vectors of each adapted linear weight, whose base weight is replaced in place
+            by the residual (embeddings get the "kaiming" init, as in PEFT).
         train_bias: also train the biases of the adapted layers (PEFT's bias="lora_only").
+        dora: DoRA, weight-decomposed LoRA: one extra trainable magnitude per output feature
+            (per embedding dim for embeddings), saved as PEFT's `lora_magnitude_vector`.
+
+    Raises:
+        ValueError: a bad rank, alpha, dropout, init, dora, targets or exclude (naming the field).
     """
 
     rank: int = 8
@@ -57,9 +68,11 @@ class LoraConfig:
     rslora: bool = False
     init: str = "kaiming"
     train_bias: bool = False
+    dora: bool = False
 
     def __post_init__(self):
         check_hyperparameters(self.rank, self.alpha, self.dropout, self.init)
+        check_dora(self.dora)
         if isinstance(self.targets, tuple):
             self.targets = list(self.targets)
         if self.targets is None:
@@ -123,7 +136,28 @@ def _no_op_hook(module, args):
 
 def _wrap(module: nn.Module, cfg: LoraConfig) -> LoRALinear | LoRAEmbedding:
     cls = LoRALinear if isinstance(module, nn.Linear) else LoRAEmbedding
-    return cls(module, cfg.rank, cfg.alpha, cfg.dropout, cfg.rslora, cfg.init)
+    return cls(module, cfg.rank, cfg.alpha, cfg.dropout, cfg.rslora, cfg.init, cfg.dora)
+
+
+def _check_pissa(model: nn.Module, found: list[tuple[str, nn.Module]], rank: int) -> None:
+    """PiSSA rewrites each adapted linear weight in place: refuse, before anything changes, a rank
+    the SVD cannot give and a weight another module also uses (a tied lm_head would change the
+    embedding too, and the model would no longer equal the base)."""
+    users: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor):
+            users.setdefault(id(weight), []).append(name)
+    for name, module in found:
+        if not isinstance(module, nn.Linear):
+            continue  # embeddings keep their weight under PiSSA (PEFT's behaviour)
+        if rank > min(module.in_features, module.out_features):
+            raise ValueError(f"init='pissa' needs rank <= min(in_features, out_features); {name!r} is "
+                             f"{module.in_features} -> {module.out_features}, got rank={rank}")
+        others = [n for n in users.get(id(module.weight), []) if n != name]
+        if others:
+            raise ValueError(f"init='pissa' would rewrite the weight of {name!r}, which is shared with {others}; "
+                             "exclude it or untie the weights first")
 
 
 def apply(model: nn.Module, cfg: LoraConfig) -> list[str]:
@@ -131,13 +165,16 @@ def apply(model: nn.Module, cfg: LoraConfig) -> list[str]:
 
     Every parameter that is not an adapter parameter is frozen (base biases of adapted layers stay
     trainable with `cfg.train_bias`). Nothing is changed unless every match can be adapted.
+    With `init="pissa"` the adapted linear weights are replaced by their SVD residuals (one
+    float32 SVD per layer), so `disabled()` then gives the residual model, not the original.
 
     Returns:
         The dotted names of the replaced modules, in model order.
 
     Raises:
-        ValueError: nothing matched (the message lists module names that exist), or a matched
-            module already has LoRA.
+        ValueError: nothing matched (the message lists module names that exist), a matched
+            module already has LoRA, or (PiSSA) a rank above a layer's smaller dimension or a
+            weight shared with another module.
         TypeError: a matched module is not an nn.Linear / nn.Embedding, or is read directly by
             its parent (nn.MultiheadAttention).
     """
@@ -153,6 +190,8 @@ def apply(model: nn.Module, cfg: LoraConfig) -> list[str]:
         )
     for name, module in found:
         _check_target(model, name, module)
+    if cfg.init == "pissa":
+        _check_pissa(model, found, cfg.rank)
 
     model.requires_grad_(False)
     for name, module in found:
@@ -174,6 +213,7 @@ def _require_lora(model: nn.Module, what: str) -> list[tuple[str, nn.Module]]:
 def merge(model: nn.Module) -> nn.Module:
     """Add `scaling * B A` into every adapted base weight. Safe to call twice. Returns model.
 
+    DoRA layers write `m / ||W + s B A|| * (W + s B A)` instead and keep that norm until `unmerge`.
     With a bf16/fp16 base the merged weight is rounded to that dtype (see docs/lora.md).
     """
     for _, layer in _require_lora(model, "merge"):
@@ -230,6 +270,8 @@ def _layer_tensors(name: str, layer: nn.Module) -> dict[str, torch.Tensor]:
         tensors = {f"{key}.lora_A.weight": layer.lora_A, f"{key}.lora_B.weight": layer.lora_B}
     else:
         tensors = {f"{key}.lora_embedding_A": layer.lora_embedding_A, f"{key}.lora_embedding_B": layer.lora_embedding_B}
+    if layer.dora:
+        tensors[f"{key}.lora_magnitude_vector"] = layer.lora_magnitude_vector  # PEFT's key (no ".weight")
     bias = getattr(layer.base, "bias", None)
     if bias is not None and bias.requires_grad:
         tensors[f"{key}.bias"] = bias  # train_bias=True (PEFT's bias="lora_only")
@@ -268,7 +310,10 @@ def load_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], strict: bool 
     unexpected = sorted(set(given) - set(params))
     problems = []
     if strict and missing:
-        problems.append(f"missing keys: {missing}")
+        hint = ""
+        if all(k.endswith(".lora_magnitude_vector") for k in missing):
+            hint = " (the model has DoRA layers but the weights hold no magnitude vectors: use_dora mismatch?)"
+        problems.append(f"missing keys: {missing}{hint}")
     if strict and unexpected:
         problems.append(f"unexpected keys: {unexpected}")
     shapes = [f"{k}: file {tuple(given[k].shape)} vs model {tuple(p.shape)}"

@@ -58,6 +58,9 @@ class TrainConfig:
         task: the loss: "causal_lm" (next-token cross-entropy over `labels`), "classification"
             (cross-entropy of (B, num_labels) logits against each example's int `label`) or
             "token_classification" (cross-entropy of (B, T, num_labels) logits against `labels`, no shift).
+        loraplus_lr_ratio: LoRA+ (Hayou et al., 2024): the LoRA B factors (`lora_B`,
+            `lora_embedding_B`) train at `lr * loraplus_lr_ratio`, every other parameter at `lr`
+            (the schedule scales both); None: one learning rate. Needs a model with LoRA layers.
 
     Raises:
         ValueError: naming the field, for any value out of range or not among the choices.
@@ -88,6 +91,7 @@ class TrainConfig:
     resume: str | Path | bool | None = None
     pad_token_id: int = 0
     task: str = "causal_lm"
+    loraplus_lr_ratio: float | None = None
 
     def __post_init__(self):
         self._check_numbers()
@@ -113,6 +117,10 @@ class TrainConfig:
         self.betas = tuple(float(b) for b in self.betas)
         if not self.eps > 0:
             raise ValueError(f"TrainConfig.eps must be > 0, got {self.eps!r}")
+        ratio = self.loraplus_lr_ratio
+        if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float))
+                                  or not math.isfinite(ratio) or ratio <= 0):
+            raise ValueError(f"TrainConfig.loraplus_lr_ratio must be None or a finite number > 0, got {ratio!r}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"TrainConfig.max_grad_norm must be None or > 0, got {self.max_grad_norm!r}")
 

@@ -6,6 +6,7 @@ import math
 import torch
 import torch.nn as nn
 
+from ..peft.loraplus import lora_b_parameters
 from .config import TrainConfig
 
 
@@ -36,6 +37,29 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in (decay, no_decay) if g["params"]]
 
 
+def loraplus_split(groups: list[dict], model: nn.Module, lr: float, ratio: float) -> list[dict]:
+    """LoRA+: split each group into its non-B part (at `lr`) and its LoRA B part (at `lr * ratio`).
+
+    Returns:
+        The non-B groups first (so `param_groups[0]["lr"]` is still the base rate), empty ones dropped.
+
+    Raises:
+        ValueError: `model` has no LoRA layer.
+    """
+    b_ids = {id(p) for p in lora_b_parameters(model)}
+    if not b_ids:
+        raise ValueError(f"TrainConfig.loraplus_lr_ratio is set, but {type(model).__name__} has no LoRA layers "
+                         "(apply tt.lora first, or leave loraplus_lr_ratio=None)")
+    out = []
+    for is_b in (False, True):
+        for group in groups:
+            keep = [(p, n) for p, n in zip(group["params"], group["names"]) if (id(p) in b_ids) == is_b]
+            if keep:
+                out.append({**group, "params": [p for p, _ in keep], "names": [n for _, n in keep],
+                            "lr": lr * ratio if is_b else lr})
+    return out
+
+
 def _implementation(params: list[torch.Tensor]) -> dict:
     # The fused kernel (one launch for all parameters) exists for fp32 tensors on CPU and CUDA in
     # recent torch; fall back to foreach (batched ops) and let AdamW raise nothing on other devices.
@@ -50,15 +74,18 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
 
     Args:
         model: the model, already on its device with trainable parameters in fp32.
-        cfg: lr, betas, eps and weight_decay are read.
+        cfg: lr, betas, eps, weight_decay and loraplus_lr_ratio are read.
 
     Returns:
         A `torch.optim.AdamW`; each param group carries its parameter `names` (for inspection).
 
     Raises:
-        ValueError: `model` has no trainable parameter.
+        ValueError: `model` has no trainable parameter, or `cfg.loraplus_lr_ratio` is set and it has
+            no LoRA layer.
     """
     groups = param_groups(model, cfg.weight_decay)
+    if cfg.loraplus_lr_ratio is not None:
+        groups = loraplus_split(groups, model, cfg.lr, cfg.loraplus_lr_ratio)
     params = [p for g in groups for p in g["params"]]
     if not params:
         raise ValueError(f"{type(model).__name__} has no trainable parameter to optimise")
