@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import tinytune as tt
 from conftest import TinyLM
@@ -112,3 +112,56 @@ def test_write_is_atomic_old_files_survive_a_failed_save(tmp_path, monkeypatch):
 def test_save_without_adapter_raises(tmp_path):
     with pytest.raises(ValueError, match="TinyLM has no adapter"):
         tt.save_adapter(TinyLM(), tmp_path)
+
+
+# ------------------------------------------------------------------ every method through the same files
+
+
+def _perturb(model):
+    """Move every trainable parameter off its init, so a round trip that loses them shows."""
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+
+
+METHODS = {  # peft_type written: how to apply the method to a fresh llama-tiny
+    "IA3": lambda m: tt.ia3.apply(m, tt.ia3.IA3Config()),
+    "BOTTLENECK_ADAPTER": lambda m: tt.adapter.apply(m, tt.adapter.AdapterConfig(bottleneck=8, placement="houlsby")),
+    "FREEZE": lambda m: tt.freeze.bitfit(m) if any(n.endswith("bias") for n, _ in m.named_parameters())
+    else tt.freeze.last_blocks(m, 1),
+    "LORA": lambda m: tt.lora.apply(m, tt.lora.LoraConfig(rank=4, targets="all-linear", dora=True)),
+}
+
+
+@pytest.mark.parametrize("peft_type", sorted(METHODS))
+def test_every_method_round_trips_through_adapter_files(tmp_path, peft_type):
+    ids = torch.randint(0, 256, (2, 9))
+    model = tt.models.build("llama-tiny")
+    METHODS[peft_type](model)
+    _perturb(model)
+    expected = model(ids)
+    tt.save_adapter(model, tmp_path / "a")
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["peft_type"] == peft_type
+    fresh = tt.load_adapter(tt.models.build("llama-tiny"), tmp_path / "a")  # the method is applied from the config
+    assert torch.equal(fresh(ids), expected)
+    trainable = {n for n, p in fresh.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_save_adapter_refuses_two_methods_and_full_fine_tuning(tmp_path):
+    model = tt.models.build("llama-tiny")
+    with pytest.raises(ValueError, match="every parameter is trainable .*tt.save_pretrained"):
+        tt.save_adapter(model, tmp_path / "full")
+    tt.lora.apply(model, tt.lora.LoraConfig(rank=2, targets=["q_proj"]))
+    tt.ia3.apply(model, tt.ia3.IA3Config(targets=["v_proj"], feedforward=[]))
+    with pytest.raises(ValueError, match=r"several methods \['LORA', 'IA3'\]"):
+        tt.save_adapter(model, tmp_path / "two")
+
+
+def test_load_adapter_names_an_unknown_peft_type(tmp_path):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LOHA"}))
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match=r"peft_type='LOHA'; this loader reads \['LORA', 'IA3'"):
+        tt.load_adapter(tt.models.build("llama-tiny"), tmp_path)

@@ -15,65 +15,61 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from .._files import atomic_write
-from . import lora
+from . import adapter, freeze, ia3, lora, lora_config_io
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
 
 
-def _init_lora_weights(layer: nn.Module):
-    """PEFT's `init_lora_weights` for a layer's init. "pissa" matters on load: PEFT (and tinytune)
-    then take the SVD of the given base weight again and replace it by the residual, so a PiSSA
-    adapter applies to the ORIGINAL base model."""
-    return {"kaiming": True, "gaussian": "gaussian", "pissa": "pissa"}[layer.init]
+def _methods_on(model: nn.Module) -> list[str]:
+    """The peft_type of every method applied to `model` (LoRA, IA3, bottleneck adapters)."""
+    found = {"LORA": lora.lora_layers, ia3.PEFT_TYPE: ia3.ia3_layers, adapter.PEFT_TYPE: adapter.adapter_layers}
+    return [kind for kind, layers in found.items() if any(True for _ in layers(model))]
 
 
-def _lora_config_dict(model: nn.Module) -> dict:
-    layers = list(lora.lora_layers(model))
-    first = layers[0][1]
-    for name, layer in layers:
-        for field in ("rank", "alpha", "dropout", "rslora", "dora"):
-            if getattr(layer, field) != getattr(first, field):
-                raise ValueError(
-                    f"save_adapter: LoRA layers differ in {field} ({layers[0][0]!r}: {getattr(first, field)}, "
-                    f"{name!r}: {getattr(layer, field)}); the PEFT layout written here needs one value"
-                )
-        if (layer.init == "pissa") != (first.init == "pissa"):
-            raise ValueError(
-                f"save_adapter: LoRA layers differ in init ({layers[0][0]!r}: {first.init!r}, {name!r}: "
-                f"{layer.init!r}); a PiSSA adapter must be PiSSA throughout (its config says which bases to rewrite)"
-            )
-    bias_trained = any(k.endswith(".bias") for k in lora.state_dict(model))
-    return {
-        "peft_type": "LORA",
-        "task_type": None,
-        "r": first.rank,
-        "lora_alpha": first.alpha,
-        "lora_dropout": first.dropout,
-        "target_modules": [name for name, _ in layers],  # exact paths: PEFT matches them as suffixes
-        "use_rslora": first.rslora,
-        "fan_in_fan_out": False,
-        "bias": "lora_only" if bias_trained else "none",
-        "init_lora_weights": _init_lora_weights(first),
-        "use_dora": first.dora,
-        "modules_to_save": None,
-        "inference_mode": True,
-        "base_model_name_or_path": None,
-    }
+def _selective(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Selective fine-tuning (no adapter modules): the trainable parameters themselves, "FREEZE"."""
+    flags = [p.requires_grad for p in model.parameters()]
+    if not any(flags):
+        raise ValueError(f"save_adapter: {type(model).__name__} has no adapter to save and no trainable parameter "
+                         "(apply a method first: tt.lora.apply, tt.ia3.apply, tt.adapter.apply, tt.freeze...)")
+    if all(flags):
+        raise ValueError(f"save_adapter: {type(model).__name__} has no adapter and every parameter is trainable "
+                         "(full fine-tuning): save the model with tt.save_pretrained, or freeze part of it first")
+    weights = {PEFT_PREFIX + k: v for k, v in freeze.state_dict(model).items()}
+    return freeze.peft_config_dict(model), weights
+
+
+def _adapter_files(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(adapter_config.json dict, tensors by PEFT key) for the one method on `model`."""
+    methods = _methods_on(model)
+    if len(methods) > 1:
+        raise ValueError(f"save_adapter: {type(model).__name__} carries several methods {methods}; one adapter "
+                         "directory holds one method (save them from separate models)")
+    kind = methods[0] if methods else None
+    if kind == "LORA":
+        return lora_config_io.peft_config_dict(model), lora.state_dict(model)
+    if kind == ia3.PEFT_TYPE:
+        return ia3.peft_config_dict(model), ia3.state_dict(model)
+    if kind == adapter.PEFT_TYPE:
+        return adapter.peft_config_dict(adapter.applied_config(model)), adapter.state_dict(model)
+    return _selective(model)
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write `model`'s adapter to the directory `path` (created if needed).
 
-    Files: `adapter_model.safetensors` (PEFT key names) and `adapter_config.json`. Returns the path.
+    Files: `adapter_model.safetensors` (PEFT key names) and `adapter_config.json`, for whichever method
+    the model carries: LoRA (DoRA, PiSSA), IA3, bottleneck adapters ("BOTTLENECK_ADAPTER"), or, with no
+    adapter modules but part of the model frozen, its trainable parameters ("FREEZE"). Returns the path.
 
     Raises:
-        ValueError: the model has no adapter, or its LoRA layers differ in rank/alpha/dropout.
+        ValueError: the model has no adapter (or several methods), or its LoRA layers differ in
+            rank/alpha/dropout.
     """
-    if not any(True for _ in lora.lora_layers(model)):
-        raise ValueError(f"save_adapter: {type(model).__name__} has no adapter to save (call tt.lora.apply first)")
-    config = _lora_config_dict(model)
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in lora.state_dict(model).items()}
+    config, tensors = _adapter_files(model)
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
@@ -102,72 +98,43 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(weights))
 
 
-_UNSUPPORTED = {  # PEFT config fields whose non-default values this loader cannot honour yet
-    "fan_in_fan_out": (False, None),
-    "rank_pattern": ({}, None),
-    "alpha_pattern": ({}, None),
-    "layers_to_transform": (None,),
-    "modules_to_save": (None, []),
-}
-
-
-# inits that rewrite the base weights in ways tinytune does not reproduce: loading their A and B
-# onto an unmodified base would give a different model without a word
-_BASE_REWRITING_INITS = ("olora", "corda", "loftq", "lora_ga")
-
-
-def _init_from_peft(value, path: Path) -> str:
-    """tinytune's init for PEFT's `init_lora_weights` (only "pissa" changes what loading does)."""
-    if value in ("gaussian", "pissa"):
-        return value
-    if isinstance(value, str) and (value.startswith("pissa_niter") or value.lower() in _BASE_REWRITING_INITS):
-        raise ValueError(
-            f"load_adapter: init_lora_weights={value!r} in {path / CONFIG_NAME} is not supported: it rewrites the base "
-            "weights in a way tinytune does not reproduce (only 'pissa', the full SVD, is). Convert the adapter to "
-            "plain LoRA with PEFT (save_pretrained(..., path_initial_model_for_weight_conversion=...))"
-        )
-    return "kaiming"  # True, False, "eva", "orthogonal", ...: the file's A and B overwrite the init
-
-
-def _config_from_peft(config: dict, path: Path) -> lora.LoraConfig:
-    peft_type = config.get("peft_type")
-    if peft_type != "LORA":
-        raise ValueError(f"load_adapter: {path / CONFIG_NAME} has peft_type={peft_type!r}; this loader reads 'LORA'")
-    for field, allowed in _UNSUPPORTED.items():
-        if config.get(field, allowed[0]) not in allowed:
-            raise ValueError(f"load_adapter: {field}={config[field]!r} in {path / CONFIG_NAME} is not supported")
-    for field in ("r", "lora_alpha", "target_modules"):
-        if config.get(field) is None:
-            raise ValueError(f"load_adapter: {path / CONFIG_NAME} lacks the field {field!r}")
-    targets = config["target_modules"]
-    return lora.LoraConfig(
-        rank=int(config["r"]),
-        alpha=float(config["lora_alpha"]),
-        dropout=float(config.get("lora_dropout") or 0.0),
-        targets=targets if isinstance(targets, str) else list(targets),
-        exclude=config.get("exclude_modules"),
-        rslora=bool(config.get("use_rslora", False)),
-        init=_init_from_peft(config.get("init_lora_weights", True), path),
-        train_bias=config.get("bias", "none") == "lora_only",
-        dora=bool(config.get("use_dora") or False),
-    )
+def _load_method(model: nn.Module, config: dict, weights: dict[str, torch.Tensor], path: Path) -> None:
+    kind = config.get("peft_type")
+    if kind == "LORA":
+        cfg = lora_config_io.config_from_peft(config, path)
+        if not any(True for _ in lora.lora_layers(model)):
+            lora.apply(model, cfg)
+        lora.load_state_dict(model, weights, strict=True)
+    elif kind == ia3.PEFT_TYPE:
+        cfg = ia3.config_from_peft(config)
+        if not any(True for _ in ia3.ia3_layers(model)):
+            ia3.apply(model, cfg)
+        ia3.load_state_dict(model, weights, strict=True)
+    elif kind == adapter.PEFT_TYPE:
+        cfg = adapter.config_from_peft(config)
+        if not any(True for _ in adapter.adapter_layers(model)):
+            adapter.apply(model, cfg)
+        adapter.load_state_dict(model, weights, strict=True)
+    elif kind == freeze.PEFT_TYPE:
+        freeze.apply_peft_config(model, config)
+        freeze.load_state_dict(model, {k.removeprefix(PEFT_PREFIX): v for k, v in weights.items()}, strict=True)
+    else:
+        raise ValueError(f"load_adapter: {path / CONFIG_NAME} has peft_type={kind!r}; this loader reads "
+                         f"{['LORA', ia3.PEFT_TYPE, adapter.PEFT_TYPE, freeze.PEFT_TYPE]}")
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load an adapter directory written by `save_adapter` or by HF PEFT into `model`.
 
-    When `model` has no LoRA yet, LoRA is applied first from `adapter_config.json`. Loading is
-    strict. Returns model.
+    The method is the config's `peft_type` (LORA, IA3, BOTTLENECK_ADAPTER, FREEZE). When `model` does not
+    carry it yet, it is applied first from `adapter_config.json`. Loading is strict. Returns model.
 
     Raises:
         FileNotFoundError: a file is missing (a pickled `adapter_model.bin` is refused).
-        ValueError: an unsupported config field, or a missing, unexpected or mis-shaped key
-            (named in the message).
+        ValueError: an unknown peft_type, an unsupported config field, or a missing, unexpected or
+            mis-shaped key (named in the message).
     """
     path = Path(path)
-    config = _config_from_peft(_read_config(path), path)
-    weights = _read_weights(path)
-    if not any(True for _ in lora.lora_layers(model)):
-        lora.apply(model, config)
-    lora.load_state_dict(model, weights, strict=True)
+    config = _read_config(path)
+    _load_method(model, config, _read_weights(path), path)
     return model
