@@ -132,6 +132,8 @@ METHODS = {  # peft_type written: how to apply the method to a fresh llama-tiny
     "FREEZE": lambda m: tt.freeze.bitfit(m) if any(n.endswith("bias") for n, _ in m.named_parameters())
     else tt.freeze.last_blocks(m, 1),
     "LORA": lambda m: tt.lora.apply(m, tt.lora.LoraConfig(rank=4, targets="all-linear", dora=True)),
+    "PROMPT_TUNING": lambda m: tt.prompt.apply(m, tt.prompt.PromptConfig(num_virtual_tokens=3)),
+    "PREFIX_TUNING": lambda m: tt.prefix.apply(m, tt.prefix.PrefixConfig(num_virtual_tokens=3)),
 }
 
 
@@ -163,5 +165,5 @@ def test_save_adapter_refuses_two_methods_and_full_fine_tuning(tmp_path):
 def test_load_adapter_names_an_unknown_peft_type(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LOHA"}))
     save_file({"x": torch.zeros(1)}, str(tmp_path / "adapter_model.safetensors"))
-    with pytest.raises(ValueError, match=r"peft_type='LOHA'; this loader reads \['LORA', 'IA3'"):
+    with pytest.raises(ValueError, match=r"peft_type='LOHA'; this loader reads \['LORA', 'IA3', 'BOTTLENECK_ADAPTER', 'PROMPT_TUNING'"):
         tt.load_adapter(tt.models.build("llama-tiny"), tmp_path)

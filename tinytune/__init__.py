@@ -6,7 +6,8 @@
 """
 from . import data, lora, models, ops, peft, train
 from .models import generate, load_pretrained, save_pretrained
-from .peft import ParameterCount, adapter, count_parameters, freeze, ia3, load_adapter, save_adapter
+from .peft import (ParameterCount, adapter, count_parameters, freeze, ia3, load_adapter, prefix, prompt,
+                   save_adapter)
 
 __version__ = "0.1.0"
 
@@ -24,6 +25,8 @@ __all__ = [
     "models",
     "ops",
     "peft",
+    "prefix",
+    "prompt",
     "save_adapter",
     "save_pretrained",
     "train",

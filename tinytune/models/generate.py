@@ -22,7 +22,10 @@ def generate(model: CausalLM, input_ids: torch.Tensor, max_new_tokens: int = 32,
     """Continue each row of `input_ids` by up to `max_new_tokens` tokens.
 
     Args:
-        model: a `CausalLM` (any dtype or device; the inputs are moved to its device).
+        model: a `CausalLM` (any dtype or device; the inputs are moved to its device). When it
+            has an int attribute `num_virtual_tokens` = P (set by prompt or prefix tuning), the
+            cache gets P more slots (a soft prompt is cached like tokens) and P more positions
+            count against `max_position_embeddings`; the method's hooks do the rest.
         input_ids: (B, P) LongTensor of prompts. Batches of unequal prompts are left padded.
         max_new_tokens: the most tokens to add per row (>= 1).
         temperature: 0 for greedy decoding (argmax); > 0 divides the logits before sampling.
@@ -77,10 +80,18 @@ def _check_arguments(model, input_ids, max_new_tokens, temperature, top_k, top_p
         raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} does not match "
                          f"input_ids shape {tuple(input_ids.shape)}")
     cfg = model.config
-    total = input_ids.shape[1] + int(max_new_tokens)
+    virtual = _virtual_tokens(model)
+    total = input_ids.shape[1] + int(max_new_tokens) + virtual
     if cfg.positions == "learned" and total > cfg.max_position_embeddings:
-        raise ValueError(f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) = {total} exceeds "
+        extra = f" + {virtual} virtual tokens" if virtual else ""
+        raise ValueError(f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}){extra} = {total} exceeds "
                          f"max_position_embeddings={cfg.max_position_embeddings} of this {cfg.model_type} model")
+
+
+def _virtual_tokens(model) -> int:
+    """`model.num_virtual_tokens`: positions a PEFT method (prompt or prefix tuning) puts before the real
+    tokens; they take positions 0..P-1, and a soft prompt's take KV-cache slots too. 0 when unset."""
+    return int(getattr(model, "num_virtual_tokens", 0) or 0)
 
 
 def _eos_ids(model, eos_token_id) -> list[int]:
@@ -112,7 +123,7 @@ def _generate(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_i
     eos = torch.tensor(eos_ids, dtype=torch.long, device=device) if eos_ids else None
     unfinished = torch.ones(B, dtype=torch.bool, device=device)
     pick = _Sampler(temperature, top_k, top_p, generator)
-    cache = model.new_cache(B, S)
+    cache = model.new_cache(B, S + _virtual_tokens(model))  # a soft prompt's virtual tokens are cached too
     # Prefill: the model derives positions from the mask (left padding counts nothing).
     logits = model(out[:, :P], attention_mask=None if mask is None else mask[:, :P], cache=cache,
                    logits_to_keep=1)[:, -1]

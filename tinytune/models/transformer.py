@@ -83,7 +83,8 @@ class CausalLM(nn.Module):
         inputs_embeds: (B, T, d) in place of `input_ids`.
         cache: a `KVCache` to read and extend (generation); advanced by T.
         prefix_kv: per layer a (k, v) pair of shape (B or 1, nkv, P, hd) attended by every query
-            (prefix tuning).
+            (prefix tuning; also with a 4-D mask). Positions are not shifted for it: pass
+            `position_ids` (prefix tuning puts real tokens at P, P + 1, ...).
         logits_to_keep: compute logits for the last n positions only (0: all).
         return_hidden: return the final-norm hidden states (B, T or logits_to_keep, d) instead of
             logits, i.e. what `lm_head` would be applied to (for a chunked loss such as
@@ -100,6 +101,10 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def get_input_embeddings(self) -> nn.Module:
+        """The token embedding module (Hugging Face's name; soft prompts look it up through it)."""
+        return self.model.embed_tokens
 
     @property
     def is_gradient_checkpointing(self) -> bool:
@@ -129,13 +134,16 @@ class CausalLM(nn.Module):
         past = cache.length if cache is not None else 0
         block_mask = None
         if attention_mask is not None and attention_mask.dim() == 4:  # packed rows: (B, 1, T, S) bool
-            block_mask, attention_mask = self._check_block_mask(attention_mask, cache, prefix_kv, B, T), None
+            block_mask, attention_mask = self._check_block_mask(attention_mask, cache, B, T), None
         if position_ids is None:
             position_ids = _position_ids(attention_mask, past, T, h.device).expand(B, T)
         if self.model.embed_positions is not None:
             h = h + self.model.embed_positions(position_ids)
         rope = self.model.rotary(position_ids, h.dtype) if self.model.rotary is not None else None
         prefix_len = prefix_kv[0][0].shape[2] if prefix_kv else 0
+        if block_mask is not None and prefix_len:  # every packed token sees the whole prefix
+            visible = block_mask.new_ones(block_mask.shape[0], 1, T, prefix_len)
+            block_mask = torch.cat((visible, block_mask), dim=-1)  # (B, 1, T, P + T)
         mask = block_mask if block_mask is not None else build_attention_mask(
             attention_mask, past, T, self.config.sliding_window, prefix_len, h.device)
         h = self._run_layers(h, rope, mask, cache, prefix_kv)
@@ -147,10 +155,10 @@ class CausalLM(nn.Module):
         return h if return_hidden else self.lm_head(h)
 
     @staticmethod
-    def _check_block_mask(mask, cache, prefix_kv, B: int, T: int) -> torch.Tensor:
+    def _check_block_mask(mask, cache, B: int, T: int) -> torch.Tensor:
         """A caller-built (B, 1, T, T) boolean mask (e.g. block-diagonal for packed examples)."""
-        if cache is not None or prefix_kv:
-            raise ValueError("a 4-D attention_mask cannot be combined with a KV cache or prefix_kv")
+        if cache is not None:
+            raise ValueError("a 4-D attention_mask cannot be combined with a KV cache")
         if mask.dtype != torch.bool or tuple(mask.shape) not in ((B, 1, T, T), (1, 1, T, T)):
             raise ValueError(f"a 4-D attention_mask must be bool of shape ({B}, 1, {T}, {T}), "
                              f"got {mask.dtype} {tuple(mask.shape)}")

@@ -15,17 +15,23 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from .._files import atomic_write
-from . import adapter, freeze, ia3, lora, lora_config_io
+from . import adapter, freeze, ia3, lora, lora_config_io, prefix, prompt
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
+_PROMPT_LEARNING = {"PROMPT_TUNING": prompt, "PREFIX_TUNING": prefix}
 
 
 def _methods_on(model: nn.Module) -> list[str]:
-    """The peft_type of every method applied to `model` (LoRA, IA3, bottleneck adapters)."""
+    """The peft_type of every method applied to `model`."""
     found = {"LORA": lora.lora_layers, ia3.PEFT_TYPE: ia3.ia3_layers, adapter.PEFT_TYPE: adapter.adapter_layers}
-    return [kind for kind, layers in found.items() if any(True for _ in layers(model))]
+    kinds = [kind for kind, layers in found.items() if any(True for _ in layers(model))]
+    if isinstance(getattr(model, "prompt_encoder", None), prompt.SoftPrompt):
+        kinds.append("PROMPT_TUNING")
+    if isinstance(getattr(model, "prefix_encoder", None), prefix.PrefixEncoder):
+        kinds.append("PREFIX_TUNING")
+    return kinds
 
 
 def _selective(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -54,6 +60,9 @@ def _adapter_files(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
         return ia3.peft_config_dict(model), ia3.state_dict(model)
     if kind == adapter.PEFT_TYPE:
         return adapter.peft_config_dict(adapter.applied_config(model)), adapter.state_dict(model)
+    if kind in _PROMPT_LEARNING:  # key "prompt_embeddings" (prefix: the MLP's output, as PEFT saves it)
+        method = _PROMPT_LEARNING[kind]
+        return method.peft_config_dict(model), method.state_dict(model)
     return _selective(model)
 
 
@@ -61,7 +70,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write `model`'s adapter to the directory `path` (created if needed).
 
     Files: `adapter_model.safetensors` (PEFT key names) and `adapter_config.json`, for whichever method
-    the model carries: LoRA (DoRA, PiSSA), IA3, bottleneck adapters ("BOTTLENECK_ADAPTER"), or, with no
+    the model carries: LoRA (DoRA, PiSSA), IA3, bottleneck adapters ("BOTTLENECK_ADAPTER"), soft prompts,
+    prefix tuning (its MLP, if any, folded: PEFT saves the prefixes themselves), or, with no
     adapter modules but part of the model frozen, its trainable parameters ("FREEZE"). Returns the path.
 
     Raises:
@@ -115,18 +125,24 @@ def _load_method(model: nn.Module, config: dict, weights: dict[str, torch.Tensor
         if not any(True for _ in adapter.adapter_layers(model)):
             adapter.apply(model, cfg)
         adapter.load_state_dict(model, weights, strict=True)
+    elif kind in _PROMPT_LEARNING:
+        method = _PROMPT_LEARNING[kind]
+        if not _methods_on(model):
+            method.apply(model, method.config_from_peft(config))
+        method.load_state_dict(model, weights, strict=True)
     elif kind == freeze.PEFT_TYPE:
         freeze.apply_peft_config(model, config)
         freeze.load_state_dict(model, {k.removeprefix(PEFT_PREFIX): v for k, v in weights.items()}, strict=True)
     else:
         raise ValueError(f"load_adapter: {path / CONFIG_NAME} has peft_type={kind!r}; this loader reads "
-                         f"{['LORA', ia3.PEFT_TYPE, adapter.PEFT_TYPE, freeze.PEFT_TYPE]}")
+                         f"{['LORA', ia3.PEFT_TYPE, adapter.PEFT_TYPE, *_PROMPT_LEARNING, freeze.PEFT_TYPE]}")
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load an adapter directory written by `save_adapter` or by HF PEFT into `model`.
 
-    The method is the config's `peft_type` (LORA, IA3, BOTTLENECK_ADAPTER, FREEZE). When `model` does not
+    The method is the config's `peft_type` (LORA, IA3, BOTTLENECK_ADAPTER, PROMPT_TUNING, PREFIX_TUNING,
+    FREEZE). When `model` does not
     carry it yet, it is applied first from `adapter_config.json`. Loading is strict. Returns model.
 
     Raises:
