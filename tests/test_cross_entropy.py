@@ -101,19 +101,28 @@ def _data(n=16):
     return out
 
 
-def _fit_losses(monkeypatch, fused: bool, **cfg):
+METHODS = {
+    "lora": lambda m: tt.lora.apply(m, tt.lora.LoraConfig(rank=4, alpha=8, targets="all-linear")),
+    "prompt": lambda m: tt.prompt.apply(m, tt.prompt.PromptConfig(num_virtual_tokens=3)),
+    "prefix": lambda m: tt.prefix.apply(m, tt.prefix.PrefixConfig(num_virtual_tokens=3)),
+}
+
+
+def _fit_losses(monkeypatch, fused: bool, method="lora", **cfg):
     if not fused:  # force the old path: logits + causal_lm_loss
         monkeypatch.setattr(forward_mod, "fused_lm_head", lambda model: None)
     model = tt.models.build("llama-tiny")
     torch.manual_seed(1)
-    tt.lora.apply(model, tt.lora.LoraConfig(rank=4, alpha=8, targets="all-linear"))
+    METHODS[method](model)
+    if fused:  # the chunked loss is really used (soft prompts and prefixes keep it)
+        assert forward_mod.fused_lm_head(model) is not None
     cfg = TrainConfig(**{**dict(lr=1e-2, steps=4, batch_size=4, log_every=1000), **cfg})
     history = fit(model, _data(), cfg, eval_data=_data(6), stream=io.StringIO())
     monkeypatch.undo()
     return history.losses + history.eval_losses
 
 
-@pytest.mark.parametrize("cfg", [{}, {"grad_accum": 2, "batch_size": 2}])
+@pytest.mark.parametrize("cfg", [{}, {"grad_accum": 2, "batch_size": 2}, {"method": "prompt"}, {"method": "prefix"}])
 def test_fit_losses_equal_the_logits_path(monkeypatch, cfg):
     fused, plain = _fit_losses(monkeypatch, True, **cfg), _fit_losses(monkeypatch, False, **cfg)
     torch.testing.assert_close(torch.tensor(fused), torch.tensor(plain), rtol=1e-5, atol=0)

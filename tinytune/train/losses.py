@@ -40,16 +40,24 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_scored: int |
     return token_classification_loss(logits, labels, num_scored)
 
 
+def _keeps_hidden_contract(hook) -> bool:
+    """A hook owned by a module declaring `return_hidden_safe = True` (tinytune's soft prompt and prefix
+    encoders): it treats `return_hidden=True` outputs as it treats logits, so the chunked loss stays exact."""
+    return bool(getattr(getattr(hook, "__self__", None), "return_hidden_safe", False))
+
+
 def fused_lm_head(model: nn.Module) -> torch.Tensor | None:
     """The `lm_head` weight (V, d) when `model`'s causal-LM loss can skip the logits, else None.
 
-    That is a `CausalLM` with its own `forward`, no forward hooks on it or its head, and a head that is
+    That is a `CausalLM` with its own `forward`, no forward hooks on it or its head (except those of
+    tinytune's soft prompts and prefixes, which handle hidden states as logits), and a head that is
     a plain bias-free `nn.Linear` (a LoRA-wrapped or otherwise replaced head takes the logits path).
     """
     if not isinstance(model, CausalLM) or type(model).forward is not CausalLM.forward or "forward" in vars(model):
         return None
     head = model.lm_head
-    hooked = any((m._forward_hooks or m._forward_pre_hooks) for m in (model, head))
+    hooks = [h for m in (model, head) for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())]
+    hooked = any(not _keeps_hidden_contract(h) for h in hooks)
     if type(head) is not nn.Linear or head.bias is not None or hooked:
         return None
     return head.weight
