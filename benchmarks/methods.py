@@ -56,6 +56,11 @@ METHODS = {
     "adapters (Houlsby, b=16)": (lambda m: tt.adapter.apply(m, tt.adapter.AdapterConfig(bottleneck=16)), 5e-3),
     "adapters (Pfeiffer, b=16)": (
         lambda m: tt.adapter.apply(m, tt.adapter.AdapterConfig(bottleneck=16, placement="pfeiffer")), 5e-3),
+    "prefix tuning (P=10)": (lambda m: tt.prefix.apply(m, tt.prefix.PrefixConfig(num_virtual_tokens=10)), 1e-2),
+    "prefix tuning (P=10, MLP 64)": (
+        lambda m: tt.prefix.apply(m, tt.prefix.PrefixConfig(num_virtual_tokens=10, reparam_hidden=64)), 1e-2),
+    "prompt tuning (P=10)": (
+        lambda m: tt.prompt.apply(m, tt.prompt.PromptConfig(num_virtual_tokens=10, init="vocab")), 3e-2),
 }
 
 
@@ -95,7 +100,7 @@ def run_all(args) -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"| method | lr | trainable | % | step ms | peak MiB | exact match before -> after |")
+    print("| method | lr | trainable | % | step ms | peak MiB | exact match before -> after |")
     print("|---|--:|--:|--:|--:|--:|--:|")
     for r in rows:
         print(f"| {r['method']} | {r['lr']:g} | {r['trainable']:,} | {r['trainable_pct']:.2f} | {r['step_ms']:.1f} | "
