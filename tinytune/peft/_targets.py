@@ -20,12 +20,16 @@ ALL_LINEAR = "all-linear"
 _HEAD_NAMES = ("lm_head", "output", "classifier", "score")
 
 
-def output_heads(model: nn.Module) -> set[str]:
-    """Names of the linear output heads: named like one, or tied to an input embedding's weight."""
-    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+def output_heads(model: nn.Module, modules: list[tuple[str, nn.Module]] | None = None) -> set[str]:
+    """Names of the linear output heads: named like one, or tied to an input embedding's weight.
+
+    `modules`: the (name, module) pairs to look at (default: `model.named_modules()`).
+    """
+    modules = list(model.named_modules()) if modules is None else modules
+    embedding_weights = {id(m.weight) for _, m in modules if isinstance(m, nn.Embedding)}
     return {
         name
-        for name, m in model.named_modules()
+        for name, m in modules
         if isinstance(m, nn.Linear)
         and (name.split(".")[-1] in _HEAD_NAMES or id(m.weight) in embedding_weights)
     }
@@ -70,11 +74,17 @@ def validate_spec(spec: TargetSpec, field: str) -> None:
         raise ValueError(f"{field} entries must be non-empty strings; got {bad!r}")
 
 
-def find_targets(model: nn.Module, targets: TargetSpec, exclude: TargetSpec = None) -> list[tuple[str, nn.Module]]:
-    """The (name, module) pairs that match `targets` and not `exclude`, in model order."""
-    heads = output_heads(model) if ALL_LINEAR in (targets, exclude) else set()
+def find_targets(model: nn.Module, targets: TargetSpec, exclude: TargetSpec = None,
+                 modules: list[tuple[str, nn.Module]] | None = None) -> list[tuple[str, nn.Module]]:
+    """The (name, module) pairs that match `targets` and not `exclude`, in model order.
+
+    `modules`: the (name, module) pairs to match (default: `model.named_modules()`); LoRA passes
+    a view in which an adapted layer stands for its base, to add further adapters.
+    """
+    modules = list(model.named_modules()) if modules is None else modules
+    heads = output_heads(model, modules) if ALL_LINEAR in (targets, exclude) else set()
     found = []
-    for name, module in model.named_modules():
+    for name, module in modules:
         if not name:
             continue  # the root itself is never swapped
         if matches(name, module, targets, heads) and not matches(name, module, exclude, heads):

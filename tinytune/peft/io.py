@@ -47,15 +47,19 @@ def _selective(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
     return freeze.peft_config_dict(model), weights
 
 
-def _adapter_files(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(adapter_config.json dict, tensors by PEFT key) for the one method on `model`."""
+def _adapter_files(model: nn.Module, lora_name: str | None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(adapter_config.json dict, tensors by PEFT key) for the one method on `model` (LoRA: the adapter
+    `lora_name`, default the active one)."""
     methods = _methods_on(model)
     if len(methods) > 1:
         raise ValueError(f"save_adapter: {type(model).__name__} carries several methods {methods}; one adapter "
                          "directory holds one method (save them from separate models)")
     kind = methods[0] if methods else None
+    if lora_name is not None and kind != "LORA":
+        raise ValueError(f"save_adapter: adapter={lora_name!r} names a LoRA adapter, but {type(model).__name__} carries "
+                         f"{kind or 'no adapter method'}; named adapters are a LoRA feature")
     if kind == "LORA":
-        return lora_config_io.peft_config_dict(model), lora.state_dict(model)
+        return lora_config_io.peft_config_dict(model, lora_name), lora.state_dict(model, lora_name)
     if kind == ia3.PEFT_TYPE:
         return ia3.peft_config_dict(model), ia3.state_dict(model)
     if kind == adapter.PEFT_TYPE:
@@ -66,19 +70,21 @@ def _adapter_files(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
     return _selective(model)
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
+def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None = None) -> Path:
     """Write `model`'s adapter to the directory `path` (created if needed).
 
     Files: `adapter_model.safetensors` (PEFT key names) and `adapter_config.json`, for whichever method
     the model carries: LoRA (DoRA, PiSSA), IA3, bottleneck adapters ("BOTTLENECK_ADAPTER"), soft prompts,
     prefix tuning (its MLP, if any, folded: PEFT saves the prefixes themselves), or, with no
-    adapter modules but part of the model frozen, its trainable parameters ("FREEZE"). Returns the path.
+    adapter modules but part of the model frozen, its trainable parameters ("FREEZE"). One directory
+    holds one adapter: with several LoRA adapters, `adapter` picks which (default: the active one),
+    and the files carry no adapter name (as PEFT's). Returns the path.
 
     Raises:
-        ValueError: the model has no adapter (or several methods), or its LoRA layers differ in
-            rank/alpha/dropout.
+        ValueError: the model has no adapter (or several methods), no LoRA adapter `adapter` (or
+            `adapter` is given for another method), or the adapter's layers differ in rank/alpha/dropout.
     """
-    config, tensors = _adapter_files(model)
+    config, tensors = _adapter_files(model, adapter)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -108,13 +114,32 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(weights))
 
 
-def _load_method(model: nn.Module, config: dict, weights: dict[str, torch.Tensor], path: Path) -> None:
+def _load_lora(model: nn.Module, cfg: lora.LoraConfig, weights: dict[str, torch.Tensor], name: str | None) -> None:
+    """Apply (no LoRA yet), add (a new name) or reuse (the active adapter, or `name` when it exists)
+    the adapter, then load it strictly; an adapter added here is removed again if loading fails."""
+    existing = lora.list_adapters(model)
+    added = None
+    if not existing:
+        lora.apply(model, cfg, adapter_name=name or lora.DEFAULT_ADAPTER)
+    elif name is not None and name not in existing:
+        lora.add_adapter(model, name, cfg)
+        added = name
+    try:
+        lora.load_state_dict(model, weights, strict=True, adapter=name)
+    except Exception:
+        if added is not None:
+            lora.delete_adapter(model, added)
+        raise
+
+
+def _load_method(model: nn.Module, config: dict, weights: dict[str, torch.Tensor], path: Path,
+                 adapter_name: str | None) -> None:
     kind = config.get("peft_type")
+    if adapter_name is not None and kind != "LORA":
+        raise ValueError(f"load_adapter: adapter_name={adapter_name!r} is for LoRA adapters, but {path / CONFIG_NAME} "
+                         f"has peft_type={kind!r}")
     if kind == "LORA":
-        cfg = lora_config_io.config_from_peft(config, path)
-        if not any(True for _ in lora.lora_layers(model)):
-            lora.apply(model, cfg)
-        lora.load_state_dict(model, weights, strict=True)
+        _load_lora(model, lora_config_io.config_from_peft(config, path), weights, adapter_name)
     elif kind == ia3.PEFT_TYPE:
         cfg = ia3.config_from_peft(config)
         if not any(True for _ in ia3.ia3_layers(model)):
@@ -138,19 +163,24 @@ def _load_method(model: nn.Module, config: dict, weights: dict[str, torch.Tensor
                          f"{['LORA', ia3.PEFT_TYPE, adapter.PEFT_TYPE, *_PROMPT_LEARNING, freeze.PEFT_TYPE]}")
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None) -> nn.Module:
     """Load an adapter directory written by `save_adapter` or by HF PEFT into `model`.
 
     The method is the config's `peft_type` (LORA, IA3, BOTTLENECK_ADAPTER, PROMPT_TUNING, PREFIX_TUNING,
     FREEZE). When `model` does not
     carry it yet, it is applied first from `adapter_config.json`. Loading is strict. Returns model.
 
+    LoRA with `adapter_name` (PEFT's `load_adapter(path, adapter_name=...)`): on a model without LoRA
+    the adapter is created under that name (active); on a model with LoRA a new name is ADDED beside
+    the others (`tt.lora.add_adapter`: inactive until `set_adapter`), an existing name is overwritten.
+    Without it the weights go into the active adapter (or "default", created when there is no LoRA).
+
     Raises:
         FileNotFoundError: a file is missing (a pickled `adapter_model.bin` is refused).
-        ValueError: an unknown peft_type, an unsupported config field, or a missing, unexpected or
-            mis-shaped key (named in the message).
+        ValueError: an unknown peft_type, an unsupported config field, a missing, unexpected or
+            mis-shaped key (named in the message), or `adapter_name` for a method other than LoRA.
     """
     path = Path(path)
     config = _read_config(path)
-    _load_method(model, config, _read_weights(path), path)
+    _load_method(model, config, _read_weights(path), path, adapter_name)
     return model

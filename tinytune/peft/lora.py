@@ -6,34 +6,48 @@
 The adapter state dict uses Hugging Face PEFT's key names
 (`base_model.model.<module path>.lora_A.weight`, ...), so files interoperate with `peft`.
 Variants: `dora=True` (DoRA), `init="pissa"` (PiSSA), and `loraplus_param_groups` (LoRA+);
-see docs/lora_variants.md.
+see docs/lora_variants.md. Several named adapters on one model (`add_adapter`, `set_adapter`,
+`add_weighted_adapter`, `adapter_per_row`, ...): see docs/multi_adapter.md (`lora_multi`).
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.nn as nn
 
 from ._targets import TargetSpec, describe_candidates, find_targets, get_parent, replace_module, validate_spec
 from .lora_layers import (
+    DEFAULT_ADAPTER,
     INITS,
     LORA_LAYER_TYPES,
     LoRAEmbedding,
     LoRALinear,
+    check_adapter_name,
     check_dora,
     check_hyperparameters,
     lora_scaling,
 )
+from .lora_multi import (
+    active_adapter,
+    adapter_layers,
+    adapter_per_row,
+    add_weighted_adapter,
+    delete_adapter,
+    list_adapters,
+    lora_layers,
+    require_lora as _require_lora,
+    set_adapter,
+)
+from .lora_state import load_state_dict, state_dict
 from .loraplus import loraplus_param_groups
-
-PEFT_PREFIX = "base_model.model."
 
 __all__ = [
     "LoraConfig", "LoRALinear", "LoRAEmbedding", "apply", "merge", "unmerge", "merge_and_unload",
     "disabled", "state_dict", "load_state_dict", "lora_layers", "lora_scaling", "INITS", "loraplus_param_groups",
+    "add_adapter", "set_adapter", "active_adapter", "list_adapters", "delete_adapter", "add_weighted_adapter",
+    "adapter_per_row", "adapter_layers", "DEFAULT_ADAPTER",
 ]
 
 
@@ -86,19 +100,13 @@ class LoraConfig:
         return lora_scaling(self.rank, self.alpha, self.rslora)
 
 
-def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear | LoRAEmbedding]]:
-    """The (name, layer) pairs of every LoRA layer in `model`."""
-    for name, module in model.named_modules():
-        if isinstance(module, LORA_LAYER_TYPES):
-            yield name, module
-
-
 def _check_target(model: nn.Module, name: str, module: nn.Module) -> None:
     """Raise if `module` cannot take LoRA (already has it, wrong type, read by its parent)."""
     parent, _ = get_parent(model, name)
     if isinstance(module, LORA_LAYER_TYPES) or isinstance(parent, LORA_LAYER_TYPES):
         owner = name if isinstance(module, LORA_LAYER_TYPES) else name.rpartition(".")[0]
-        raise ValueError(f"module {owner!r} already has LoRA; call merge_and_unload first to apply it again")
+        raise ValueError(f"module {owner!r} already has LoRA; call merge_and_unload first to apply it again, or add "
+                         "another adapter with tt.lora.add_adapter(model, name, cfg)")
     if isinstance(parent, nn.MultiheadAttention):
         raise TypeError(
             f"cannot put LoRA on {name!r}: nn.MultiheadAttention reads its projection weights directly "
@@ -134,9 +142,9 @@ def _no_op_hook(module, args):
     return None
 
 
-def _wrap(module: nn.Module, cfg: LoraConfig) -> LoRALinear | LoRAEmbedding:
+def _wrap(module: nn.Module, cfg: LoraConfig, adapter_name: str) -> LoRALinear | LoRAEmbedding:
     cls = LoRALinear if isinstance(module, nn.Linear) else LoRAEmbedding
-    return cls(module, cfg.rank, cfg.alpha, cfg.dropout, cfg.rslora, cfg.init, cfg.dora)
+    return cls(module, cfg.rank, cfg.alpha, cfg.dropout, cfg.rslora, cfg.init, cfg.dora, adapter_name=adapter_name)
 
 
 def _check_pissa(model: nn.Module, found: list[tuple[str, nn.Module]], rank: int) -> None:
@@ -160,7 +168,7 @@ def _check_pissa(model: nn.Module, found: list[tuple[str, nn.Module]], rank: int
                              "exclude it or untie the weights first")
 
 
-def apply(model: nn.Module, cfg: LoraConfig) -> list[str]:
+def apply(model: nn.Module, cfg: LoraConfig, adapter_name: str = DEFAULT_ADAPTER) -> list[str]:
     """Put LoRA on every module of `model` that `cfg.targets` matches, in place.
 
     Every parameter that is not an adapter parameter is frozen (base biases of adapted layers stay
@@ -168,18 +176,24 @@ def apply(model: nn.Module, cfg: LoraConfig) -> list[str]:
     With `init="pissa"` the adapted linear weights are replaced by their SVD residuals (one
     float32 SVD per layer), so `disabled()` then gives the residual model, not the original.
 
+    Args:
+        model: any module tree; changed in place.
+        cfg: what to adapt and how.
+        adapter_name: the name of the adapter created (the active one); add more with `add_adapter`.
+
     Returns:
         The dotted names of the replaced modules, in model order.
 
     Raises:
         ValueError: nothing matched (the message lists module names that exist), a matched
-            module already has LoRA, or (PiSSA) a rank above a layer's smaller dimension or a
-            weight shared with another module.
+            module already has LoRA, a bad adapter name, or (PiSSA) a rank above a layer's
+            smaller dimension or a weight shared with another module.
         TypeError: a matched module is not an nn.Linear / nn.Embedding, or is read directly by
             its parent (nn.MultiheadAttention).
     """
     if not isinstance(cfg, LoraConfig):
         raise TypeError(f"apply expects a tt.lora.LoraConfig, got {type(cfg).__name__}")
+    check_adapter_name(adapter_name)
     found = find_targets(model, cfg.targets, cfg.exclude)
     if cfg.targets == "all-linear":
         found = [(n, m) for n, m in found if not _skip_for_all_linear(model, n)]
@@ -195,7 +209,7 @@ def apply(model: nn.Module, cfg: LoraConfig) -> list[str]:
 
     model.requires_grad_(False)
     for name, module in found:
-        layer = _wrap(module, cfg)
+        layer = _wrap(module, cfg, adapter_name)
         if cfg.train_bias and getattr(module, "bias", None) is not None:
             module.bias.requires_grad_(True)
         replace_module(model, name, layer)
@@ -203,15 +217,93 @@ def apply(model: nn.Module, cfg: LoraConfig) -> list[str]:
     return [name for name, _ in found]
 
 
-def _require_lora(model: nn.Module, what: str) -> list[tuple[str, nn.Module]]:
-    layers = list(lora_layers(model))
-    if not layers:
-        raise ValueError(f"{what}: {type(model).__name__} has no LoRA layers; call tt.lora.apply first")
-    return layers
+def _lora_view(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) pairs as target matching sees a model that may have LoRA already: a LoRA
+    layer stands for its base at its own path and its `.base` child is left out, so a config
+    matches the same modules before and after LoRA was applied."""
+    out = []
+    for name, module in model.named_modules():
+        parent, child = get_parent(model, name) if name else (None, "")
+        if child == "base" and isinstance(parent, LORA_LAYER_TYPES):
+            continue
+        out.append((name, module.base if isinstance(module, LORA_LAYER_TYPES) else module))
+    return out
+
+
+def _check_add(model: nn.Module, name: str, cfg: LoraConfig, found: list[tuple[str, nn.Module]]) -> None:
+    """Everything `add_adapter` refuses, before anything changes."""
+    if not found:
+        raise ValueError(f"add_adapter({name!r}): LoRA targets {cfg.targets!r} (exclude={cfg.exclude!r}) matched no "
+                         f"module of {type(model).__name__}; modules that exist: {describe_candidates(model)}")
+    if cfg.train_bias:
+        raise ValueError(f"add_adapter({name!r}): train_bias=True is not supported for an added adapter: a layer's bias "
+                         "is shared by all its adapters (train it with the first adapter, tt.lora.apply)")
+    plain = [(n, m) for n, m in found if not isinstance(m, LORA_LAYER_TYPES)]
+    for n, m in plain:
+        _check_target(model, n, m)
+    for n, m in found:
+        held = list(getattr(m, "adapters", {}))
+        pissa = [a for a in held if m.adapters[a].init == "pissa"] if isinstance(m, LoRALinear) else []
+        if held and isinstance(m, LoRALinear) and (cfg.init == "pissa" or pissa):
+            raise ValueError(f"add_adapter({name!r}): {n!r} holds adapters {held}; PiSSA (init='pissa', here "
+                             f"{pissa or [name]}) rewrites the shared base weight, so it cannot sit beside other "
+                             "adapters on one layer: target other modules, or merge_and_unload first")
+    if cfg.init == "pissa":
+        _check_pissa(model, plain, cfg.rank)
+
+
+def add_adapter(model: nn.Module, name: str, cfg: LoraConfig) -> list[str]:
+    """Add a further LoRA adapter called `name` to `model`, beside the adapters it has.
+
+    The new adapter follows its own `cfg` (PEFT's behaviour): its targets are matched as if the
+    model had no LoRA; modules already adapted get the adapter beside their others, plain ones are
+    wrapped. It is added INACTIVE and frozen: the forward keeps using the active adapter until
+    `set_adapter(model, name)` (layers that lack the active adapter compute their base). On a model
+    without LoRA this is `apply(model, cfg, adapter_name=name)`, and the adapter is active.
+
+    Args:
+        model: the model, changed in place.
+        name: the new adapter's name: a non-empty string without "." ("default" is `apply`'s).
+        cfg: rank, alpha, dropout, targets... of the new adapter (`train_bias` must be False).
+
+    Returns:
+        The dotted names of the modules that received the adapter, in model order.
+
+    Raises:
+        ValueError: `name` is taken (the message names it and lists the adapters) or invalid;
+            nothing matched; `train_bias=True`; PiSSA beside another adapter on one layer; the
+            PiSSA rank or shared-weight checks of `apply`.
+        TypeError: `cfg` is not a LoraConfig, or a matched module cannot take LoRA (as `apply`).
+    """
+    if not isinstance(cfg, LoraConfig):
+        raise TypeError(f"add_adapter expects a tt.lora.LoraConfig, got {type(cfg).__name__}")
+    check_adapter_name(name)
+    existing = list_adapters(model)
+    if not existing:
+        return apply(model, cfg, adapter_name=name)
+    if name in existing:
+        raise ValueError(f"add_adapter: the model already has an adapter named {name!r} (adapters: {existing}); "
+                         "pick another name or delete_adapter it first")
+    found = find_targets(model, cfg.targets, cfg.exclude, modules=_lora_view(model))
+    found = [(n, model.get_submodule(n)) for n, _ in found]  # back from the view to the real modules
+    if cfg.targets == "all-linear":
+        found = [(n, m) for n, m in found if not _skip_for_all_linear(model, n)]
+    _check_add(model, name, cfg, found)
+    active = active_adapter(model)
+    for path, module in found:
+        if isinstance(module, LORA_LAYER_TYPES):
+            module.add_adapter(name, cfg.rank, cfg.alpha, cfg.dropout, cfg.rslora, cfg.init, cfg.dora)
+            continue
+        layer = _wrap(module, cfg, name)
+        layer.set_adapter(active)  # computes its base until `name` is set active; `name` frozen
+        replace_module(model, path, layer)
+        _guard_fused_fast_paths(model, path, layer)
+    return [n for n, _ in found]
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Add `scaling * B A` into every adapted base weight. Safe to call twice. Returns model.
+    """Add `scaling * B A` of the ACTIVE adapter into every base weight that has it. Safe to call
+    twice. Returns model. While merged, `set_adapter` to another adapter and `adapter_per_row` refuse.
 
     DoRA layers write `m / ||W + s B A|| * (W + s B A)` instead and keep that norm until `unmerge`.
     With a bf16/fp16 base the merged weight is rounded to that dtype (see docs/lora.md).
@@ -229,7 +321,8 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Merge, then put the plain base modules back in place of the LoRA layers. Returns model.
+    """Merge the active adapter, then put the plain base modules back in place of the LoRA layers
+    (every other adapter is dropped). Returns model.
 
     The restored modules keep the requires_grad flags `apply` gave them (frozen).
     """
@@ -262,73 +355,3 @@ def disabled(model: nn.Module):
     finally:
         for (_, layer), was in zip(layers, previous):
             layer._disabled = was
-
-
-def _layer_tensors(name: str, layer: nn.Module) -> dict[str, torch.Tensor]:
-    key = PEFT_PREFIX + name
-    if isinstance(layer, LoRALinear):
-        tensors = {f"{key}.lora_A.weight": layer.lora_A, f"{key}.lora_B.weight": layer.lora_B}
-    else:
-        tensors = {f"{key}.lora_embedding_A": layer.lora_embedding_A, f"{key}.lora_embedding_B": layer.lora_embedding_B}
-    if layer.dora:
-        tensors[f"{key}.lora_magnitude_vector"] = layer.lora_magnitude_vector  # PEFT's key (no ".weight")
-    bias = getattr(layer.base, "bias", None)
-    if bias is not None and bias.requires_grad:
-        tensors[f"{key}.bias"] = bias  # train_bias=True (PEFT's bias="lora_only")
-    return tensors
-
-
-def _parameters_by_key(model: nn.Module) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, layer in lora_layers(model):
-        out.update(_layer_tensors(name, layer))
-    return out
-
-
-def state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter weights only, under PEFT key names, detached (not copied)."""
-    return {k: v.detach() for k, v in _parameters_by_key(model).items()}
-
-
-def _normalise_key(key: str) -> str:
-    return key if key.startswith(PEFT_PREFIX) else PEFT_PREFIX + key
-
-
-def load_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], strict: bool = True) -> tuple[list[str], list[str]]:
-    """Copy adapter weights from `sd` (PEFT key names; the `base_model.model.` prefix is optional).
-
-    Returns:
-        (missing, unexpected) key lists (both empty under strict=True).
-
-    Raises:
-        ValueError: the model has no LoRA; a key is mis-shaped; with strict, a key is missing or
-            unexpected. Each message names the keys. Nothing is copied when it raises.
-    """
-    params = _parameters_by_key(_require_lora_model(model))
-    given = {_normalise_key(k): v for k, v in sd.items()}
-    missing = sorted(set(params) - set(given))
-    unexpected = sorted(set(given) - set(params))
-    problems = []
-    if strict and missing:
-        hint = ""
-        if all(k.endswith(".lora_magnitude_vector") for k in missing):
-            hint = " (the model has DoRA layers but the weights hold no magnitude vectors: use_dora mismatch?)"
-        problems.append(f"missing keys: {missing}{hint}")
-    if strict and unexpected:
-        problems.append(f"unexpected keys: {unexpected}")
-    shapes = [f"{k}: file {tuple(given[k].shape)} vs model {tuple(p.shape)}"
-              for k, p in params.items() if k in given and given[k].shape != p.shape]
-    if shapes:
-        problems.append(f"mis-shaped keys: {shapes}")
-    if problems:
-        raise ValueError("cannot load the LoRA state dict; " + "; ".join(problems))
-    with torch.no_grad():
-        for key, param in params.items():
-            if key in given:
-                param.copy_(given[key].to(device=param.device, dtype=param.dtype))
-    return missing, unexpected
-
-
-def _require_lora_model(model: nn.Module) -> nn.Module:
-    _require_lora(model, "load_state_dict")
-    return model

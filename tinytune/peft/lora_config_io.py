@@ -5,39 +5,42 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from . import lora
+from . import lora, lora_multi
 
 CONFIG_NAME = "adapter_config.json"
 
 
-def _init_lora_weights(layer: nn.Module):
-    """PEFT's `init_lora_weights` for a layer's init. "pissa" matters on load: PEFT (and tinytune)
+def _init_lora_weights(init: str):
+    """PEFT's `init_lora_weights` for an adapter's init. "pissa" matters on load: PEFT (and tinytune)
     then take the SVD of the given base weight again and replace it by the residual, so a PiSSA
     adapter applies to the ORIGINAL base model."""
-    return {"kaiming": True, "gaussian": "gaussian", "pissa": "pissa"}[layer.init]
+    return {"kaiming": True, "gaussian": "gaussian", "pissa": "pissa"}[init]
 
 
-def peft_config_dict(model: nn.Module) -> dict:
-    """PEFT's LoRA config for the LoRA layers of `model` (which must agree in rank, alpha, dropout...).
+def peft_config_dict(model: nn.Module, adapter: str | None = None) -> dict:
+    """PEFT's LoRA config for adapter `adapter` (default: the active one) of `model`; the layers
+    holding it must agree in rank, alpha, dropout...
 
     Raises:
-        ValueError: the layers differ in a field the PEFT layout holds once (names the field and layers).
+        ValueError: no such adapter, or its layers differ in a field the PEFT layout holds once
+            (names the field and layers).
     """
-    layers = list(lora.lora_layers(model))
+    adapter = lora_multi.resolve_adapter(model, adapter, "save_adapter")
+    layers = [(name, layer.adapters[adapter]) for name, layer in lora_multi.adapter_layers(model, adapter)]
     first = layers[0][1]
-    for name, layer in layers:
+    for name, spec in layers:
         for field in ("rank", "alpha", "dropout", "rslora", "dora"):
-            if getattr(layer, field) != getattr(first, field):
+            if getattr(spec, field) != getattr(first, field):
                 raise ValueError(
                     f"save_adapter: LoRA layers differ in {field} ({layers[0][0]!r}: {getattr(first, field)}, "
-                    f"{name!r}: {getattr(layer, field)}); the PEFT layout written here needs one value"
+                    f"{name!r}: {getattr(spec, field)}); the PEFT layout written here needs one value"
                 )
-        if (layer.init == "pissa") != (first.init == "pissa"):
+        if (spec.init == "pissa") != (first.init == "pissa"):
             raise ValueError(
                 f"save_adapter: LoRA layers differ in init ({layers[0][0]!r}: {first.init!r}, {name!r}: "
-                f"{layer.init!r}); a PiSSA adapter must be PiSSA throughout (its config says which bases to rewrite)"
+                f"{spec.init!r}); a PiSSA adapter must be PiSSA throughout (its config says which bases to rewrite)"
             )
-    bias_trained = any(k.endswith(".bias") for k in lora.state_dict(model))
+    bias_trained = any(k.endswith(".bias") for k in lora.state_dict(model, adapter))
     return {
         "peft_type": "LORA",
         "task_type": None,
@@ -48,7 +51,7 @@ def peft_config_dict(model: nn.Module) -> dict:
         "use_rslora": first.rslora,
         "fan_in_fan_out": False,
         "bias": "lora_only" if bias_trained else "none",
-        "init_lora_weights": _init_lora_weights(first),
+        "init_lora_weights": _init_lora_weights(first.init),
         "use_dora": first.dora,
         "modules_to_save": None,
         "inference_mode": True,

@@ -10,15 +10,16 @@ import math
 
 import torch.nn as nn
 
-from .lora_layers import LORA_LAYER_TYPES, LoRALinear
+from .lora_layers import LORA_LAYER_TYPES
 
 
 def lora_b_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The B factors of every LoRA layer of `model` (`lora_B`, `lora_embedding_B`), in model order."""
+    """The B factors of every adapter of every LoRA layer of `model` (`lora_B`, `lora_embedding_B`), in
+    model order (only the trainable ones, the active adapter's, reach an optimizer's groups)."""
     out = []
     for module in model.modules():
         if isinstance(module, LORA_LAYER_TYPES):
-            out.append(module.lora_B if isinstance(module, LoRALinear) else module.lora_embedding_B)
+            out.extend(module._factor(module._B, name) for name in module.adapters)
     return out
 
 

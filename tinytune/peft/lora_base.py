@@ -1,0 +1,358 @@
+"""What LoRA layers share (`_LoRABase`): the named adapters, merging, the mixed-batch forward.
+
+`LoRALinear` / `LoRAEmbedding` (in `lora_layers`) wrap an existing `nn.Linear` / `nn.Embedding`
+and add `scaling * B A` beside it. The wrapped module is kept as `.base`, the very object the model had: its weight is shared,
+never copied. A layer holds one or more NAMED adapters side by side (PEFT's multi-adapter model);
+exactly one is active, and `lora_A` (r x in) / `lora_B` (out x r) (plus, with DoRA,
+`lora_magnitude_vector`) are the active adapter's parameters. The adapter "default" (the one
+`tt.lora.apply` creates) is registered under exactly those names, so a single-adapter model has
+the parameter names it always had; another adapter `x` is registered as `lora_A_x`, `lora_B_x`...
+`B` starts at zero so a new adapter computes exactly what the base did. Adapter parameters are
+kept in fp32 when the base is bf16/fp16 (fp64 bases keep fp64, for gradcheck-grade tests). The
+DoRA and PiSSA maths live in `lora_variants`; the model-level multi-adapter calls in `lora_multi`.
+
+State changes only through named calls (`merge()` / `unmerge()`, `set_adapter`,
+`set_row_adapters`, `tinytune.lora.disabled`): nothing happens in `forward`, `train()` or `eval()`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from .lora_variants import dora_fold, dora_unfold, dora_weight_norm
+
+INITS = ("kaiming", "gaussian", "pissa")
+DEFAULT_ADAPTER = "default"  # PEFT's name for the first adapter
+
+
+def check_hyperparameters(rank: int, alpha: float, dropout: float, init: str) -> None:
+    """Raise ValueError naming the bad field (shared by the config and the layers)."""
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise ValueError(f"LoRA rank must be an integer >= 1, got rank={rank!r}")
+    if not alpha > 0:
+        raise ValueError(f"LoRA alpha must be > 0, got alpha={alpha!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"LoRA dropout must be in [0, 1), got dropout={dropout!r}")
+    if init not in INITS:
+        raise ValueError(f"unknown LoRA init={init!r}; expected one of {', '.join(map(repr, INITS))}")
+
+
+def check_dora(dora) -> None:
+    """Raise ValueError unless `dora` is a bool (a string such as "false" would be truthy)."""
+    if not isinstance(dora, bool):
+        raise ValueError(f"LoRA dora must be True or False, got dora={dora!r}")
+
+
+def check_adapter_name(name) -> None:
+    """Raise ValueError unless `name` can name an adapter: a non-empty str without "." (a
+    parameter name cannot hold one)."""
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"an adapter name must be a non-empty string without '.', got {name!r}")
+
+
+def lora_scaling(rank: int, alpha: float, rslora: bool) -> float:
+    """alpha / rank, or alpha / sqrt(rank) for rsLoRA (Kalajdzievski, 2023)."""
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """fp32 for half-precision bases (adapters train in fp32), else the base's own dtype."""
+    return torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
+
+
+def param_key(kind: str, adapter: str) -> str:
+    """The name under which adapter `adapter`'s parameter `kind` ("lora_A", ...) is registered on
+    its layer: `kind` itself for "default" (the names single-adapter LoRA always had, so model
+    state dicts and training checkpoints keep their keys), `kind + "_" + adapter` otherwise."""
+    return kind if adapter == DEFAULT_ADAPTER else f"{kind}_{adapter}"
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """One named adapter's hyperparameters in a layer (validated by the layer before creation)."""
+
+    rank: int
+    alpha: float
+    dropout: float = 0.0
+    rslora: bool = False
+    init: str = "kaiming"
+    dora: bool = False
+    scaling: float = field(init=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "scaling", lora_scaling(self.rank, self.alpha, self.rslora))
+
+
+def _active_field(name: str, doc: str) -> property:
+    return property(lambda self: getattr(self._spec(), name), doc=doc)
+
+
+class _LoRABase(nn.Module):
+    """What LoRALinear and LoRAEmbedding share: the named adapters, merge state and the delta."""
+
+    _dora_axis = 1  # the weight axis DoRA's norm runs over (1: per output row of a linear)
+    _A, _B = "lora_A", "lora_B"  # parameter kinds, PEFT's names (the embedding overrides them)
+    _pissa_rewrites_base = True  # init="pissa" replaces the base weight (not for embeddings, as in PEFT)
+
+    rank = _active_field("rank", "The active adapter's rank r.")
+    alpha = _active_field("alpha", "The active adapter's alpha.")
+    dropout = _active_field("dropout", "The active adapter's dropout probability.")
+    rslora = _active_field("rslora", "Whether the active adapter uses rank-stabilised scaling.")
+    init = _active_field("init", "The active adapter's init.")
+    dora = _active_field("dora", "Whether the active adapter is DoRA.")
+    scaling = _active_field("scaling", "The active adapter's scaling, alpha / r (or alpha / sqrt(r)).")
+
+    def _setup(self, base: nn.Module, adapter_name: str) -> None:
+        check_adapter_name(adapter_name)
+        self.base = base
+        self.adapters: dict[str, AdapterSpec] = {}  # name -> hyperparameters, in the order added
+        self.active_adapter = adapter_name
+        self.merged = False
+        self._disabled = False  # set only by tinytune.lora.disabled()
+        self._rows = None  # (rows, {adapter or None: row indices}); set only by set_row_adapters
+        # DoRA: the norm `merge` folded with, kept until `unmerge` (it cannot be recovered from the
+        # merged weight); None whenever the layer is not merged. Not saved in state dicts.
+        self.register_buffer("_dora_merge_norm", None, persistent=False)
+        base.requires_grad_(False)  # the base is frozen; apply(train_bias=True) re-enables its bias
+
+    def _dims(self) -> tuple[int, int]:
+        """(n_in, n_out): A is (r, n_in), B is (n_out, r), the magnitude (n_out,)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------- the named adapters
+    def _spec(self, name: str | None = None) -> AdapterSpec:
+        name = self.active_adapter if name is None else name
+        spec = self.adapters.get(name)
+        if spec is None:  # an AttributeError, so hasattr(layer, "lora_A") is False here
+            raise AttributeError(f"this {type(self).__name__} holds no adapter {name!r} (it holds {list(self.adapters)})")
+        return spec
+
+    def __getattr__(self, name: str):
+        # Reached when a property such as `lora_A` raised AttributeError because the layer lacks the
+        # active adapter: raise that message, instead of letting nn.Module find the parameter that
+        # "default" registered under the same name and return another adapter's factor.
+        if isinstance(getattr(type(self), name, None), property):
+            self._spec()
+        return super().__getattr__(name)
+
+    def _factor(self, kind: str, name: str | None = None) -> nn.Parameter:
+        name = self.active_adapter if name is None else name
+        self._spec(name)
+        return self._parameters[param_key(kind, name)]
+
+    def adapter_parameters(self, name: str | None = None) -> dict[str, nn.Parameter]:
+        """`{kind: Parameter}` of adapter `name` (default: the active one), kinds named as in PEFT's
+        keys: "lora_A"/"lora_B" (embeddings: "lora_embedding_A"/"lora_embedding_B"), and
+        "lora_magnitude_vector" for DoRA. Raises AttributeError when the layer lacks the adapter."""
+        spec = self._spec(name)
+        kinds = (self._A, self._B) + (("lora_magnitude_vector",) if spec.dora else ())
+        return {kind: self._factor(kind, name) for kind in kinds}
+
+    @property
+    def lora_magnitude_vector(self) -> nn.Parameter:
+        """The active DoRA adapter's magnitude, one per output feature (embedding dim)."""
+        return self._factor("lora_magnitude_vector")
+
+    def add_adapter(self, name: str, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
+                    init: str = "kaiming", dora: bool = False) -> None:
+        """Add a new adapter `name` beside the others, initialised so that it computes the base.
+
+        The layer's active adapter does not change; the new parameters require grad only when
+        `name` is the active adapter (`set_adapter` decides what trains).
+
+        Raises:
+            ValueError: a bad name, a name the layer holds already, bad hyperparameters, or PiSSA
+                beside another adapter on a linear layer (PiSSA rewrites the shared base weight).
+        """
+        check_adapter_name(name)
+        if name in self.adapters:
+            raise ValueError(f"this {type(self).__name__} already has an adapter {name!r} (it holds {list(self.adapters)})")
+        check_hyperparameters(rank, alpha, dropout, init)
+        check_dora(dora)
+        self._check_pissa_alone(name, init)
+        n_in, n_out = self._dims()
+        factory = {"dtype": adapter_dtype(self.base.weight.dtype), "device": self.base.weight.device}
+        params = {self._A: torch.empty(rank, n_in, **factory), self._B: torch.zeros(n_out, rank, **factory)}
+        if dora:  # filled below, once B A is set
+            params["lora_magnitude_vector"] = torch.empty(n_out, **factory)
+        for kind, tensor in params.items():
+            # straight into _parameters: register_parameter would read the `lora_A` property first
+            self._parameters[param_key(kind, name)] = nn.Parameter(tensor, requires_grad=name == self.active_adapter)
+        self.adapters[name] = AdapterSpec(rank, float(alpha), float(dropout), bool(rslora), init, dora)
+        self._init_adapter(name)
+
+    def _check_pissa_alone(self, name: str, init: str) -> None:
+        """PiSSA replaces the base weight by a residual that every adapter of the layer would then
+        see: only the sole adapter of a linear may be PiSSA."""
+        if not self._pissa_rewrites_base or not self.adapters:
+            return
+        pissa = [n for n, s in self.adapters.items() if s.init == "pissa"]
+        if init == "pissa" or pissa:
+            owner = name if init == "pissa" else pissa[0]
+            raise ValueError(f"adapter {owner!r} uses init='pissa', which rewrites this layer's shared base weight into "
+                             f"a residual; it cannot sit beside other adapters ({sorted(set(self.adapters) | {name})}) "
+                             "on one layer: merge_and_unload it first, or target other modules")
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter `name` and its parameters.
+
+        Raises:
+            ValueError: `name` is the active adapter (set another first), or the layer lacks it.
+        """
+        if name not in self.adapters:
+            raise ValueError(f"this {type(self).__name__} has no adapter {name!r} (it holds {list(self.adapters)})")
+        if name == self.active_adapter:
+            raise ValueError(f"cannot delete the active adapter {name!r}; set another one active first")
+        for kind in self.adapter_parameters(name):
+            del self._parameters[param_key(kind, name)]
+        del self.adapters[name]
+
+    def set_adapter(self, name: str) -> None:
+        """Make `name` the active adapter: its parameters require grad, every other adapter's do not.
+        A layer that lacks `name` computes its base while `name` is active.
+
+        Raises:
+            RuntimeError: the layer is merged and `name` is not the merged adapter (unmerge first).
+        """
+        if self.merged and name != self.active_adapter:
+            raise RuntimeError(f"cannot switch to adapter {name!r}: adapter {self.active_adapter!r} is merged into the "
+                               "base weight; call tt.lora.unmerge(model) first")
+        self.active_adapter = name
+        for other in self.adapters:
+            for param in self.adapter_parameters(other).values():
+                param.requires_grad_(other == name)
+
+    def set_row_adapters(self, names: list[str | None] | None) -> None:
+        """Give row i of every following input the adapter `names[i]` (None, or an adapter this
+        layer lacks: the base), until called with None. Used by `tt.lora.adapter_per_row`.
+
+        Rows are the first dimension of this layer's input; rows that share an adapter run
+        together, through the same code as a single-adapter forward.
+        """
+        if names is None:
+            self._rows = None
+            return
+        groups: dict[str | None, list[int]] = {}
+        for row, name in enumerate(names):
+            groups.setdefault(name if name in self.adapters else None, []).append(row)
+        device = self.base.weight.device  # made once here, not on every forward
+        self._rows = (len(names), {n: torch.tensor(r, dtype=torch.long, device=device) for n, r in groups.items()})
+
+    # ----------------------------------------------------------------------- initialisation
+    @torch.no_grad()
+    def _init_adapter(self, name: str) -> None:
+        self._reset(name)
+
+    @torch.no_grad()
+    def _reset_magnitude(self, name: str) -> None:
+        if self.adapters[name].dora:  # m = ||W + s B A||: the layer equals its base at init
+            self._factor("lora_magnitude_vector", name).copy_(self.dora_weight_norm(name))
+
+    def dora_weight_norm(self, name: str | None = None) -> torch.Tensor:
+        """DoRA's `||W + s B A||` per output row (linear) or embedding dim (embedding), detached,
+        for adapter `name` (default: the active one).
+
+        Computed in the adapter's dtype with autocast off: a bf16 norm would make DoRA's scale
+        noisy. Costs a `B A` product and one pass over the base weight (a full-size temporary).
+        """
+        with torch.autocast(self.base.weight.device.type, enabled=False):
+            return dora_weight_norm(self.base.weight, self.delta_weight(name).detach(), self._dora_axis)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base weight (so code that reads `layer.weight` keeps working)."""
+        return self.base.weight
+
+    def delta_weight(self, name: str | None = None) -> torch.Tensor:
+        """`scaling * B A` of adapter `name` (default: the active one) in the base weight's layout,
+        in the adapter's dtype."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------------------- merging
+    def _holds_active(self) -> bool:
+        return self.active_adapter in self.adapters
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """The base weight with the active adapter folded in, as `merge` writes it; the layer is unchanged.
+
+        Returns:
+            `W + s B A` (DoRA: `m / ||W + s B A|| * (W + s B A)`) in the base dtype; the base
+            weight itself, detached, when the layer is merged already or lacks the active adapter.
+        """
+        weight = self.base.weight.detach()
+        if self.merged or not self._holds_active():
+            return weight
+        delta = self.delta_weight().detach()
+        if self.dora:
+            return dora_fold(weight, delta, self.lora_magnitude_vector, self.dora_weight_norm(), self._dora_axis)
+        return weight + delta.to(weight.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the active adapter into the base weight; a second call does nothing (nor does a
+        layer that lacks the active adapter)."""
+        if self.merged or not self._holds_active():
+            return
+        weight = self.base.weight
+        if self.dora:
+            norm = self.dora_weight_norm()  # from the unmerged weight, as forward sees it
+            weight.copy_(dora_fold(weight, self.delta_weight(), self.lora_magnitude_vector, norm, self._dora_axis))
+            self._dora_merge_norm = norm
+        else:
+            weight.add_(self.delta_weight().to(weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take the adapter out again (exact up to the base dtype's rounding); safe to call twice."""
+        if not self.merged:
+            return
+        weight = self.base.weight
+        if self.dora:
+            norm = self._dora_merge_norm
+            weight.copy_(dora_unfold(weight, self.delta_weight(), self.lora_magnitude_vector, norm, self._dora_axis))
+            self._dora_merge_norm = None
+        else:
+            weight.sub_(self.delta_weight().to(weight.dtype))
+        self.merged = False
+
+    # ---------------------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged or self._disabled:
+            return self.base(x)
+        if self._rows is not None:
+            return self._forward_rows(x)
+        return self._forward_adapter(x, self.active_adapter)
+
+    def _forward_adapter(self, x: torch.Tensor, name: str | None) -> torch.Tensor:
+        """The layer's output under adapter `name` (None, or one it lacks: the base)."""
+        raise NotImplementedError
+
+    def _forward_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Mixed batch: each group of rows through its own adapter, written back in place (autograd
+        follows index_select / index_copy_, so gradients reach each group's adapter)."""
+        rows, groups = self._rows
+        if x.shape[0] != rows:
+            raise ValueError(f"adapter_per_row gave {rows} adapters (one per row), but this {type(self).__name__}'s "
+                             f"input has shape {tuple(x.shape)}: rows are the first dimension of each adapted "
+                             "layer's input (batch-first models)")
+        if len(groups) == 1:  # one adapter for the whole batch: no gather
+            return self._forward_adapter(x, next(iter(groups)))
+        out = None
+        for name, index in groups.items():
+            y = self._forward_adapter(x.index_select(0, index), name)  # (rows of the group, ..., d_out)
+            if out is None:
+                out = y.new_empty((rows, *y.shape[1:]))
+            out.index_copy_(0, index, y.to(out.dtype))
+        return out
+
+    def extra_repr(self) -> str:
+        if not self._holds_active():
+            return f"adapters={list(self.adapters)}, active={self.active_adapter!r} (not held: base), merged={self.merged}"
+        extra = f", adapters={list(self.adapters)}, active={self.active_adapter!r}" if len(self.adapters) > 1 else ""
+        return (f"rank={self.rank}, alpha={self.alpha:g}, scaling={self.scaling:g}, dropout={self.dropout:g}, "
+                f"init={self.init}, dora={self.dora}, merged={self.merged}{extra}")
