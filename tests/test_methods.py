@@ -129,3 +129,26 @@ def test_applying_a_method_twice_is_refused(name):
 def test_a_bad_config_names_the_field(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+@pytest.mark.parametrize("name", ["lora", "dora", "ia3"])
+def test_save_pretrained_merges_mergeable_methods(tmp_path, name):
+    model, namespace = _trained(name)
+    expected = model(IDS)
+    tt.save_pretrained(model, tmp_path / "merged")
+    loaded, _ = tt.load_pretrained(tmp_path / "merged")
+    torch.testing.assert_close(loaded(IDS), expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(model(IDS), expected, atol=0, rtol=0)  # the model itself is unchanged
+    if name == "ia3":  # an already merged layer is written as it is, not scaled twice
+        namespace.merge(model)
+        tt.save_pretrained(model, tmp_path / "merged-twice")
+        torch.testing.assert_close(tt.load_pretrained(tmp_path / "merged-twice")[0](IDS), expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name, message", [("adapter-houlsby", "bottleneck adapters cannot be merged"),
+                                           ("prefix", "prefix tuning cannot"), ("prompt", "prompt tuning cannot")])
+def test_save_pretrained_refuses_methods_that_do_not_merge(tmp_path, name, message):
+    model, _ = _applied(name)
+    with pytest.raises(ValueError, match=message + ".*tt.save_adapter"):
+        tt.save_pretrained(model, tmp_path / "x")
+    assert not (tmp_path / "x" / "model.safetensors").exists()

@@ -17,7 +17,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..peft import lora
+from ..peft import adapter, ia3, lora
 from .config import ModelConfig
 from .hf_keys import hf_to_ours, is_ignored, ours_to_hf
 from .transformer import CausalLM
@@ -138,8 +138,37 @@ def load_pretrained(path, dtype: torch.dtype = torch.float32, device="cpu", allo
     return model, load_tokenizer(path)
 
 
+def _refuse_unmergeable(model: nn.Module) -> None:
+    """A plain checkpoint cannot hold bottleneck adapters, prefixes or soft prompts: say so, never write
+    their `.base.` / encoder keys into a file transformers would load wrongly."""
+    kinds = [kind for kind, found in (
+        ("bottleneck adapters", any(True for _ in adapter.adapter_layers(model))),
+        ("prefix tuning", getattr(model, "prefix_encoder", None) is not None),
+        ("prompt tuning", getattr(model, "prompt_encoder", None) is not None)) if found]
+    if kinds:
+        raise ValueError(f"save_pretrained: {kinds[0]} cannot be merged into the weights of a plain checkpoint; "
+                         "save it with tt.save_adapter (and the base with tt.save_pretrained before applying it)")
+
+
+def _fold_ia3(state: dict, name: str, layer: nn.Module) -> None:
+    weight, bias = state.pop(f"{name}.base.weight"), state.pop(f"{name}.base.bias", None)
+    l = state.pop(f"{name}.ia3_l").float()  # (out, 1) scales rows and the bias; (1, in) scales columns
+    if not layer.merged:
+        weight = (weight.float() * l).to(weight.dtype)
+        if bias is not None and not layer.feedforward:
+            bias = (bias.float() * l.reshape(bias.shape)).to(bias.dtype)
+    state[f"{name}.weight"] = weight
+    if bias is not None:
+        state[f"{name}.bias"] = bias
+
+
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict with every LoRA layer folded into plain weights (model unchanged)."""
+    """The model's state dict with every LoRA and (IA)3 layer folded into plain weights (model unchanged).
+
+    Raises:
+        ValueError: the model carries a method that does not merge (adapters, prefixes, soft prompts).
+    """
+    _refuse_unmergeable(model)
     state = {k: v.detach() for k, v in model.state_dict().items()}
     for name, layer in lora.lora_layers(model):
         state.pop(f"{name}.base.weight")
@@ -148,6 +177,8 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             state[f"{name}.bias"] = state.pop(f"{name}.base.bias")
         for key in [k for k in state if k.startswith(f"{name}.lora_")]:
             del state[key]
+    for name, layer in ia3.ia3_layers(model):
+        _fold_ia3(state, name, layer)
     return state
 
 
@@ -164,7 +195,7 @@ def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, 
 
 
 def save_pretrained(model: CausalLM, path, tokenizer=None, max_shard_size: int | str = "5GB") -> Path:
-    """Write `model` as a Hugging Face checkpoint directory (LoRA merged in; the model is unchanged).
+    """Write `model` as a Hugging Face checkpoint directory (LoRA and (IA)3 merged in; the model is unchanged).
 
     Writes `config.json`, `generation_config.json`, the weights as `model.safetensors` or, above
     `max_shard_size` (bytes, or a string like "2GB"), as `model-0000x-of-0000n.safetensors` with
