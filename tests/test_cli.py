@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import tinytune as tt
 from tinytune.cli import main
@@ -166,3 +167,24 @@ def test_python_m_tinytune_demo_quick_and_the_cache(tmp_path):
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)  # the cached base
     assert again.returncode == 0, again.stderr
     assert "cached in" in again.stdout and "pre-training the base model" not in again.stdout
+
+
+@pytest.mark.parametrize("method, peft_type", [("dora", "LORA"), ("ia3", "IA3"), ("adapter", "BOTTLENECK_ADAPTER"),
+                                               ("prefix", "PREFIX_TUNING"), ("prompt", "PROMPT_TUNING")])
+def test_finetune_with_every_method_writes_a_loadable_adapter(checkpoint, tmp_path, capsys, method, peft_type):
+    out_dir = tmp_path / "run"
+    code, out, err = run(capsys, "finetune", checkpoint / "ckpt", checkpoint / "data.jsonl", "--method", method,
+                         "--steps", 2, "--batch-size", 2, "--lr", 1e-2, "--bottleneck", 8, "--num-virtual-tokens", 4,
+                         "--out", out_dir)
+    assert code == 0, err
+    assert json.loads((out_dir / "adapter" / "adapter_config.json").read_text())["peft_type"] == peft_type
+    trained = tt.load_adapter(tt.load_pretrained(checkpoint / "ckpt")[0], out_dir / "adapter")
+    base, _ = tt.load_pretrained(checkpoint / "ckpt")
+    ids = torch.tensor([[1, 5, 6, 7]])
+    assert not torch.allclose(trained(ids), base(ids))  # it trained, and the file carries it
+
+
+def test_bitfit_needs_biases_and_says_so(checkpoint, tmp_path, capsys):
+    code, _, err = run(capsys, "finetune", checkpoint / "ckpt", checkpoint / "data.jsonl", "--method", "bitfit",
+                       "--steps", 1, "--out", tmp_path / "run")
+    assert code == 2 and "--method bitfit:" in err and "bias" in err

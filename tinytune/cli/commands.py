@@ -10,10 +10,11 @@ from .measure import measure_training_step
 from .options import CLIError
 from .setup import apply_method, load_dataset, load_model, train_config
 
-FINETUNE_KEYS = {"checkpoint", "data", "out", "method", "rank", "alpha", "dropout", "targets", "rslora", "task",
+METHOD_KEYS = {"method", "rank", "alpha", "dropout", "targets", "rslora", "bottleneck", "placement", "num_virtual_tokens"}
+FINETUNE_KEYS = METHOD_KEYS | {"checkpoint", "data", "out", "task",
                  "template", "max_length", "on_error", "tokenizer", "steps", "lr", "batch_size", "grad_accum",
                  "dtype", "grad_checkpointing", "schedule", "warmup_steps", "seed", "log_every", "device"}
-PARAMS_KEYS = {"checkpoint", "method", "rank", "alpha", "dropout", "targets", "rslora", "tokenizer"}
+PARAMS_KEYS = METHOD_KEYS | {"checkpoint", "tokenizer"}
 BENCH_KEYS = PARAMS_KEYS | {"batch_size", "seq_len", "steps", "warmup", "dtype", "grad_checkpointing", "device"}
 
 

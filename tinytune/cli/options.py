@@ -10,13 +10,14 @@ import json
 import tomllib
 from pathlib import Path
 
-METHODS = ("lora",)
+METHODS = ("lora", "dora", "ia3", "adapter", "prefix", "prompt", "bitfit")
 TASKS = ("text", "pairs", "instructions", "chats")
 DTYPES = ("fp32", "bf16", "fp16")
 TEMPLATES = ("alpaca", "chatml", "llama3")
 
 DEFAULTS: dict[str, object] = {
     "method": "lora", "rank": 8, "alpha": 16.0, "dropout": 0.05, "targets": "all-linear", "rslora": False,
+    "bottleneck": 64, "placement": "houlsby", "num_virtual_tokens": 20,
     "task": "instructions", "template": None, "max_length": None, "on_error": "raise", "tokenizer": None,
     "steps": 100, "lr": 2e-4, "batch_size": 8, "grad_accum": 1, "dtype": "fp32", "grad_checkpointing": False,
     "schedule": "constant", "warmup_steps": 0, "seed": 0, "log_every": 10, "device": "cpu",
@@ -36,7 +37,9 @@ def _flag(parser, name: str, help: str, **kwargs) -> None:
 
 
 def add_method_options(parser: argparse.ArgumentParser) -> None:
-    """--method and the LoRA hyper-parameters."""
+    """--method and its hyper-parameters (LoRA/DoRA: rank, alpha, dropout, targets, rslora; adapter:
+    bottleneck, placement; prefix/prompt: num_virtual_tokens; ia3 and bitfit take none: (IA)3 adapts
+    k_proj, v_proj and down_proj, BitFit trains the biases)."""
     g = parser.add_argument_group("method")
     _flag(g, "--method", f"PEFT method, one of {', '.join(METHODS)}", metavar="NAME")
     _flag(g, "--rank", "LoRA rank r", type=int)
@@ -45,6 +48,9 @@ def add_method_options(parser: argparse.ArgumentParser) -> None:
     _flag(g, "--targets", "modules to adapt: 'all-linear', or comma-separated names/suffixes such as "
           "q_proj,v_proj", metavar="SPEC")
     _flag(g, "--rslora", "rank-stabilised scaling alpha / sqrt(rank)", action="store_true")
+    _flag(g, "--bottleneck", "adapter: bottleneck size", type=int)
+    _flag(g, "--placement", "adapter: houlsby, pfeiffer or parallel", metavar="NAME")
+    _flag(g, "--num-virtual-tokens", "prefix / prompt: virtual tokens P", type=int)
 
 
 def add_train_options(parser: argparse.ArgumentParser) -> None:

@@ -8,7 +8,7 @@ import torch
 
 from .. import data as ttdata
 from ..models import PRESETS, build, load_pretrained, load_tokenizer
-from ..peft import lora
+from ..peft import adapter, freeze, ia3, lora, prefix, prompt
 from ..train import TrainConfig
 from .options import DTYPES, METHODS, TASKS, TEMPLATES, CLIError
 
@@ -65,6 +65,22 @@ def _targets(spec):
     return spec if spec == "all-linear" else [s.strip() for s in spec.split(",") if s.strip()]
 
 
+def _apply(model, method: str, opts: dict) -> list[str]:
+    if method in ("lora", "dora"):
+        cfg = lora.LoraConfig(rank=opts["rank"], alpha=opts["alpha"], dropout=opts["dropout"],
+                              targets=_targets(opts["targets"]), rslora=bool(opts["rslora"]), dora=method == "dora")
+        return lora.apply(model, cfg)
+    if method == "ia3":
+        return ia3.apply(model, ia3.IA3Config())
+    if method == "adapter":
+        return adapter.apply(model, adapter.AdapterConfig(bottleneck=opts["bottleneck"], placement=opts["placement"]))
+    if method == "prefix":
+        return prefix.apply(model, prefix.PrefixConfig(num_virtual_tokens=opts["num_virtual_tokens"]))
+    if method == "prompt":
+        return prompt.apply(model, prompt.PromptConfig(num_virtual_tokens=opts["num_virtual_tokens"]))
+    return freeze.bitfit(model)
+
+
 def apply_method(model, opts: dict) -> list[str]:
     """Apply `opts["method"]` with its options to `model` in place; returns the adapted module names.
 
@@ -75,9 +91,7 @@ def apply_method(model, opts: dict) -> list[str]:
     if method not in METHODS:
         raise CLIError(f"--method: unknown method {method!r}; choose from {list(METHODS)}")
     try:
-        cfg = lora.LoraConfig(rank=opts["rank"], alpha=opts["alpha"], dropout=opts["dropout"],
-                              targets=_targets(opts["targets"]), rslora=bool(opts["rslora"]))
-        return lora.apply(model, cfg)
+        return _apply(model, method, opts)
     except (ValueError, TypeError) as err:
         raise CLIError(f"--method {method}: {err}") from None
 
