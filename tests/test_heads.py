@@ -187,3 +187,15 @@ def test_short_fit_learns_a_classification_task():
     before = acc(test)
     fit(clf, train, _cfg(task="classification", steps=40, batch_size=16, shuffle=True), stream=io.StringIO())
     assert acc(test) >= 0.9 > before
+
+
+def test_a_soft_prompt_on_the_decoder_acts_on_the_classifier():
+    """Heads run the decoder's own forward, so methods hooking it (prompt, prefix tuning) are not skipped."""
+    ids = torch.randint(4, 256, (2, 7))
+    decoder = tt.models.build("llama-tiny")
+    clf = SequenceClassifier(decoder, num_labels=3)
+    before = clf(ids)
+    tt.prompt.apply(decoder, tt.prompt.PromptConfig(num_virtual_tokens=4))
+    assert not torch.allclose(clf(ids), before, atol=1e-4)
+    with tt.prompt.disabled(decoder):
+        torch.testing.assert_close(clf(ids), before, atol=1e-5, rtol=0)

@@ -15,15 +15,15 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .transformer import CausalLM, _position_ids, build_attention_mask
+from .transformer import CausalLM
 
 
 def hidden_states(decoder: CausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
     """The final-norm hidden states of `decoder`: what `decoder.lm_head` would turn into logits.
 
-    Mirrors `CausalLM.forward` (no cache, no prefix, 2-D padding mask) step by step through its public
-    pieces, so that `decoder.lm_head(hidden_states(decoder, ids, mask)) == decoder(ids, attention_mask=mask)`
-    exactly; `tests/test_heads.py` checks that, so a change to `forward` that this misses fails there.
+    `decoder(ids, attention_mask=mask, return_hidden=True)`, so that
+    `decoder.lm_head(hidden_states(decoder, ids, mask)) == decoder(ids, attention_mask=mask)` exactly, and
+    methods that hook the decoder's forward (prompt and prefix tuning) apply to classification heads too.
 
     Args:
         decoder: a `CausalLM` (LoRA or other adapters applied to it are run as usual).
@@ -41,16 +41,8 @@ def hidden_states(decoder: CausalLM, input_ids: torch.Tensor, attention_mask: to
     if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
         raise ValueError(f"attention_mask must be (batch, seq) = {tuple(input_ids.shape)} like input_ids, got "
                          f"{tuple(attention_mask.shape)} (4-D masks of packed rows are not supported by heads)")
-    body = decoder.model
-    h = body.embed_tokens(input_ids)  # (B, T, d)
-    B, T, _ = h.shape
-    position_ids = _position_ids(attention_mask, 0, T, h.device).expand(B, T)
-    if body.embed_positions is not None:
-        h = h + body.embed_positions(position_ids)
-    rope = body.rotary(position_ids, h.dtype) if body.rotary is not None else None
-    mask = build_attention_mask(attention_mask, 0, T, decoder.config.sliding_window, 0, h.device)
-    h = decoder._run_layers(h, rope, mask, None, None)
-    return body.norm(h)
+    # Through the decoder's own forward, so hooks on it (soft prompts, prefixes) act here too.
+    return decoder(input_ids, attention_mask=attention_mask, return_hidden=True)
 
 
 def last_token_index(attention_mask: torch.Tensor | None, batch: int, seq: int, device) -> torch.Tensor:
