@@ -123,7 +123,9 @@ def main() -> None:
     import tempfile
     with tempfile.TemporaryDirectory() as tmp:
         args.tmp = tmp
-        info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), platform.processor() or platform.machine())
+        info = {"cpu": cpu, "cores": os.cpu_count(),
                 "torch": torch.__version__, "date": datetime.datetime.now().isoformat(timespec="seconds"),
                 "load_avg_before": os.getloadavg(), "steps": args.steps}
         rows = run_all(args)
