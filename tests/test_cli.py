@@ -111,7 +111,7 @@ def test_finetune_from_a_config_file_and_flags_override(checkpoint, tmp_path, ca
 @pytest.mark.parametrize("argv, message", [
     (["params", "no-such-preset"], "unknown preset 'no-such-preset'"),
     (["params", "./missing/dir"], "no such directory: missing/dir"),
-    (["params", "llama-tiny", "--method", "dora"], "--method: unknown method 'dora'"),
+    (["params", "llama-tiny", "--method", "loha"], "--method: unknown method 'loha'; choose from ['lora', 'dora', 'ia3'"),
     (["params", "llama-tiny", "--rank", "0"], "rank"),
     (["params", "llama-tiny", "--targets", "nope"], "nope"),
     (["finetune", "llama-tiny"], "missing DATA"),
