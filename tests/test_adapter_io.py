@@ -167,3 +167,16 @@ def test_load_adapter_names_an_unknown_peft_type(tmp_path):
     save_file({"x": torch.zeros(1)}, str(tmp_path / "adapter_model.safetensors"))
     with pytest.raises(ValueError, match=r"peft_type='LOHA'; this loader reads \['LORA', 'IA3', 'BOTTLENECK_ADAPTER', 'PROMPT_TUNING'"):
         tt.load_adapter(tt.models.build("llama-tiny"), tmp_path)
+
+
+def test_adapter_files_get_the_usual_permissions(tmp_path):
+    """The atomic write goes through mkstemp (mode 0600); the files must end up as open() would make them."""
+    model = tt.models.build("llama-tiny")
+    tt.lora.apply(model, tt.lora.LoraConfig(rank=2))
+    umask = os.umask(0o022)
+    try:
+        tt.save_adapter(model, tmp_path)
+    finally:
+        os.umask(umask)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name

@@ -374,3 +374,16 @@ def test_adapter_directories_load_both_ways(hf_checkpoint, tmp_path):
     ia3.load_state_dict(fresh, load_file(str(tmp_path / "theirs" / "adapter_model.safetensors")))
     with torch.no_grad():
         torch.testing.assert_close(fresh(ids), theirs(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_refuses_a_tied_lm_head(tmp_path):
+    """Scaling a tied lm_head's weight would scale the input embedding too."""
+    model = tt.models.build("qwen2-tiny").eval()  # tie_word_embeddings=True
+    tt.ia3.apply(model, tt.ia3.IA3Config(targets=["lm_head"], feedforward=[]))
+    with torch.no_grad():
+        model.lm_head.ia3_l.fill_(2.0)
+    before = model.model.embed_tokens.weight.detach().clone()
+    for merge in (tt.ia3.merge, tt.ia3.merge_and_unload, lambda m: tt.save_pretrained(m, tmp_path)):
+        with pytest.raises(ValueError, match="tied"):
+            merge(model)
+    assert torch.equal(model.model.embed_tokens.weight, before)

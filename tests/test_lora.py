@@ -215,3 +215,15 @@ def test_autocast_bf16_forward_backward():
     out.float().sum().backward()
     lora_b = model.layers[0]["self_attn"].q_proj.lora_B
     assert lora_b.grad is not None and lora_b.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("target", ["lm_head", "embed_tokens"])
+def test_merge_refuses_a_weight_tied_to_another_module(target, tmp_path):
+    """Merging LoRA into a tied lm_head / embedding would change the other module too (merged != unmerged)."""
+    model = tt.models.build("qwen2-tiny").eval()  # tie_word_embeddings=True
+    tt.lora.apply(model, tt.lora.LoraConfig(rank=4, targets=[target]))
+    before = model.model.embed_tokens.weight.detach().clone()
+    for merge in (tt.lora.merge, tt.lora.merge_and_unload, lambda m: tt.save_pretrained(m, tmp_path)):
+        with pytest.raises(ValueError, match="tied"):
+            merge(model)
+    assert torch.equal(model.model.embed_tokens.weight, before)

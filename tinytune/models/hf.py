@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..peft import adapter, ia3, lora
+from ..peft._targets import refuse_shared_merge
 from .config import ModelConfig
 from .hf_keys import hf_to_ours, is_ignored, ours_to_hf
 from .transformer import CausalLM
@@ -166,9 +167,11 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's state dict with every LoRA and (IA)3 layer folded into plain weights (model unchanged).
 
     Raises:
-        ValueError: the model carries a method that does not merge (adapters, prefixes, soft prompts).
+        ValueError: the model carries a method that does not merge (adapters, prefixes, soft prompts), or
+            a LoRA / (IA)3 layer whose base weight is tied to another module (e.g. lm_head and embeddings).
     """
     _refuse_unmergeable(model)
+    refuse_shared_merge(model, [*lora.lora_layers(model), *ia3.ia3_layers(model)], "save_pretrained")
     state = {k: v.detach() for k, v in model.state_dict().items()}
     for name, layer in lora.lora_layers(model):
         state.pop(f"{name}.base.weight")

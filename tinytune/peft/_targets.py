@@ -35,6 +35,32 @@ def output_heads(model: nn.Module, modules: list[tuple[str, nn.Module]] | None =
     }
 
 
+def shared_weight_users(model: nn.Module, layers: list[tuple[str, nn.Module]]) -> dict[str, list[str]]:
+    """For each (name, layer) whose `layer.base.weight` another module of `model` also uses (a tied
+    lm_head and input embedding): name -> the other modules' names. Merging into such a weight would
+    change those modules too."""
+    users: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, nn.Parameter):
+            users.setdefault(id(weight), []).append(name)
+    shared = {}
+    for name, layer in layers:
+        others = [n for n in users.get(id(layer.base.weight), []) if n not in (name, name + ".base")]
+        if others:
+            shared[name] = others
+    return shared
+
+
+def refuse_shared_merge(model: nn.Module, layers: list[tuple[str, nn.Module]], what: str) -> None:
+    """Raise ValueError naming the layers whose base weight is shared with another module (see above)."""
+    shared = shared_weight_users(model, layers)
+    if shared:
+        raise ValueError(f"{what}: the base weight of {shared} is shared (tied) with the modules listed, so merging "
+                         "would change them too and the model would no longer compute what it does unmerged; "
+                         "keep the adapter unmerged, or untie the weights first")
+
+
 def matches(name: str, module: nn.Module, spec: TargetSpec, heads: frozenset[str] | set[str] = frozenset()) -> bool:
     """Whether the module called `name` matches `spec` under the rules above.
 

@@ -20,8 +20,8 @@ import torch
 import torch.nn as nn
 
 from ._targets import (
-    ALL_LINEAR, TargetSpec, describe_candidates, find_targets, get_parent, matches, output_heads, replace_module,
-    validate_spec,
+    ALL_LINEAR, TargetSpec, describe_candidates, find_targets, get_parent, matches, output_heads, refuse_shared_merge,
+    replace_module, validate_spec,
 )
 from .lora import _guard_fused_fast_paths  # the nn.TransformerEncoderLayer fast-path guard, shared with LoRA
 from .lora_layers import LORA_LAYER_TYPES, adapter_dtype
@@ -220,9 +220,11 @@ def merge(model: nn.Module) -> nn.Module:
         model.
 
     Raises:
-        ValueError: no (IA)^3 layers, or a vector has a zero entry (named; nothing is merged then).
+        ValueError: no (IA)^3 layers, a vector has a zero entry, or a base weight is shared with another
+            module (a tied lm_head / embedding) (named; nothing is merged then).
     """
     layers = _require_ia3(model, "merge")
+    refuse_shared_merge(model, [(n, layer) for n, layer in layers if not layer.merged], "ia3.merge")
     zeros = [name for name, layer in layers if not layer.merged and bool((layer.ia3_l == 0).any())]
     if zeros:
         raise ValueError(f"merge: ia3_l of {zeros[:5]} has zero entries, so unmerge could not undo it; "
@@ -246,9 +248,12 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge (one way: zero entries are allowed), then put the plain nn.Linear modules back; they stay
     frozen, as `apply` left them.
 
-    Returns: model.  Raises: ValueError: the model has no (IA)^3 layers.
+    Returns: model.  Raises: ValueError: the model has no (IA)^3 layers, or a base weight is shared (tied)
+    with another module.
     """
-    for name, layer in _require_ia3(model, "merge_and_unload"):
+    layers = _require_ia3(model, "merge_and_unload")
+    refuse_shared_merge(model, [(n, layer) for n, layer in layers if not layer.merged], "ia3.merge_and_unload")
+    for name, layer in layers:
         if not layer.merged:
             layer._rescale(torch.mul)
         replace_module(model, name, layer.base)

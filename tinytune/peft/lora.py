@@ -17,7 +17,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ._targets import TargetSpec, describe_candidates, find_targets, get_parent, replace_module, validate_spec
+from ._targets import (
+    TargetSpec, describe_candidates, find_targets, get_parent, refuse_shared_merge, replace_module, validate_spec,
+)
 from .lora_layers import (
     DEFAULT_ADAPTER,
     INITS,
@@ -307,8 +309,14 @@ def merge(model: nn.Module) -> nn.Module:
 
     DoRA layers write `m / ||W + s B A|| * (W + s B A)` instead and keep that norm until `unmerge`.
     With a bf16/fp16 base the merged weight is rounded to that dtype (see docs/lora.md).
+
+    Raises:
+        ValueError: an unmerged layer's base weight is shared with another module (a tied lm_head /
+            embedding): merging would change that module too. Nothing is merged then.
     """
-    for _, layer in _require_lora(model, "merge"):
+    layers = _require_lora(model, "merge")
+    refuse_shared_merge(model, [(n, layer) for n, layer in layers if not layer.merged], "lora.merge")
+    for _, layer in layers:
         layer.merge()
     return model
 
@@ -325,8 +333,13 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     (every other adapter is dropped). Returns model.
 
     The restored modules keep the requires_grad flags `apply` gave them (frozen).
+
+    Raises:
+        ValueError: a base weight is shared with another module (tied), as for `merge`.
     """
-    for name, layer in _require_lora(model, "merge_and_unload"):
+    layers = _require_lora(model, "merge_and_unload")
+    refuse_shared_merge(model, [(n, layer) for n, layer in layers if not layer.merged], "lora.merge_and_unload")
+    for name, layer in layers:
         layer.merge()
         replace_module(model, name, layer.base)
     return model
