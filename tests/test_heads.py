@@ -189,13 +189,29 @@ def test_short_fit_learns_a_classification_task():
     assert acc(test) >= 0.9 > before
 
 
-def test_a_soft_prompt_on_the_decoder_acts_on_the_classifier():
-    """Heads run the decoder's own forward, so methods hooking it (prompt, prefix tuning) are not skipped."""
+def test_a_soft_prompt_on_the_decoder_acts_on_the_classifier_and_trains_with_it(tmp_path):
+    """Heads run the decoder's own forward, so methods hooking it (prompt, prefix tuning) are not skipped,
+    and a head built after the method registers its module, so `fit` and `save_adapter` see it."""
     ids = torch.randint(4, 256, (2, 7))
+    reference = SequenceClassifier(tt.models.build("llama-tiny"), num_labels=3)
+    before = reference(ids)
     decoder = tt.models.build("llama-tiny")
-    clf = SequenceClassifier(decoder, num_labels=3)
-    before = clf(ids)
     tt.prompt.apply(decoder, tt.prompt.PromptConfig(num_virtual_tokens=4))
+    clf = SequenceClassifier(decoder, num_labels=3)
+    clf.score.load_state_dict(reference.score.state_dict())  # the same head as the reference
     assert not torch.allclose(clf(ids), before, atol=1e-4)
     with tt.prompt.disabled(decoder):
         torch.testing.assert_close(clf(ids), before, atol=1e-5, rtol=0)
+    prompt = decoder.prompt_encoder.embedding.detach().clone()
+    data = [{"input_ids": [5 + k, 6, 7], "label": k % 3} for k in range(6)]
+    fit(clf, data, TrainConfig(task="classification", lr=1e-2, steps=2, batch_size=3, log_every=100),
+        stream=io.StringIO())
+    assert not torch.equal(decoder.prompt_encoder.embedding, prompt)  # the prompt trained with the head
+
+
+def test_a_method_applied_after_the_head_is_refused_with_the_reason():
+    decoder = tt.models.build("llama-tiny")
+    clf = TokenClassifier(decoder, num_labels=2)
+    tt.prefix.apply(decoder, tt.prefix.PrefixConfig(num_virtual_tokens=2))
+    with pytest.raises(ValueError, match="prefix_encoder after this head was built.*before building the head"):
+        clf(torch.randint(4, 256, (1, 5)))

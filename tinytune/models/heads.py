@@ -69,6 +69,10 @@ def _new_linear(decoder: CausalLM, num_labels: int, bias: bool, what: str) -> nn
     return layer
 
 
+# Modules prompt / prefix tuning attach to a decoder; a head registers them so that they train with it.
+_METHOD_MODULES = ("prompt_encoder", "prefix_encoder")
+
+
 class _DecoderHead(nn.Module):
     """What both heads share: the decoder body registered as `model`, mode and checkpointing passed on."""
 
@@ -81,6 +85,18 @@ class _DecoderHead(nn.Module):
         # A list hides the decoder from module registration (no lm_head in parameters or state_dict); it
         # shares `model` with this head, and its `_run_layers` is what runs the blocks.
         self._decoder = [decoder]
+        for name in _METHOD_MODULES:  # the decoder's soft prompt / prefixes train with the head
+            module = getattr(decoder, name, None)
+            if isinstance(module, nn.Module):
+                self.add_module(name, module)
+
+    def _check_methods(self) -> None:
+        for name in _METHOD_MODULES:
+            module = getattr(self.decoder, name, None)
+            if isinstance(module, nn.Module) and self._modules.get(name) is not module:
+                raise ValueError(f"{type(self).__name__}: the decoder got a {name} after this head was built, so "
+                                 "its parameters are not the head's (training and save_adapter would miss them): "
+                                 "apply prompt or prefix tuning to the decoder before building the head")
 
     @property
     def decoder(self) -> CausalLM:
@@ -128,6 +144,7 @@ class SequenceClassifier(_DecoderHead):
         self.score = _new_linear(decoder, num_labels, bias=False, what="SequenceClassifier")  # bias-free as HF's
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        self._check_methods()
         h = hidden_states(self.decoder, input_ids, attention_mask)  # (B, T, d)
         B, T, _ = h.shape
         last = last_token_index(attention_mask, B, T, h.device)  # (B,)
@@ -159,4 +176,5 @@ class TokenClassifier(_DecoderHead):
         self.classifier = _new_linear(decoder, num_labels, bias=True, what="TokenClassifier")
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        self._check_methods()
         return self.classifier(hidden_states(self.decoder, input_ids, attention_mask))  # (B, T, num_labels)
