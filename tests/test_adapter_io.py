@@ -180,3 +180,23 @@ def test_adapter_files_get_the_usual_permissions(tmp_path):
         os.umask(umask)
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
+
+
+@pytest.mark.parametrize("peft_type", sorted(METHODS) + ["PISSA"])
+def test_a_failed_load_leaves_the_model_as_it_was(tmp_path, peft_type):
+    apply = METHODS.get(peft_type) or (lambda m: tt.lora.apply(m, tt.lora.LoraConfig(rank=2, init="pissa",
+                                                                                       targets=["q_proj", "v_proj"])))
+    model = tt.models.build("llama-tiny")
+    apply(model)
+    tt.save_adapter(model, tmp_path / "a")
+    weights = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    first = sorted(weights)[0]
+    weights[first] = torch.zeros(1)  # a mis-shaped tensor: loading must fail on it
+    save_file(weights, str(tmp_path / "a" / "adapter_model.safetensors"))
+    fresh, ids = tt.models.build("llama-tiny"), torch.randint(0, 256, (1, 6))
+    keys, expected = list(fresh.state_dict()), fresh(ids)
+    with pytest.raises(ValueError, match="shape"):
+        tt.load_adapter(fresh, tmp_path / "a")
+    assert list(fresh.state_dict()) == keys and all(p.requires_grad for p in fresh.parameters())
+    assert torch.equal(fresh(ids), expected)  # no hook, wrapper or rewritten base weight is left behind
+    assert not hasattr(fresh, "num_virtual_tokens") or not fresh.num_virtual_tokens

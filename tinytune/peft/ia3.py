@@ -19,17 +19,13 @@ from typing import Callable, Iterator
 import torch
 import torch.nn as nn
 
-from ._targets import (
-    ALL_LINEAR, TargetSpec, describe_candidates, find_targets, get_parent, matches, output_heads, refuse_shared_merge,
-    replace_module, validate_spec,
-)
+from ._targets import (ALL_LINEAR, TargetSpec, describe_candidates, find_targets, get_parent, matches, output_heads,
+                       refuse_shared_merge, replace_module, validate_spec)
 from .lora import _guard_fused_fast_paths  # the nn.TransformerEncoderLayer fast-path guard, shared with LoRA
 from .lora_layers import LORA_LAYER_TYPES, adapter_dtype
 
-__all__ = [
-    "IA3Config", "IA3Linear", "apply", "merge", "unmerge", "merge_and_unload", "disabled", "state_dict",
-    "load_state_dict", "ia3_layers", "peft_config_dict", "config_from_peft",
-]
+__all__ = ["IA3Config", "IA3Linear", "apply", "merge", "unmerge", "merge_and_unload", "disabled", "state_dict",
+           "load_state_dict", "ia3_layers", "peft_config_dict", "config_from_peft"]
 
 PEFT_PREFIX = "base_model.model."
 PEFT_TYPE = "IA3"

@@ -15,7 +15,8 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from .._files import atomic_write
-from . import adapter, freeze, ia3, lora, lora_config_io, prefix, prompt
+from . import _rollback, adapter, freeze, ia3, lora, lora_config_io, prefix, prompt
+from ._targets import find_targets
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -174,6 +175,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
     the adapter is created under that name (active); on a model with LoRA a new name is ADDED beside
     the others (`tt.lora.add_adapter`: inactive until `set_adapter`), an existing name is overwritten.
     Without it the weights go into the active adapter (or "default", created when there is no LoRA).
+    When loading fails, the model is left as it was (the method is taken off again, flags restored).
 
     Raises:
         FileNotFoundError: a file is missing (a pickled `adapter_model.bin` is refused).
@@ -182,5 +184,19 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
     """
     path = Path(path)
     config = _read_config(path)
-    _load_method(model, config, _read_weights(path), path, adapter_name)
+    weights = _read_weights(path)
+    snap = _rollback.snapshot(model, _weights_pissa_may_rewrite(model, config, path))
+    try:
+        _load_method(model, config, weights, path, adapter_name)
+    except BaseException:
+        _rollback.restore(snap)  # a failed load leaves the model as it was
+        raise
     return model
+
+
+def _weights_pissa_may_rewrite(model: nn.Module, config: dict, path: Path) -> list[torch.Tensor]:
+    """The base weights a PiSSA adapter's apply would replace by residuals (none for other methods)."""
+    if config.get("peft_type") != "LORA" or config.get("init_lora_weights") != "pissa":
+        return []
+    cfg = lora_config_io.config_from_peft(config, path)
+    return [m.weight for _, m in find_targets(model, cfg.targets, cfg.exclude) if isinstance(m, nn.Linear)]
