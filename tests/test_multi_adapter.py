@@ -231,8 +231,10 @@ def test_weighted_adapter_errors():
     model = _two_adapters()  # ranks 4 and 2
     with pytest.raises(ValueError, match=r"'linear' needs adapters of one rank, got \{'default': 4, 'b': 2\}"):
         tt.lora.add_weighted_adapter(model, ["default", "b"], [1, 1], "mix", combination="linear")
-    with pytest.raises(ValueError, match=r"combination='svd' is not supported; choose one of \('cat', 'linear'\)"):
-        tt.lora.add_weighted_adapter(model, ["default", "b"], [1, 1], "mix", combination="svd")
+    with pytest.raises(ValueError, match=r"combination='ties' is not supported; choose one of \('cat', 'linear', 'svd'\)"):
+        tt.lora.add_weighted_adapter(model, ["default", "b"], [1, 1], "mix", combination="ties")
+    with pytest.raises(ValueError, match=r"svd_rank must be an int >= 1 or None, got 0"):
+        tt.lora.add_weighted_adapter(model, ["default", "b"], [1, 1], "mix", combination="svd", svd_rank=0)
     with pytest.raises(ValueError, match=r"weights \[1\] must be one number per adapter"):
         tt.lora.add_weighted_adapter(model, ["default", "b"], [1], "mix")
     with pytest.raises(ValueError, match="already has an adapter 'b'"):
@@ -370,7 +372,7 @@ def test_two_adapters_saved_one_by_one_load_in_peft(tmp_path):
             torch.testing.assert_close(theirs(IDS), model(IDS), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("combination", ["cat", "linear"])
+@pytest.mark.parametrize("combination", ["cat", "linear", "svd"])
 def test_weighted_adapter_equals_peft(tmp_path, combination):
     peft = pytest.importorskip("peft")
     model = _two_adapters(b_rank=4, b_targets=("q_proj", "o_proj", "embed_tokens"))

@@ -22,7 +22,7 @@ import torch.nn as nn
 from ._targets import replace_module
 from .lora_layers import LORA_LAYER_TYPES, AdapterSpec, LoRAEmbedding, LoRALinear, check_adapter_name
 
-COMBINATIONS = ("cat", "linear")
+COMBINATIONS = ("cat", "linear", "svd")
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear | LoRAEmbedding]]:
@@ -187,6 +187,8 @@ def combine_factors(factors: list[tuple[torch.Tensor, torch.Tensor, float]], wei
             "linear": with `c_i = w_i s_i`, `A = sum_i sign(c_i) sqrt(|c_i|) A_i` and
             `B = sum_i sqrt(|c_i|) B_i` (same ranks): exact for one adapter, otherwise `B A` also
             holds the cross terms `sqrt(|c_i c_j|) sign(c_j) B_i A_j`: an approximation.
+            "svd": `delta = sum_i w_i s_i B_i A_i`, then its best rank-`rank` factorisation by SVD:
+            `B = U_r diag(S_r)`, `A = V_r^T` (PEFT's "svd"; exact when the ranks add up to <= `rank`).
         rank: the new adapter's rank (cat: the sum of ALL sources' ranks, also those this layer lacks).
 
     Returns:
@@ -197,9 +199,23 @@ def combine_factors(factors: list[tuple[torch.Tensor, torch.Tensor, float]], wei
         b = torch.cat([b for _, b, _ in factors], dim=1)  # (n_out, sum r_i)
         pad = rank - a.shape[0]  # PEFT: present adapters first, then zeros
         return torch.cat([a, a.new_zeros(pad, a.shape[1])]), torch.cat([b, b.new_zeros(b.shape[0], pad)], dim=1)
+    if combination == "svd":
+        return _svd_factors(factors, weights, rank)
     a = sum(a * (math.copysign(1.0, w * s) * math.sqrt(abs(w * s))) for (a, _, s), w in zip(factors, weights))
     b = sum(b * math.sqrt(abs(w * s)) for (_, b, s), w in zip(factors, weights))
     return a, b
+
+
+def _svd_factors(factors, weights, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    first = factors[0][0]
+    delta = sum(w * s * (b.double() @ a.double()) for (a, b, s), w in zip(factors, weights))  # (n_out, n_in)
+    # The reduced SVD gives the same top-r triplets as PEFT's full one (B A is invariant to their signs).
+    u, sv, vh = torch.linalg.svd(delta, full_matrices=False)
+    keep = min(rank, sv.numel())
+    b = (u[:, :keep] * sv[:keep]).to(first.dtype)  # (n_out, keep)
+    a = vh[:keep].to(first.dtype)  # (keep, n_in)
+    pad = rank - keep  # a layer narrower than the rank: zero rows/columns, as "cat" pads
+    return torch.cat([a, a.new_zeros(pad, a.shape[1])]), torch.cat([b, b.new_zeros(b.shape[0], pad)], dim=1)
 
 
 def _check_weighted(model: nn.Module, names, weights, new_name: str, combination: str) -> list[AdapterSpec]:
@@ -211,7 +227,7 @@ def _check_weighted(model: nn.Module, names, weights, new_name: str, combination
         raise ValueError(f"add_weighted_adapter: the model already has an adapter {new_name!r} (adapters: {known})")
     if combination not in COMBINATIONS:
         raise ValueError(f"add_weighted_adapter: combination={combination!r} is not supported; choose one of "
-                         f"{COMBINATIONS} (PEFT's svd/ties/dare variants are not implemented)")
+                         f"{COMBINATIONS} (PEFT's ties/dare variants are not implemented)")
     if isinstance(names, str) or not names:
         raise ValueError(f"add_weighted_adapter: names must be a non-empty list of adapter names, got {names!r}")
     if isinstance(weights, (str, bytes)) or len(weights) != len(names):
@@ -233,9 +249,9 @@ def _check_weighted(model: nn.Module, names, weights, new_name: str, combination
 
 
 def add_weighted_adapter(model: nn.Module, names: Sequence[str], weights: Sequence[float], new_name: str,
-                         combination: str = "cat") -> list[str]:
+                         combination: str = "cat", svd_rank: int | None = None) -> list[str]:
     """Add adapter `new_name` that combines adapters `names` with `weights`, as PEFT's
-    `add_weighted_adapter` (combination_type "cat" or "linear") does.
+    `add_weighted_adapter` (combination_type "cat", "linear" or "svd") does.
 
     The new adapter has scaling 1 (rank = alpha, no rsLoRA), sits on every layer that holds at least
     one source, takes its dropout from `names[0]`, and is added inactive and frozen
@@ -249,7 +265,9 @@ def add_weighted_adapter(model: nn.Module, names: Sequence[str], weights: Sequen
         names: the source adapters (a name may repeat).
         weights: one finite number per source; negative values subtract.
         new_name: the new adapter's name.
-        combination: "cat" (exact, rank grows) or "linear" (same rank, approximate).
+        combination: "cat" (exact, rank grows), "linear" (same rank, approximate) or "svd" (the best
+            rank-`svd_rank` approximation of the weighted sum of deltas; costs one SVD per layer).
+        svd_rank: the rank for "svd" (default: the largest source rank, as PEFT).
 
     Returns:
         The names of the layers that received the new adapter.
@@ -260,7 +278,10 @@ def add_weighted_adapter(model: nn.Module, names: Sequence[str], weights: Sequen
     """
     specs = _check_weighted(model, names, weights, new_name, combination)
     combination = "linear" if len(names) == 1 else combination
-    rank = sum(s.rank for s in specs) if combination == "cat" else specs[0].rank
+    if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank < 1):
+        raise ValueError(f"add_weighted_adapter: svd_rank must be an int >= 1 or None, got {svd_rank!r}")
+    rank = {"cat": sum(s.rank for s in specs), "svd": svd_rank or max(s.rank for s in specs)}.get(
+        combination, specs[0].rank)
     touched = []
     for path, layer in lora_layers(model):
         present = [(n, w) for n, w in zip(names, weights) if n in layer.adapters]
