@@ -9,6 +9,8 @@ Matching rules (the same for `targets` and `exclude`, see ../shared/API.md):
 """
 from __future__ import annotations
 
+import contextlib
+
 import re
 from typing import Callable, Iterable, Union
 
@@ -136,3 +138,18 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     """Put `new` where the module called `name` is (works for nn.Sequential/ModuleList indices too)."""
     parent, child = get_parent(model, name)
     setattr(parent, child, new)
+
+
+@contextlib.contextmanager
+def layers_disabled(layers):
+    """Within: every layer's `_disabled` flag is set (its forward computes only its base); after: each
+    flag as it was. The one switch behind `disabled()` of LoRA, (IA)3 and bottleneck adapters."""
+    layers = list(layers)
+    previous = [layer._disabled for layer in layers]
+    for layer in layers:
+        layer._disabled = True
+    try:
+        yield
+    finally:
+        for layer, was in zip(layers, previous):
+            layer._disabled = was

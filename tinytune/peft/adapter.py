@@ -18,7 +18,8 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
-from ._targets import TargetSpec, find_targets, get_parent, replace_module, validate_spec
+from ._state import copy_state
+from ._targets import TargetSpec, find_targets, get_parent, layers_disabled, replace_module, validate_spec
 from .adapter_layers import ACTIVATIONS, PLACEMENTS, AdapterLayer, BottleneckAdapter, check_layer_args
 
 PEFT_PREFIX = "base_model.model."
@@ -252,14 +253,8 @@ def disabled(model: nn.Module):
         ValueError: the model has no adapters.
     """
     layers = _require_adapters(model, "disabled")
-    previous = [layer._disabled for _, layer in layers]
-    for _, layer in layers:
-        layer._disabled = True
-    try:
+    with layers_disabled(layer for _, layer in layers):
         yield model
-    finally:
-        for (_, layer), was in zip(layers, previous):
-            layer._disabled = was
 
 
 def _parameters_by_key(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -286,19 +281,7 @@ def load_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], strict: bool 
     _require_adapters(model, "load_state_dict")
     params = _parameters_by_key(model)
     given = {k if k.startswith(PEFT_PREFIX) else PEFT_PREFIX + k: v for k, v in sd.items()}
-    missing, unexpected = sorted(set(params) - set(given)), sorted(set(given) - set(params))
-    problems = [f"missing keys: {missing}"] if strict and missing else []
-    problems += [f"unexpected keys: {unexpected}"] if strict and unexpected else []
-    shapes = [f"{k}: given {tuple(given[k].shape)} vs model {tuple(p.shape)}"
-              for k, p in params.items() if k in given and given[k].shape != p.shape]
-    problems += [f"mis-shaped keys: {shapes}"] if shapes else []
-    if problems:
-        raise ValueError("cannot load the adapter state dict; " + "; ".join(problems))
-    with torch.no_grad():
-        for key, param in params.items():
-            if key in given:
-                param.copy_(given[key].to(device=param.device, dtype=param.dtype))
-    return missing, unexpected
+    return copy_state(params, given, strict, "the adapter state dict")
 
 
 def applied_config(model: nn.Module) -> AdapterConfig:

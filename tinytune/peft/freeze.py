@@ -17,6 +17,7 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
+from ._state import copy_state
 from ._targets import TargetSpec, find_targets, output_heads, validate_spec
 
 __all__ = [
@@ -329,26 +330,9 @@ def load_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], strict: bool 
     if not params:
         raise ValueError(f"load_state_dict: every parameter of {type(model).__name__} is frozen; "
                          "apply the same freeze selection first")
-    missing = sorted(set(params) - set(sd))
-    unexpected = sorted(set(sd) - set(params))
-    frozen = {n for n, _ in model.named_parameters()} & set(unexpected)
-    problems = []
-    if strict and missing:
-        problems.append(f"missing keys: {missing}")
-    if strict and unexpected:
-        note = f" ({sorted(frozen)} are frozen in this model)" if frozen else ""
-        problems.append(f"unexpected keys: {unexpected}{note}")
-    shapes = [f"{k}: given {tuple(sd[k].shape)} vs model {tuple(p.shape)}"
-              for k, p in params.items() if k in sd and sd[k].shape != p.shape]
-    if shapes:
-        problems.append(f"mis-shaped keys: {shapes}")
-    if problems:
-        raise ValueError("cannot load the freeze state dict; " + "; ".join(problems))
-    with torch.no_grad():
-        for key, param in params.items():
-            if key in sd:
-                param.copy_(sd[key].to(device=param.device, dtype=param.dtype))
-    return missing, unexpected
+    frozen = {n for n, _ in model.named_parameters()} & (set(sd) - set(params))
+    note = f" ({sorted(frozen)} are frozen in this model)" if frozen else ""
+    return copy_state(params, sd, strict, "the freeze state dict", unexpected_hint=note)
 
 
 def peft_config_dict(model: nn.Module) -> dict:

@@ -21,6 +21,8 @@ import torch.nn as nn
 
 from ._targets import (ALL_LINEAR, TargetSpec, describe_candidates, find_targets, get_parent, matches, output_heads,
                        refuse_shared_merge, replace_module, validate_spec)
+from ._state import copy_state
+from ._targets import layers_disabled
 from .lora import _guard_fused_fast_paths  # the nn.TransformerEncoderLayer fast-path guard, shared with LoRA
 from .lora_layers import LORA_LAYER_TYPES, adapter_dtype
 
@@ -268,14 +270,8 @@ def disabled(model: nn.Module):
     if merged:
         raise RuntimeError(f"disabled(): (IA)^3 is merged into {merged[:5]}; call ia3.unmerge(model) first "
                            "(a merged base weight cannot give the base model bit for bit)")
-    previous = [layer._disabled for _, layer in layers]
-    for _, layer in layers:
-        layer._disabled = True
-    try:
+    with layers_disabled(layer for _, layer in layers):
         yield model
-    finally:
-        for (_, layer), was in zip(layers, previous):
-            layer._disabled = was
 
 
 def _parameters_by_key(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -301,19 +297,7 @@ def load_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], strict: bool 
     _require_ia3(model, "load_state_dict")
     params = _parameters_by_key(model)
     given = {k if k.startswith(PEFT_PREFIX) else PEFT_PREFIX + k: v for k, v in sd.items()}
-    missing, unexpected = sorted(set(params) - set(given)), sorted(set(given) - set(params))
-    problems = [f"missing keys: {missing}"] if strict and missing else []
-    problems += [f"unexpected keys: {unexpected}"] if strict and unexpected else []
-    shapes = [f"{k}: given {tuple(given[k].shape)} vs model {tuple(p.shape)}"
-              for k, p in params.items() if k in given and given[k].shape != p.shape]
-    problems += [f"mis-shaped keys: {shapes}"] if shapes else []
-    if problems:
-        raise ValueError("cannot load the (IA)^3 state dict; " + "; ".join(problems))
-    with torch.no_grad():
-        for key, param in params.items():
-            if key in given:
-                param.copy_(given[key].to(device=param.device, dtype=param.dtype))
-    return missing, unexpected
+    return copy_state(params, given, strict, "the (IA)^3 state dict")
 
 
 def _spec_for_json(spec: TargetSpec, field: str):

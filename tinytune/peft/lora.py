@@ -18,7 +18,8 @@ import torch
 import torch.nn as nn
 
 from ._targets import (
-    TargetSpec, describe_candidates, find_targets, get_parent, refuse_shared_merge, replace_module, validate_spec,
+    TargetSpec, describe_candidates, find_targets, get_parent, layers_disabled, refuse_shared_merge, replace_module,
+    validate_spec,
 )
 from .lora_layers import (
     DEFAULT_ADAPTER,
@@ -360,11 +361,5 @@ def disabled(model: nn.Module):
             f"disabled(): LoRA is merged into {merged[:5]}; call tt.lora.unmerge(model) first "
             "(a merged base weight cannot give the base model bit for bit)"
         )
-    previous = [layer._disabled for _, layer in layers]
-    for _, layer in layers:
-        layer._disabled = True
-    try:
+    with layers_disabled(layer for _, layer in layers):
         yield model
-    finally:
-        for (_, layer), was in zip(layers, previous):
-            layer._disabled = was

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ._state import copy_state
 from .lora_multi import adapter_layers, lora_layers, resolve_adapter
 
 PEFT_PREFIX = "base_model.model."
@@ -85,24 +86,9 @@ def load_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], strict: bool 
     adapter = resolve_adapter(model, adapter, "load_state_dict")
     params = parameters_by_key(model, adapter)
     given = {_normalise_key(k): v for k, v in sd.items()}
-    missing = sorted(set(params) - set(given))
-    unexpected = sorted(set(given) - set(params))
-    problems = []
-    if strict and missing:
-        hint = ""
-        if all(k.endswith(".lora_magnitude_vector") for k in missing):
-            hint = " (the model has DoRA layers but the weights hold no magnitude vectors: use_dora mismatch?)"
-        problems.append(f"missing keys: {missing}{hint}")
-    if strict and unexpected:
-        problems.append(f"unexpected keys: {unexpected}")
-    shapes = [f"{k}: file {tuple(given[k].shape)} vs model {tuple(p.shape)}"
-              for k, p in params.items() if k in given and given[k].shape != p.shape]
-    if shapes:
-        problems.append(f"mis-shaped keys: {shapes}")
-    if problems:
-        raise ValueError(f"cannot load the LoRA state dict into adapter {adapter!r}; " + "; ".join(problems))
-    with torch.no_grad():
-        for key, param in params.items():
-            if key in given:
-                param.copy_(given[key].to(device=param.device, dtype=param.dtype))
-    return missing, unexpected
+    missing = set(params) - set(given)
+    hint = ""
+    if missing and all(k.endswith(".lora_magnitude_vector") for k in missing):
+        hint = " (the model has DoRA layers but the weights hold no magnitude vectors: use_dora mismatch?)"
+    return copy_state(params, given, strict, f"the LoRA state dict into adapter {adapter!r}", source="file",
+                      missing_hint=hint)
