@@ -14,6 +14,7 @@ both rely on a small calling protocol that tinytune's `CausalLM` and Hugging Fac
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import torch
@@ -145,3 +146,17 @@ def config_value(model: nn.Module, names: tuple[str, ...]):
         if value is not None:
             return value
     return None
+
+
+@contextlib.contextmanager
+def switched_off(model: nn.Module, module: nn.Module):
+    """Within: the method `module` (a soft prompt or prefix encoder) does nothing and the model reports
+    no virtual tokens, so it computes exactly its base; after: both as they were."""
+    was, count = module.enabled, getattr(model, VIRTUAL_TOKENS_ATTR)
+    module.enabled = False
+    setattr(model, VIRTUAL_TOKENS_ATTR, 0)
+    try:
+        yield
+    finally:
+        module.enabled = was
+        setattr(model, VIRTUAL_TOKENS_ATTR, count)

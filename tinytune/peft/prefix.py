@@ -35,7 +35,7 @@ import torch.nn as nn
 
 from ._virtual import (
     VIRTUAL_TOKENS_ATTR, cached_length, call_kwargs, check_not_virtual, config_value, forward_signature,
-    model_device, new_tokens, real_positions, trainable_dtype,
+    model_device, new_tokens, real_positions, switched_off, trainable_dtype,
 )
 
 __all__ = [
@@ -237,15 +237,8 @@ def disabled(model: nn.Module):
 
     Raises: ValueError: the model has no prefix tuning.
     """
-    encoder = prefix_encoder(model)
-    was, count = encoder.enabled, getattr(model, VIRTUAL_TOKENS_ATTR)
-    encoder.enabled = False
-    setattr(model, VIRTUAL_TOKENS_ATTR, 0)
-    try:
+    with switched_off(model, prefix_encoder(model)):
         yield model
-    finally:
-        encoder.enabled = was
-        setattr(model, VIRTUAL_TOKENS_ATTR, count)
 
 
 def state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from ._virtual import (
     VIRTUAL_TOKENS_ATTR, cached_length, call_kwargs, check_not_virtual, config_value, forward_signature,
-    new_tokens, strip_front, trainable_dtype,
+    new_tokens, strip_front, switched_off, trainable_dtype,
 )
 
 __all__ = [
@@ -257,15 +257,8 @@ def disabled(model: nn.Module):
 
     Raises: ValueError: the model has no soft prompt.
     """
-    module = soft_prompt(model)
-    was, count = module.enabled, getattr(model, VIRTUAL_TOKENS_ATTR)
-    module.enabled = False
-    setattr(model, VIRTUAL_TOKENS_ATTR, 0)
-    try:
+    with switched_off(model, soft_prompt(model)):
         yield model
-    finally:
-        module.enabled = was
-        setattr(model, VIRTUAL_TOKENS_ATTR, count)
 
 
 def state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
