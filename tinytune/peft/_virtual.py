@@ -160,3 +160,28 @@ def switched_off(model: nn.Module, module: nn.Module):
     finally:
         module.enabled = was
         setattr(model, VIRTUAL_TOKENS_ATTR, count)
+
+
+def load_embeddings(param: torch.Tensor, sd: dict[str, torch.Tensor], key: str, strict: bool, what: str,
+                    shape_note: str = "") -> tuple[list[str], list[str]]:
+    """Copy `sd[key]` into `param` (the one tensor prompt and prefix tuning save), strictly.
+
+    Returns:
+        (missing, unexpected) key lists (both empty under strict=True).
+
+    Raises:
+        ValueError: a mis-shaped tensor (`shape_note` says what the shape means), or, with strict, the
+            key missing or others present. Nothing is copied when it raises.
+    """
+    missing = [] if key in sd else [key]
+    unexpected = sorted(k for k in sd if k != key)
+    problems = [f"missing keys: {missing}"] if strict and missing else []
+    problems += [f"unexpected keys: {unexpected}"] if strict and unexpected else []
+    if not missing and tuple(sd[key].shape) != tuple(param.shape):
+        problems.append(f"mis-shaped {key!r}: given {tuple(sd[key].shape)}, model {tuple(param.shape)}{shape_note}")
+    if problems:
+        raise ValueError(f"cannot load {what}; " + "; ".join(problems))
+    if not missing:
+        with torch.no_grad():
+            param.copy_(sd[key].to(device=param.device, dtype=param.dtype))
+    return missing, unexpected

@@ -35,7 +35,7 @@ import torch.nn as nn
 
 from ._virtual import (
     VIRTUAL_TOKENS_ATTR, cached_length, call_kwargs, check_not_virtual, config_value, forward_signature,
-    model_device, new_tokens, real_positions, switched_off, trainable_dtype,
+    load_embeddings, model_device, new_tokens, real_positions, switched_off, trainable_dtype,
 )
 
 __all__ = [
@@ -268,20 +268,8 @@ def load_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], strict: bool 
         raise ValueError("prefix.load_state_dict: the model computes its prefixes with an MLP (reparam_hidden="
                          f"{encoder.cfg.reparam_hidden}); saved prefixes cannot be loaded into it: call "
                          "prefix.fold(model) first, or apply PrefixConfig(reparam_hidden=None)")
-    param = encoder.embedding
-    missing = [] if STATE_KEY in sd else [STATE_KEY]
-    unexpected = sorted(k for k in sd if k != STATE_KEY)
-    problems = [f"missing keys: {missing}"] if strict and missing else []
-    problems += [f"unexpected keys: {unexpected}"] if strict and unexpected else []
-    if not missing and tuple(sd[STATE_KEY].shape) != tuple(param.shape):
-        problems.append(f"mis-shaped {STATE_KEY!r}: given {tuple(sd[STATE_KEY].shape)}, model {tuple(param.shape)} "
-                        f"(P, L * 2 * nkv * hd)")
-    if problems:
-        raise ValueError("cannot load the prefix-tuning state dict; " + "; ".join(problems))
-    if not missing:
-        with torch.no_grad():
-            param.copy_(sd[STATE_KEY].to(device=param.device, dtype=param.dtype))
-    return missing, unexpected
+    return load_embeddings(encoder.embedding, sd, STATE_KEY, strict, "the prefix-tuning state dict",
+                           " (P, L * 2 * nkv * hd)")
 
 
 def peft_config_dict(model: nn.Module) -> dict:

@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from ._virtual import (
     VIRTUAL_TOKENS_ATTR, cached_length, call_kwargs, check_not_virtual, config_value, forward_signature,
-    new_tokens, strip_front, switched_off, trainable_dtype,
+    load_embeddings, new_tokens, strip_front, switched_off, trainable_dtype,
 )
 
 __all__ = [
@@ -279,19 +279,7 @@ def load_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], strict: bool 
         ValueError: no soft prompt; a mis-shaped prompt; with strict, the key missing or others
             present. Nothing is copied when it raises.
     """
-    param = soft_prompt(model).embedding
-    missing = [] if STATE_KEY in sd else [STATE_KEY]
-    unexpected = sorted(k for k in sd if k != STATE_KEY)
-    problems = [f"missing keys: {missing}"] if strict and missing else []
-    problems += [f"unexpected keys: {unexpected}"] if strict and unexpected else []
-    if not missing and tuple(sd[STATE_KEY].shape) != tuple(param.shape):
-        problems.append(f"mis-shaped {STATE_KEY!r}: given {tuple(sd[STATE_KEY].shape)}, model {tuple(param.shape)}")
-    if problems:
-        raise ValueError("cannot load the prompt-tuning state dict; " + "; ".join(problems))
-    if not missing:
-        with torch.no_grad():
-            param.copy_(sd[STATE_KEY].to(device=param.device, dtype=param.dtype))
-    return missing, unexpected
+    return load_embeddings(soft_prompt(model).embedding, sd, STATE_KEY, strict, "the prompt-tuning state dict")
 
 
 def peft_config_dict(model: nn.Module) -> dict:
