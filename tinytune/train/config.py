@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from .. import _check
 
 DTYPES = ("fp32", "bf16", "fp16")
 SCHEDULES = ("constant", "linear", "cosine")
@@ -12,10 +15,13 @@ DEVICES = ("cpu", "cuda")
 TASKS = ("causal_lm", "classification", "token_classification")  # the losses of `losses.py`
 
 
-def _positive_int(name: str, value, allow_zero: bool = False) -> None:
+def _positive_int(name: str, value, allow_zero: bool = False, allow_none: bool = False) -> None:
     low = 0 if allow_zero else 1
+    if value is None and allow_none:
+        return
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"TrainConfig.{name} must be an int >= {low}, got {value!r}")
+        what = f"{'None or ' if allow_none else ''}an int >= {low}"
+        raise _check.FieldError(f"TrainConfig.{name} must be {what}, got {value!r} ({type(value).__name__})")
 
 
 def _choice(name: str, value, choices) -> None:
@@ -61,9 +67,12 @@ class TrainConfig:
         loraplus_lr_ratio: LoRA+ (Hayou et al., 2024): the LoRA B factors (`lora_B`,
             `lora_embedding_B`) train at `lr * loraplus_lr_ratio`, every other parameter at `lr`
             (the schedule scales both); None: one learning rate. Needs a model with LoRA layers.
+        keep_checkpoints: how many of the newest training checkpoints to keep under
+            `out_dir/checkpoints` (older ones are removed after each save); None keeps them all.
 
     Raises:
-        ValueError: naming the field, for any value out of range or not among the choices.
+        ValueError: naming the field, for any value of the wrong type (`_check.FieldError`, also a
+            TypeError), out of range or not among the choices.
     """
 
     lr: float = 2e-4
@@ -92,37 +101,58 @@ class TrainConfig:
     pad_token_id: int = 0
     task: str = "causal_lm"
     loraplus_lr_ratio: float | None = None
+    keep_checkpoints: int | None = 3
 
     def __post_init__(self):
         self._check_numbers()
         self._check_choices()
+        self._check_flags_and_paths()
         if self.out_dir is not None:
             self.out_dir = Path(self.out_dir)
         if self.resume is True and self.out_dir is None:
             raise ValueError("TrainConfig.resume=True resumes from out_dir, but out_dir is None")
 
     def _check_numbers(self) -> None:
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"TrainConfig.lr must be a finite number > 0, got {self.lr!r}")
+        _check.number(self.lr, "TrainConfig.lr", 0, low_open=True)
         for name in ("steps", "batch_size", "grad_accum", "log_every", "max_bad_steps"):
             _positive_int(name, getattr(self, name))
         for name in ("warmup_steps", "eval_every", "save_every", "seed", "pad_token_id"):
             _positive_int(name, getattr(self, name), allow_zero=True)
-        if self.early_stopping_patience is not None:
-            _positive_int("early_stopping_patience", self.early_stopping_patience)
-        if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
-            raise ValueError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay!r}")
-        if len(tuple(self.betas)) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"TrainConfig.betas must be two numbers in [0, 1), got {self.betas!r}")
-        self.betas = tuple(float(b) for b in self.betas)
-        if not self.eps > 0:
-            raise ValueError(f"TrainConfig.eps must be > 0, got {self.eps!r}")
+        for name in ("early_stopping_patience", "keep_checkpoints"):
+            _positive_int(name, getattr(self, name), allow_none=True)
+        betas = self.betas
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise _check.FieldError(f"TrainConfig.betas must be two numbers in [0, 1), got {betas!r} "
+                                    f"({type(betas).__name__})")
+        self.betas = tuple(_check.number(b, f"TrainConfig.betas[{i}]", 0, 1, high_open=True)
+                           for i, b in enumerate(betas))
+        _check.number(self.eps, "TrainConfig.eps", 0, low_open=True)
+        _check.optional(_check.number, self.max_grad_norm, "TrainConfig.max_grad_norm", 0, low_open=True)
         ratio = self.loraplus_lr_ratio
         if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float))
                                   or not math.isfinite(ratio) or ratio <= 0):
             raise ValueError(f"TrainConfig.loraplus_lr_ratio must be None or a finite number > 0, got {ratio!r}")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ValueError(f"TrainConfig.max_grad_norm must be None or > 0, got {self.max_grad_norm!r}")
+        self._check_weight_decay()
+
+    def _check_weight_decay(self) -> None:
+        """AdamW's decoupled decay multiplies every decayed weight by 1 - lr * weight_decay each step
+        (lr of the parameter's group: the LoRA+ B factors run at lr * loraplus_lr_ratio), so the
+        bound that matters is on that product: at 1 or above the first step zeroes or flips them."""
+        decay = _check.number(self.weight_decay, "TrainConfig.weight_decay", 0)
+        peak = self.lr * max(1.0, self.loraplus_lr_ratio or 1.0)
+        if decay * peak >= 1:
+            raise ValueError(f"TrainConfig.weight_decay={self.weight_decay!r} with a peak learning rate of {peak!r} "
+                             f"gives lr * weight_decay = {decay * peak:g} >= 1: each AdamW step would multiply the "
+                             "weights by 1 - lr * weight_decay <= 0; use a weight_decay below 1 / lr")
+
+    def _check_flags_and_paths(self) -> None:
+        for name in ("grad_checkpointing", "shuffle"):
+            _check.boolean(getattr(self, name), f"TrainConfig.{name}")
+        _check.optional(_check.path, self.out_dir, "TrainConfig.out_dir")
+        resume = self.resume
+        if not (resume is None or isinstance(resume, (bool, os.PathLike)) or (isinstance(resume, str) and resume)):
+            raise _check.FieldError(f"TrainConfig.resume must be True, False, None or a path (a non-empty string or "
+                                    f"os.PathLike), got {resume!r} ({type(resume).__name__})")
 
     def _check_choices(self) -> None:
         _choice("dtype", self.dtype, DTYPES)
