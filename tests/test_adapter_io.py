@@ -25,7 +25,7 @@ def _trained_lora(targets=("q_proj", "v_proj", "embed_tokens"), **kw):
 def test_files_and_keys_follow_peft_layout(tmp_path):
     model = _trained_lora()
     tt.save_adapter(model, tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors", "tinytune_manifest.json"]
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     for field in ("peft_type", "r", "lora_alpha", "target_modules", "lora_dropout", "use_rslora",
                   "fan_in_fan_out", "bias", "task_type"):
@@ -63,10 +63,18 @@ def test_strict_load_names_bad_keys(tmp_path):
     tt.save_adapter(model, tmp_path)
     wrong_rank = TinyLM()
     tt.lora.apply(wrong_rank, tt.lora.LoraConfig(rank=2, targets=["q_proj"]))
-    with pytest.raises(ValueError, match=r"q_proj.lora_A.weight: file \(4, 16\) vs model \(2, 16\)"):
+    # the file's r differs from the adapter already on the model: refused before any copy, naming both
+    with pytest.raises(ValueError, match=r"adapter 'default' with rank=2, but .*adapter_config.json has r=4"):
         tt.load_adapter(wrong_rank, tmp_path)
+    wrong_shape = TinyLM()  # same r, but the tensors do not fit the model's layer: the key is named
+    tt.lora.apply(wrong_shape, tt.lora.LoraConfig(rank=4, alpha=8, targets=["q_proj"]))
+    sd = {k: (v[:, :8].contiguous() if k.endswith("lora_A.weight") else v) for k, v in load_file(tmp_path / "adapter_model.safetensors").items()}
+    (tmp_path / "tinytune_manifest.json").unlink()
+    save_file(sd, tmp_path / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=r"q_proj.lora_A.weight: file \(4, 8\) vs model \(4, 16\)"):
+        tt.load_adapter(wrong_shape, tmp_path)
     more = TinyLM()
-    tt.lora.apply(more, tt.lora.LoraConfig(rank=4, targets=["q_proj", "k_proj"]))
+    tt.lora.apply(more, tt.lora.LoraConfig(rank=4, alpha=8, targets=["q_proj", "k_proj"]))
     with pytest.raises(ValueError, match=r"missing keys: \[.*k_proj.lora_A.weight"):
         tt.load_adapter(more, tmp_path)
 
@@ -88,6 +96,7 @@ def test_unsupported_config_fields_are_named(tmp_path):
     for field, value in (("use_dora", True), ("fan_in_fan_out", True), ("peft_type", "IA3")):
         bad = dict(cfg, **{field: value})
         cfg_path.write_text(json.dumps(bad))
+        (tmp_path / "tinytune_manifest.json").unlink(missing_ok=True)  # hand-edited on purpose: unchecked
         with pytest.raises(ValueError, match=field):
             tt.load_adapter(TinyLM(), tmp_path)
 
@@ -106,7 +115,8 @@ def test_write_is_atomic_old_files_survive_a_failed_save(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         tt.save_adapter(_trained_lora(), tmp_path)
     assert (tmp_path / "adapter_model.safetensors").read_bytes() == before
-    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors", "tinytune_manifest.json"]
+    assert [p.name for p in tmp_path.parent.iterdir() if p.name.startswith(f".{tmp_path.name}.")] == []
 
 
 def test_save_without_adapter_raises(tmp_path):
@@ -192,6 +202,7 @@ def test_a_failed_load_leaves_the_model_as_it_was(tmp_path, peft_type):
     weights = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
     first = sorted(weights)[0]
     weights[first] = torch.zeros(1)  # a mis-shaped tensor: loading must fail on it
+    (tmp_path / "a" / "tinytune_manifest.json").unlink()  # hand-made damage, past the integrity check
     save_file(weights, str(tmp_path / "a" / "adapter_model.safetensors"))
     fresh, ids = tt.models.build("llama-tiny"), torch.randint(0, 256, (1, 6))
     keys, expected = list(fresh.state_dict()), fresh(ids)

@@ -349,12 +349,14 @@ def test_config_errors_name_the_field(tmp_path):
     config = json.loads(cfg_path.read_text())
     for value in ("olora", "pissa_niter_4"):
         cfg_path.write_text(json.dumps(dict(config, init_lora_weights=value)))
+        (tmp_path / "tinytune_manifest.json").unlink(missing_ok=True)  # hand-edited on purpose: unchecked
         with pytest.raises(ValueError, match=f"init_lora_weights='{value}'.*not supported"):
             tt.load_adapter(TinyLM(), tmp_path)
     plain = TinyLM()
     tt.lora.apply(plain, tt.lora.LoraConfig(rank=4, alpha=8, targets=["q_proj", "v_proj", "mlp.0", "embed_tokens"]))
     tt.save_adapter(plain, tmp_path)
     cfg_path.write_text(json.dumps(dict(json.loads(cfg_path.read_text()), use_dora=True)))
+    (tmp_path / "tinytune_manifest.json").unlink(missing_ok=True)  # hand-edited on purpose: unchecked
     with pytest.raises(ValueError, match=r"missing keys: .*lora_magnitude_vector.*use_dora mismatch"):
         tt.load_adapter(TinyLM(), tmp_path)
 

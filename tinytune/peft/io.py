@@ -1,8 +1,10 @@
 """Adapter files in Hugging Face PEFT's layout: `adapter_config.json` + `adapter_model.safetensors`.
 
-Writes are atomic per file (written to a temporary name in the same directory, flushed, then
-renamed over the target), the weights before the config, so a directory whose config exists
-never holds half a weights file. Loading reads safetensors only: no pickle is ever executed.
+A save is a transaction (`tinytune._transaction`): the whole directory is written beside the old
+one, fsynced and swapped in atomically, with a manifest of every file's size and SHA-256 that
+`load_adapter` verifies, so a reader finds the complete old adapter or the complete new one, never
+new weights beside an old config. Loading reads safetensors only: no pickle is ever executed; every
+size the config implies is checked against the file's tensors before the method is applied.
 """
 from __future__ import annotations
 
@@ -12,11 +14,13 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from .._files import atomic_write
-from . import _rollback, adapter, freeze, ia3, lora, lora_config_io, prefix, prompt
-from ._targets import find_targets
+from .. import _check
+from .._files import contained_file, read_json, read_safetensors
+from .._transaction import describe_missing, directory_transaction, verify
+from . import _rollback, adapter, freeze, ia3, lora, lora_config_io, lora_multi, prefix, prompt
+from ._targets import find_targets, matches
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -87,37 +91,39 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None 
     """
     config, tensors = _adapter_files(model, adapter)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    atomic_write(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    path = Path(path)
+    # one transaction: the old adapter stays whole until the new one is complete on disk; a stale
+    # adapter_model.bin of an older save is dropped with it (it would contradict the new weights)
+    with directory_transaction(path, owned=("adapter_model.*", CONFIG_NAME), what="save_adapter") as staging:
+        save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
+        (staging / CONFIG_NAME).write_text(text)
     return path
 
 
 def _read_config(path: Path) -> dict:
-    config_file = path / CONFIG_NAME
+    config_file = contained_file(path, CONFIG_NAME, "load_adapter")
     if not config_file.is_file():
-        raise FileNotFoundError(f"load_adapter: {config_file} not found (expected a PEFT adapter directory)")
-    try:
-        return json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"load_adapter: {config_file} is not valid JSON: {err}") from None
+        raise FileNotFoundError(f"load_adapter: {config_file} not found (expected a PEFT adapter directory)"
+                                + describe_missing(path))
+    return _check.mapping(read_json(config_file, "load_adapter"), f"load_adapter: {config_file}")
 
 
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    weights = path / WEIGHTS_NAME
+def _weights_file(path: Path) -> Path:
+    weights = contained_file(path, WEIGHTS_NAME, "load_adapter")
     if not weights.is_file():
         pickled = path / "adapter_model.bin"
         hint = (f"; {pickled.name} exists but pickles are never loaded: convert it to safetensors"
                 if pickled.exists() else "")
         raise FileNotFoundError(f"load_adapter: {weights} not found{hint}")
-    return load_file(str(weights))
+    return weights
 
 
-def _load_lora(model: nn.Module, cfg: lora.LoraConfig, weights: dict[str, torch.Tensor], name: str | None) -> None:
+def _load_lora(model: nn.Module, cfg: lora.LoraConfig, weights: dict[str, torch.Tensor], name: str | None,
+               where: Path) -> None:
     """Apply (no LoRA yet), add (a new name) or reuse (the active adapter, or `name` when it exists)
-    the adapter, then load it strictly; an adapter added here is removed again if loading fails."""
+    the adapter, then load it strictly; an adapter added here is removed again if loading fails.
+    Reusing an adapter whose hyperparameters differ from the file's is refused (it would mix the two)."""
     existing = lora.list_adapters(model)
     added = None
     if not existing:
@@ -125,6 +131,8 @@ def _load_lora(model: nn.Module, cfg: lora.LoraConfig, weights: dict[str, torch.
     elif name is not None and name not in existing:
         lora.add_adapter(model, name, cfg)
         added = name
+    else:
+        _refuse_mixed_lora(model, name or lora.active_adapter(model), cfg, where)
     try:
         lora.load_state_dict(model, weights, strict=True, adapter=name)
     except Exception:
@@ -133,43 +141,125 @@ def _load_lora(model: nn.Module, cfg: lora.LoraConfig, weights: dict[str, torch.
         raise
 
 
-def _load_method(model: nn.Module, config: dict, weights: dict[str, torch.Tensor], path: Path,
-                 adapter_name: str | None) -> None:
-    kind = config.get("peft_type")
-    if adapter_name is not None and kind != "LORA":
-        raise ValueError(f"load_adapter: adapter_name={adapter_name!r} is for LoRA adapters, but {path / CONFIG_NAME} "
-                         f"has peft_type={kind!r}")
-    if kind == "LORA":
-        _load_lora(model, lora_config_io.config_from_peft(config, path), weights, adapter_name)
+def _refuse_mixed_lora(model: nn.Module, name: str, cfg: lora.LoraConfig, where: Path) -> None:
+    spec = lora_multi.adapter_spec(model, name)
+    for ours, file_field, theirs in (("rank", "r", cfg.rank), ("alpha", "lora_alpha", cfg.alpha),
+                                     ("dropout", "lora_dropout", cfg.dropout), ("rslora", "use_rslora", cfg.rslora),
+                                     ("dora", "use_dora", cfg.dora)):
+        if getattr(spec, ours) != theirs:
+            _refuse_mixed(f"LoRA adapter {name!r}", f"{ours}={getattr(spec, ours)!r}", f"{file_field}={theirs!r}",
+                          where, "pass adapter_name='<new name>' to load it beside the existing one")
+    if (spec.init == "pissa") != (cfg.init == "pissa"):
+        _refuse_mixed(f"LoRA adapter {name!r}", f"init={spec.init!r}", f"init={cfg.init!r}", where, "")
+
+
+def _refuse_mixed(what: str, ours: str, theirs: str, where: Path, hint: str) -> None:
+    raise ValueError(f"load_adapter: the model already carries {what} with {ours}, but {where / CONFIG_NAME} has "
+                     f"{theirs}; loading its weights into it would mix the two silently. Load it into a model "
+                     f"without that method{' or ' + hint if hint else ''}")
+
+
+def _refuse_mixed_method(kind: str, model: nn.Module, cfg, where: Path) -> None:
+    """The same refusal for IA3, bottleneck adapters, soft prompts and prefixes already on `model`."""
+    if kind == adapter.PEFT_TYPE:
+        have = adapter.applied_config(model)
+        for field in ("bottleneck", "reduction_factor", "placement", "activation", "scaling", "dropout"):
+            if getattr(have, field) != getattr(cfg, field):
+                _refuse_mixed("bottleneck adapters", f"{field}={getattr(have, field)!r}",
+                              f"{field}={getattr(cfg, field)!r}", where, "")
     elif kind == ia3.PEFT_TYPE:
-        cfg = ia3.config_from_peft(config)
-        if not any(True for _ in ia3.ia3_layers(model)):
-            ia3.apply(model, cfg)
-        ia3.load_state_dict(model, weights, strict=True)
-    elif kind == adapter.PEFT_TYPE:
-        cfg = adapter.config_from_peft(config)
-        if not any(True for _ in adapter.adapter_layers(model)):
-            adapter.apply(model, cfg)
-        adapter.load_state_dict(model, weights, strict=True)
+        for name, layer in ia3.ia3_layers(model):
+            wanted = matches(name, layer.base, cfg.feedforward)
+            if layer.feedforward != wanted:
+                _refuse_mixed("(IA)3", f"{name!r} feedforward={layer.feedforward}", f"feedforward={wanted} for it",
+                              where, "")
+    elif kind in _PROMPT_LEARNING:
+        have = _PROMPT_LEARNING[kind].state_dict(model)["prompt_embeddings"].shape[0]
+        if have != cfg.num_virtual_tokens:
+            _refuse_mixed(kind.lower().replace("_", " "), f"num_virtual_tokens={have}",
+                          f"num_virtual_tokens={cfg.num_virtual_tokens}", where, "")
+
+
+def _check_sizes(kind: str, cfg, weights: dict[str, torch.Tensor], where: Path) -> None:
+    """Every size the config implies agrees with the file's tensors, BEFORE the method allocates anything
+    (a hand-edited `r` of a billion must not allocate gigabytes first)."""
+    file = where / WEIGHTS_NAME
+    if kind == "LORA":
+        found = [(k, v.shape) for k, v in weights.items() if "lora_" in k and "magnitude" not in k]
+        if not found:
+            raise ValueError(f"load_adapter: {file} holds no LoRA tensors (keys: {sorted(weights)[:5]})")
+        for key, shape in found:
+            axis = 0 if key.endswith(("lora_A.weight", "lora_embedding_A")) else 1
+            if len(shape) != 2 or shape[axis] != cfg.rank:
+                raise ValueError(f"load_adapter: {file} tensor {key!r} has shape {tuple(shape)}, but "
+                                 f"{where / CONFIG_NAME} says r={cfg.rank} (expected size {cfg.rank} on axis {axis})")
+    elif kind in _PROMPT_LEARNING:
+        shape = weights["prompt_embeddings"].shape if "prompt_embeddings" in weights else None
+        if shape is None or len(shape) != 2 or shape[0] != cfg.num_virtual_tokens:
+            raise ValueError(f"load_adapter: {file} tensor 'prompt_embeddings' has shape "
+                             f"{None if shape is None else tuple(shape)}, but {where / CONFIG_NAME} says "
+                             f"num_virtual_tokens={cfg.num_virtual_tokens}")
+    elif kind == adapter.PEFT_TYPE and cfg.bottleneck is not None:
+        for key, value in weights.items():
+            if key.endswith("adapter.down.weight") and (value.dim() != 2 or value.shape[0] != cfg.bottleneck):
+                raise ValueError(f"load_adapter: {file} tensor {key!r} has shape {tuple(value.shape)}, but "
+                                 f"{where / CONFIG_NAME} says bottleneck_size={cfg.bottleneck}")
+
+
+_KNOWN = ["LORA", ia3.PEFT_TYPE, adapter.PEFT_TYPE, *_PROMPT_LEARNING, freeze.PEFT_TYPE]
+
+
+def _method_config(kind, config: dict, path: Path):
+    """The method's config from the file (typed and bounded; no allocation yet)."""
+    if kind == "LORA":
+        return lora_config_io.config_from_peft(config, path)
+    if kind == ia3.PEFT_TYPE:
+        return ia3.config_from_peft(config)
+    if kind == adapter.PEFT_TYPE:
+        return adapter.config_from_peft(config)
+    if kind in _PROMPT_LEARNING:
+        return _PROMPT_LEARNING[kind].config_from_peft(config)
+    if kind == freeze.PEFT_TYPE:
+        return None
+    raise ValueError(f"load_adapter: {path / CONFIG_NAME} has peft_type={kind!r}; this loader reads {_KNOWN}")
+
+
+def _load_method(model: nn.Module, kind: str, cfg, config: dict, weights: dict[str, torch.Tensor], path: Path,
+                 adapter_name: str | None) -> None:
+    if kind == "LORA":
+        _load_lora(model, cfg, weights, adapter_name, path)
+    elif kind in (ia3.PEFT_TYPE, adapter.PEFT_TYPE):
+        method = ia3 if kind == ia3.PEFT_TYPE else adapter
+        layers = ia3.ia3_layers if kind == ia3.PEFT_TYPE else adapter.adapter_layers
+        if not any(True for _ in layers(model)):
+            method.apply(model, cfg)
+        else:
+            _refuse_mixed_method(kind, model, cfg, path)
+        method.load_state_dict(model, weights, strict=True)
     elif kind in _PROMPT_LEARNING:
         method = _PROMPT_LEARNING[kind]
         if not _methods_on(model):
-            method.apply(model, method.config_from_peft(config))
+            method.apply(model, cfg)
+        elif kind in _methods_on(model):
+            _refuse_mixed_method(kind, model, cfg, path)
         method.load_state_dict(model, weights, strict=True)
-    elif kind == freeze.PEFT_TYPE:
+    else:
         freeze.apply_peft_config(model, config)
         freeze.load_state_dict(model, {k.removeprefix(PEFT_PREFIX): v for k, v in weights.items()}, strict=True)
-    else:
-        raise ValueError(f"load_adapter: {path / CONFIG_NAME} has peft_type={kind!r}; this loader reads "
-                         f"{['LORA', ia3.PEFT_TYPE, adapter.PEFT_TYPE, *_PROMPT_LEARNING, freeze.PEFT_TYPE]}")
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None) -> nn.Module:
     """Load an adapter directory written by `save_adapter` or by HF PEFT into `model`.
 
     The method is the config's `peft_type` (LORA, IA3, BOTTLENECK_ADAPTER, PROMPT_TUNING, PREFIX_TUNING,
-    FREEZE). When `model` does not
-    carry it yet, it is applied first from `adapter_config.json`. Loading is strict. Returns model.
+    FREEZE). When `model` does not carry it yet, it is applied first from `adapter_config.json`.
+    Loading is strict. Returns model.
+
+    Before anything touches the model: a directory written by tinytune is checked against its
+    manifest (every file's size and SHA-256), the config's fields are type- and range-checked, and
+    every size the config implies (rank, virtual tokens, bottleneck) is checked against the tensors
+    in the file. A model that already carries the method with other hyperparameters than the file's
+    is refused, never silently mixed.
 
     LoRA with `adapter_name` (PEFT's `load_adapter(path, adapter_name=...)`): on a model without LoRA
     the adapter is created under that name (active); on a model with LoRA a new name is ADDED beside
@@ -179,24 +269,36 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
 
     Raises:
         FileNotFoundError: a file is missing (a pickled `adapter_model.bin` is refused).
-        ValueError: an unknown peft_type, an unsupported config field, a missing, unexpected or
-            mis-shaped key (named in the message), or `adapter_name` for a method other than LoRA.
+        ValueError: a damaged or mismatched file (`IntegrityError`, naming it), an unknown peft_type,
+            an unsupported or ill-typed config field, a size the tensors contradict, a missing,
+            unexpected or mis-shaped key (named in the message), hyperparameters that differ from the
+            method already on the model, or `adapter_name` for a method other than LoRA.
     """
     path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"load_adapter: {path} is not a directory (expected a PEFT adapter directory)"
+                                + describe_missing(path))
+    weights_file = _weights_file(path)
     config = _read_config(path)
-    weights = _read_weights(path)
-    snap = _rollback.snapshot(model, _weights_pissa_may_rewrite(model, config, path))
+    verify(path, "load_adapter")  # after the two files' own "not found" messages, before using either
+    kind = config.get("peft_type")
+    if adapter_name is not None and kind != "LORA":
+        raise ValueError(f"load_adapter: adapter_name={adapter_name!r} is for LoRA adapters, but {path / CONFIG_NAME} "
+                         f"has peft_type={kind!r}")
+    cfg = _method_config(kind, config, path)
+    weights = read_safetensors(weights_file, "load_adapter")
+    _check_sizes(kind, cfg, weights, path)
+    snap = _rollback.snapshot(model, _weights_pissa_may_rewrite(model, cfg))
     try:
-        _load_method(model, config, weights, path, adapter_name)
+        _load_method(model, kind, cfg, config, weights, path, adapter_name)
     except BaseException:
         _rollback.restore(snap)  # a failed load leaves the model as it was
         raise
     return model
 
 
-def _weights_pissa_may_rewrite(model: nn.Module, config: dict, path: Path) -> list[torch.Tensor]:
+def _weights_pissa_may_rewrite(model: nn.Module, cfg) -> list[torch.Tensor]:
     """The base weights a PiSSA adapter's apply would replace by residuals (none for other methods)."""
-    if config.get("peft_type") != "LORA" or config.get("init_lora_weights") != "pissa":
+    if not isinstance(cfg, lora.LoraConfig) or cfg.init != "pissa":
         return []
-    cfg = lora_config_io.config_from_peft(config, path)
     return [m.weight for _, m in find_targets(model, cfg.targets, cfg.exclude) if isinstance(m, nn.Linear)]
