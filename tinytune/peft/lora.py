@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from .. import _check
 from ._targets import (
     TargetSpec, describe_candidates, find_targets, get_parent, layers_disabled, refuse_shared_merge, replace_module,
     validate_spec,
@@ -74,7 +75,8 @@ class LoraConfig:
             (per embedding dim for embeddings), saved as PEFT's `lora_magnitude_vector`.
 
     Raises:
-        ValueError: a bad rank, alpha, dropout, init, dora, targets or exclude (naming the field).
+        ValueError: a bad rank, alpha, dropout, init, dora, rslora, train_bias, targets or exclude (naming
+            the field; `_check.FieldError`, also a TypeError, for a wrong type or range).
     """
 
     rank: int = 8
@@ -88,7 +90,12 @@ class LoraConfig:
     dora: bool = False
 
     def __post_init__(self):
-        check_hyperparameters(self.rank, self.alpha, self.dropout, self.init)
+        _check.integer(self.rank, "LoraConfig.rank", 1, name="rank")
+        _check.number(self.alpha, "LoraConfig.alpha", 0, low_open=True, name="alpha")  # inf: NaN outputs
+        _check.number(self.dropout, "LoraConfig.dropout", 0, 1, high_open=True, name="dropout")
+        for name in ("rslora", "train_bias"):
+            _check.boolean(getattr(self, name), f"LoraConfig.{name}", name=name)
+        check_hyperparameters(self.rank, self.alpha, self.dropout, self.init)  # the init choice, as the layers say it
         check_dora(self.dora)
         if isinstance(self.targets, tuple):
             self.targets = list(self.targets)

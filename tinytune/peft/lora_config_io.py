@@ -1,10 +1,12 @@
 """LoRA's `adapter_config.json`: tinytune's layers -> PEFT's LoRA config fields, and back to a `LoraConfig`."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch.nn as nn
 
+from .. import _check
 from . import lora, lora_multi
 
 CONFIG_NAME = "adapter_config.json"
@@ -65,7 +67,15 @@ _UNSUPPORTED = {  # PEFT config fields whose non-default values this loader cann
     "alpha_pattern": ({}, None),
     "layers_to_transform": (None,),
     "modules_to_save": (None, []),
+    # each of these changes what the adapter computes or which tensors the file holds
+    "lora_bias": (False, None),
+    "use_qalora": (False, None),
+    "layer_replication": (None,),
+    "trainable_token_indices": (None,),
+    "target_parameters": (None, []),
+    "alora_invocation_tokens": (None,),
 }
+_BIASES = ("none", "all", "lora_only")  # PEFT's `bias`; only "lora_only" trains (and so saves) biases here
 
 
 # inits that rewrite the base weights in ways tinytune does not reproduce: loading their A and B
@@ -73,43 +83,59 @@ _UNSUPPORTED = {  # PEFT config fields whose non-default values this loader cann
 _BASE_REWRITING_INITS = ("olora", "corda", "loftq", "lora_ga")
 
 
-def _init_from_peft(value, path: Path) -> str:
-    """tinytune's init for PEFT's `init_lora_weights` (only "pissa" changes what loading does)."""
+def _init_from_peft(fields: _check.Fields) -> str:
+    """tinytune's init for PEFT's `init_lora_weights` (a bool or a string; only "pissa" changes what loading does)."""
+    value = fields.data.get("init_lora_weights", True)
+    if value is not None and not isinstance(value, (bool, str)):
+        raise _check.FieldError(f"{fields.where('init_lora_weights')} must be true, false or the name of an init "
+                                f"(e.g. 'gaussian', 'pissa'), got {value!r} ({type(value).__name__})")
     if value in ("gaussian", "pissa"):
         return value
     if isinstance(value, str) and (value.startswith("pissa_niter") or value.lower() in _BASE_REWRITING_INITS):
         raise ValueError(
-            f"load_adapter: init_lora_weights={value!r} in {path / CONFIG_NAME} is not supported: it rewrites the base "
+            f"load_adapter: init_lora_weights={value!r} in {fields.label} is not supported: it rewrites the base "
             "weights in a way tinytune does not reproduce (only 'pissa', the full SVD, is). Convert the adapter to "
             "plain LoRA with PEFT (save_pretrained(..., path_initial_model_for_weight_conversion=...))"
         )
-    return "kaiming"  # True, False, "eva", "orthogonal", ...: the file's A and B overwrite the init
+    return "kaiming"  # True, False, None, "eva", "orthogonal", ...: the file's A and B overwrite the init
 
 
-def config_from_peft(config: dict, path: Path) -> lora.LoraConfig:
-    """The `LoraConfig` a PEFT LoRA `adapter_config.json` (read from the directory `path`) describes.
+def _flag(fields: _check.Fields, key: str) -> bool:
+    """A PEFT boolean that defaults to False (absent or null)."""
+    return bool(fields.get(key, _check.boolean, none=True, default=False))
+
+
+def config_from_peft(config: dict, path: str | os.PathLike | None = None) -> lora.LoraConfig:
+    """The `LoraConfig` a PEFT LoRA `adapter_config.json` describes, every field it reads type-checked.
+
+    Args:
+        config: the parsed adapter_config.json.
+        path: the adapter DIRECTORY it was read from, named in error messages (None: just the file name).
 
     Raises:
-        ValueError: a field this loader cannot honour, a base-rewriting init, or a missing field.
+        ValueError: a field this loader cannot honour, a base-rewriting init, a missing field, or a field
+            of the wrong type or out of range (`_check.FieldError`, also a TypeError); each names the
+            file and the field.
     """
+    fields = _check.Fields(config, CONFIG_NAME, None if path is None else Path(path) / CONFIG_NAME)
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
-        raise ValueError(f"load_adapter: {path / CONFIG_NAME} has peft_type={peft_type!r}; this loader reads 'LORA'")
+        raise ValueError(f"load_adapter: {fields.label} has peft_type={peft_type!r}; this loader reads 'LORA'")
     for field, allowed in _UNSUPPORTED.items():
         if config.get(field, allowed[0]) not in allowed:
-            raise ValueError(f"load_adapter: {field}={config[field]!r} in {path / CONFIG_NAME} is not supported")
+            raise ValueError(f"load_adapter: {field}={config[field]!r} in {fields.label} is not supported")
     for field in ("r", "lora_alpha", "target_modules"):
         if config.get(field) is None:
-            raise ValueError(f"load_adapter: {path / CONFIG_NAME} lacks the field {field!r}")
-    targets = config["target_modules"]
+            raise ValueError(f"load_adapter: {fields.label} lacks the field {field!r}")
+    bias = fields.get("bias", _check.string, _BIASES, none=True, default="none")
     return lora.LoraConfig(
-        rank=int(config["r"]),
-        alpha=float(config["lora_alpha"]),
-        dropout=float(config.get("lora_dropout") or 0.0),
-        targets=targets if isinstance(targets, str) else list(targets),
-        exclude=config.get("exclude_modules"),
-        rslora=bool(config.get("use_rslora", False)),
-        init=_init_from_peft(config.get("init_lora_weights", True), path),
-        train_bias=config.get("bias", "none") == "lora_only",
-        dora=bool(config.get("use_dora") or False),
+        rank=fields.get("r", _check.integer, 1),
+        alpha=fields.get("lora_alpha", _check.number, 0, low_open=True),
+        dropout=fields.get("lora_dropout", _check.number, 0, 1, high_open=True, none=True, default=None) or 0.0,
+        targets=fields.get("target_modules", _check.string_or_list),
+        exclude=fields.get("exclude_modules", _check.string_or_list, none=True, default=None),
+        rslora=_flag(fields, "use_rslora"),
+        init=_init_from_peft(fields),
+        train_bias=bias == "lora_only",
+        dora=_flag(fields, "use_dora"),
     )
