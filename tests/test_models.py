@@ -52,6 +52,7 @@ def test_missing_unexpected_and_misshaped_keys_are_named(tmp_path):
     weights["model.layers.0.self_attn.extra.weight"] = torch.zeros(1)
     weights["model.norm.weight"] = torch.ones(3)
     save_file(weights, tmp_path / "model.safetensors")
+    (tmp_path / "tinytune_manifest.json").unlink()  # hand-made damage, past the integrity check
     with pytest.raises(ValueError) as info:
         load_model(tmp_path)
     msg = str(info.value)
@@ -65,6 +66,7 @@ def test_pickled_weights_refused_unless_opted_in(tmp_path):
     save_pretrained(model, tmp_path)
     state = load_file(tmp_path / "model.safetensors")
     (tmp_path / "model.safetensors").unlink()
+    (tmp_path / "tinytune_manifest.json").unlink()
     torch.save(state, tmp_path / "pytorch_model.bin")
     with pytest.raises(ValueError, match="pickled weights.*allow_pickle=True"):
         load_model(tmp_path)

@@ -2,19 +2,21 @@
 
 Loading builds the model on the meta device, then streams each tensor out of the safetensors
 files (memory-mapped) into its parameter, converted to the caller's dtype and device: peak
-memory is about one copy of the weights. Saving writes a directory that
-`transformers.AutoModelForCausalLM.from_pretrained` loads, merging LoRA first (without changing
-the model), sharded above `max_shard_size`, each file written atomically.
+memory is about one copy of the weights. Every file named by the shard index must lie inside the
+directory, and a directory tinytune wrote is checked against its manifest first.
+
+Saving writes a directory that `transformers.AutoModelForCausalLM.from_pretrained` loads, merging
+LoRA first (without changing the model), sharded above `max_shard_size`, as one transaction
+(`tinytune._transaction`): the old checkpoint stays complete until the new one is on disk.
 """
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..peft import adapter, ia3, lora
@@ -22,24 +24,51 @@ from ..peft._targets import refuse_shared_merge
 from .config import ModelConfig
 from .hf_keys import hf_to_ours, is_ignored, ours_to_hf
 from .transformer import CausalLM
-from .._files import atomic_write, parse_size
+from .. import _check
+from .._files import contained_file, parse_size, read_json
+from .._transaction import describe_missing, directory_transaction, verify
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
 def read_config(path: Path) -> ModelConfig:
-    """The `ModelConfig` of a checkpoint directory."""
-    config_file = path / "config.json"
+    """The `ModelConfig` of a checkpoint directory (every field typed and bounded; errors name the file).
+
+    Raises:
+        FileNotFoundError: no config.json. ValueError: invalid JSON, or a field of the wrong type,
+            out of range or unsupported (named).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a directory: expected a Hugging Face checkpoint directory"
+                                + describe_missing(path))
+    config_file = contained_file(path, "config.json", "load_pretrained")
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} not found: not a Hugging Face checkpoint directory")
-    return ModelConfig.from_hf(json.loads(config_file.read_text()))
+    hf = _check.mapping(read_json(config_file, "load_pretrained"), f"load_pretrained: {config_file}")
+    return ModelConfig.from_hf(hf, source=config_file)
+
+
+def _index_files(path: Path) -> list[Path]:
+    """The shard files `model.safetensors.index.json` names, each checked to lie inside `path`."""
+    index_file = path / INDEX_FILE
+    index = _check.mapping(read_json(index_file, "load_pretrained"), f"load_pretrained: {index_file}")
+    weight_map = _check.mapping(index.get("weight_map"), f"load_pretrained: {index_file} field 'weight_map'")
+    names = set()
+    for key, name in weight_map.items():
+        _check.string(name, f"load_pretrained: {index_file} weight_map[{key!r}]")
+        names.add(name)
+    files = [contained_file(path, name, f"load_pretrained: {index_file}") for name in sorted(names)]
+    for file in files:
+        if not file.is_file():
+            raise FileNotFoundError(f"load_pretrained: {index_file} names {file.name}, which is not in {path}")
+    return files
 
 
 def _weight_files(path: Path, allow_pickle: bool) -> list[Path]:
     if (path / INDEX_FILE).is_file():
-        weight_map = json.loads((path / INDEX_FILE).read_text())["weight_map"]
-        return [path / name for name in sorted(set(weight_map.values()))]
+        return _index_files(path)
     if (path / SINGLE_FILE).is_file():
         return [path / SINGLE_FILE]
     pickled = sorted(path.glob("pytorch_model*.bin"))
@@ -61,7 +90,12 @@ def _iter_tensors(files: list[Path]):
             state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
             yield from state.items()
             continue
-        with safe_open(str(file), framework="pt") as f:
+        try:
+            handle = safe_open(str(file), framework="pt")
+        except (SafetensorError, OSError, RuntimeError) as err:
+            raise ValueError(f"load_pretrained: {file} is not a readable safetensors file ({err}); it may be "
+                             "truncated or damaged") from None
+        with handle as f:
             for key in f.keys():
                 yield key, f.get_tensor(key)
 
@@ -105,6 +139,7 @@ def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", allow_pic
     path = Path(path)
     cfg = read_config(path)
     files = _weight_files(path, allow_pickle)
+    verify(path, "load_pretrained")  # a directory tinytune wrote: every file as the save recorded it
     with torch.device("meta"):
         model = CausalLM(cfg)
     _load_weights(model, files, dtype, device)
@@ -207,40 +242,43 @@ def save_pretrained(model: CausalLM, path, tokenizer=None, max_shard_size: int |
     if not isinstance(model, CausalLM):
         raise TypeError(f"save_pretrained expects a tinytune CausalLM, got {type(model).__name__}")
     cfg = model.config
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    shard_bytes = parse_size(max_shard_size)
     state = merged_state_dict(model)
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     tensors = {k: v.to("cpu").contiguous() for k, v in ours_to_hf(cfg.model_type, state).items()}
-    shards = _shards(tensors, parse_size(max_shard_size))
-    _write_shards(path, shards)
     hf = cfg.to_hf()
     hf["dtype"] = str(next(iter(tensors.values())).dtype).replace("torch.", "")
-    _write_json(path / "config.json", hf)
     generation = {k: getattr(cfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id") if getattr(cfg, k) is not None}
-    _write_json(path / "generation_config.json", generation)
-    if tokenizer is not None:
-        tokenizer.save(path)
+    path = Path(path)
+    # one transaction: old weights (of any shard count) stay whole until the new set is complete on disk
+    with directory_transaction(path, owned=_OWNED, what="save_pretrained") as staging:
+        _write_shards(staging, _shards(tensors, shard_bytes))
+        _write_json(staging / "config.json", hf)
+        _write_json(staging / "generation_config.json", generation)
+        if tokenizer is not None:
+            tokenizer.save(staging)
     return path
 
 
+# what a previous checkpoint in the directory held that this save supersedes (not carried over):
+# weights of any shard count or format, and the configs
+_OWNED = ("model*.safetensors", INDEX_FILE, "pytorch_model*.bin", "pytorch_model.bin.index.json", "config.json",
+          "generation_config.json")
+
+
 def _write_json(file: Path, data: dict) -> None:
-    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
-    atomic_write(file, lambda tmp: Path(tmp).write_text(text))
+    file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def _write_shards(path: Path, shards: list[dict[str, torch.Tensor]]) -> None:
-    for stale in list(path.glob("model*.safetensors")) + [path / INDEX_FILE]:
-        if stale.exists():
-            os.remove(stale)  # a checkpoint with a different shard count must not mix with this one
+def _write_shards(directory: Path, shards: list[dict[str, torch.Tensor]]) -> None:
     if len(shards) == 1:
-        atomic_write(path / SINGLE_FILE, lambda tmp: save_file(shards[0], tmp, metadata={"format": "pt"}))
+        save_file(shards[0], str(directory / SINGLE_FILE), metadata={"format": "pt"})
         return
     weight_map, total = {}, 0
     for i, shard in enumerate(shards, start=1):
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        atomic_write(path / name, lambda tmp, s=shard: save_file(s, tmp, metadata={"format": "pt"}))
+        save_file(shard, str(directory / name), metadata={"format": "pt"})
         weight_map.update({k: name for k in shard})
         total += sum(t.numel() * t.element_size() for t in shard.values())
-    _write_json(path / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    _write_json(directory / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
