@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import torch
 import torch.nn as nn
 
+from .. import _check
 from ._state import copy_state
 from ._targets import TargetSpec, find_targets, get_parent, layers_disabled, replace_module, validate_spec
 from .adapter_layers import ACTIVATIONS, PLACEMENTS, AdapterLayer, BottleneckAdapter, check_layer_args
@@ -79,6 +82,9 @@ class AdapterConfig:
             self.bottleneck = None  # only the reduction factor was given: b comes from each module's d
         if self.bottleneck is None and self.reduction_factor is None:
             raise ValueError("AdapterConfig needs bottleneck or reduction_factor; both are None")
+        for field in ("placement", "activation"):  # types first; the choices as the layers name them
+            _check.string(getattr(self, field), f"AdapterConfig.{field}", name=field)
+        _check.number(self.dropout, "AdapterConfig.dropout", name="dropout")  # a finite number; [0, 1) below
         check_layer_args(self.bottleneck, self.placement, self.activation, self.scaling, self.dropout)
         _positive_int_or_none(self.reduction_factor, "reduction_factor")
         _positive_int_or_none(self.hidden_size, "hidden_size")
@@ -323,17 +329,46 @@ def peft_config_dict(cfg: AdapterConfig, target_modules: list[str] | None = None
     }
 
 
-def config_from_peft(config: dict) -> AdapterConfig:
-    """The `AdapterConfig` that `peft_config_dict` wrote (absent optional fields take the defaults).
+_PEFT_FIELDS = {  # PeftConfig's own fields plus what `peft_config_dict` writes; anything else is refused
+    "peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
+    "target_modules", "exclude_modules", "bottleneck_size", "reduction_factor", "placement", "activation", "scaling",
+    "dropout", "hidden_size",
+}
+
+
+def config_from_peft(config: dict, path: str | os.PathLike | None = None) -> AdapterConfig:
+    """The `AdapterConfig` that `peft_config_dict` wrote (absent or null optional fields take the defaults).
+
+    Args:
+        config: the parsed adapter_config.json.
+        path: the adapter DIRECTORY it was read from, named in error messages (None: just the file name).
 
     Raises:
-        ValueError: another peft_type; neither bottleneck_size nor reduction_factor; a bad value.
+        ValueError: another peft_type; an unknown field; neither bottleneck_size nor reduction_factor; a
+            field of the wrong type or out of range (`_check.FieldError`, also a TypeError). Each names
+            the file and the field.
     """
+    fields = _check.Fields(config, "adapter_config.json",
+                           None if path is None else Path(path) / "adapter_config.json")
+    where = f"config_from_peft: {fields.label}"
     if config.get("peft_type") != PEFT_TYPE:
-        raise ValueError(f"config_from_peft: peft_type={config.get('peft_type')!r}; expected {PEFT_TYPE!r}")
+        raise ValueError(f"{where}: peft_type={config.get('peft_type')!r}; expected {PEFT_TYPE!r}")
+    unknown = sorted(set(config) - _PEFT_FIELDS)
+    if unknown:
+        raise ValueError(f"{where}: unknown {PEFT_TYPE} config fields {unknown}; known: {sorted(_PEFT_FIELDS)}")
     if config.get("bottleneck_size") is None and config.get("reduction_factor") is None:
-        raise ValueError("config_from_peft: the config gives neither bottleneck_size nor reduction_factor")
-    names = {"bottleneck_size": "bottleneck", "placement": "placement", "target_modules": "targets",
-             "reduction_factor": "reduction_factor", "activation": "activation", "scaling": "scaling",
-             "dropout": "dropout", "hidden_size": "hidden_size", "exclude_modules": "exclude"}
-    return AdapterConfig(**{ours: config[key] for key, ours in names.items() if config.get(key) is not None})
+        raise ValueError(f"{where}: the config gives neither bottleneck_size nor reduction_factor")
+    read = {  # file field -> (AdapterConfig field, checker, arguments)
+        "bottleneck_size": ("bottleneck", _check.integer, (1,), {}),
+        "reduction_factor": ("reduction_factor", _check.integer, (1,), {}),
+        "hidden_size": ("hidden_size", _check.integer, (1,), {}),
+        "placement": ("placement", _check.string, (PLACEMENTS,), {}),
+        "activation": ("activation", _check.string, (tuple(ACTIVATIONS),), {}),
+        "scaling": ("scaling", _check.number, (0,), {"low_open": True}),
+        "dropout": ("dropout", _check.number, (0, 1), {"high_open": True}),
+        "target_modules": ("targets", _check.string_or_list, (), {}),
+        "exclude_modules": ("exclude", _check.string_or_list, (), {}),
+    }
+    values = {ours: fields.get(key, check, *args, none=True, default=None, **kw)
+              for key, (ours, check, args, kw) in read.items()}
+    return AdapterConfig(**{ours: value for ours, value in values.items() if value is not None})

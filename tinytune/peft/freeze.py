@@ -10,13 +10,16 @@ of the method is therefore the trainable parameters themselves, under their mode
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable
 
 import torch
 import torch.nn as nn
 
+from .. import _check
 from ._state import copy_state
 from ._targets import TargetSpec, find_targets, output_heads, validate_spec
 
@@ -349,19 +352,25 @@ def peft_config_dict(model: nn.Module) -> dict:
             "base_model_name_or_path": None, "inference_mode": True}
 
 
-def apply_peft_config(model: nn.Module, config: dict) -> list[str]:
+def apply_peft_config(model: nn.Module, config: dict, path: str | os.PathLike | None = None) -> list[str]:
     """Freeze everything, then make trainable exactly the parameters `config` (from
     `peft_config_dict`) names. Returns those names.
 
+    Args:
+        model: the model to change in place.
+        config: the parsed adapter_config.json.
+        path: the adapter DIRECTORY it was read from, named in error messages (None: just the file name).
+
     Raises:
-        ValueError: the peft_type is not "FREEZE", the list is missing, or it names a parameter the
-            model lacks (named in the message). Nothing is changed when it raises.
+        ValueError: the peft_type is not "FREEZE", the list is missing, not a non-empty list of names
+            (`_check.FieldError`, also a TypeError), or it names a parameter the model lacks (named in
+            the message). Nothing is changed when it raises.
     """
+    fields = _check.Fields(config, "adapter_config.json", None if path is None else Path(path) / "adapter_config.json")
     if config.get("peft_type") != PEFT_TYPE:
-        raise ValueError(f"apply_peft_config: peft_type={config.get('peft_type')!r}; expected {PEFT_TYPE!r}")
-    names = config.get("trainable_parameters")
-    if not isinstance(names, list) or not names:
-        raise ValueError(f"apply_peft_config: trainable_parameters must be a non-empty list of names, got {names!r}")
+        raise ValueError(f"apply_peft_config: {fields.label} has peft_type={config.get('peft_type')!r}; "
+                         f"expected {PEFT_TYPE!r}")
+    names = fields.get("trainable_parameters", _check.string_list)
     params = dict(model.named_parameters())
     unknown = [n for n in names if n not in params]
     if unknown:

@@ -12,13 +12,16 @@ so adapters move between tinytune and `peft` unchanged.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
 
+from .. import _check
 from ._targets import (ALL_LINEAR, TargetSpec, describe_candidates, find_targets, get_parent, matches, output_heads,
                        refuse_shared_merge, replace_module, validate_spec)
 from ._state import copy_state
@@ -357,26 +360,36 @@ _PEFT_FIELDS = {  # PeftConfig's own fields plus IA3Config's (peft 0.21); anythi
 }
 
 
-def config_from_peft(d: dict) -> IA3Config:
+def config_from_peft(d: dict, path: str | os.PathLike | None = None) -> IA3Config:
     """The IA3Config for a PEFT adapter_config.json dict (written by PEFT or by `peft_config_dict`).
 
     `fan_in_fan_out` is accepted either way: the vectors have the same shapes and meaning for a
     transposed (GPT-2 Conv1D) weight, and tinytune's linears are never transposed.
 
+    Args:
+        d: the parsed adapter_config.json.
+        path: the adapter DIRECTORY it was read from, named in error messages (None: just the file name).
+
     Raises:
         ValueError: peft_type is not "IA3"; an unknown field; `target_modules` missing (tinytune
-            keeps no per-architecture defaults); non-empty `modules_to_save`. Each names the field.
+            keeps no per-architecture defaults); non-empty `modules_to_save`; a field of the wrong type
+            (`_check.FieldError`, also a TypeError). Each names the file and the field.
     """
+    fields = _check.Fields(d, "adapter_config.json", None if path is None else Path(path) / "adapter_config.json")
+    where = f"config_from_peft: {fields.label}"
     if d.get("peft_type") != PEFT_TYPE:
-        raise ValueError(f"config_from_peft: peft_type={d.get('peft_type')!r}; expected {PEFT_TYPE!r}")
+        raise ValueError(f"{where}: peft_type={d.get('peft_type')!r}; expected {PEFT_TYPE!r}")
     unknown = sorted(set(d) - _PEFT_FIELDS)
     if unknown:
-        raise ValueError(f"config_from_peft: unknown IA3 config fields {unknown}; known: {sorted(_PEFT_FIELDS)}")
+        raise ValueError(f"{where}: unknown IA3 config fields {unknown}; known: {sorted(_PEFT_FIELDS)}")
     if d.get("target_modules") is None:
-        raise ValueError("config_from_peft: the field 'target_modules' is missing or null; tinytune has no "
+        raise ValueError(f"{where}: the field 'target_modules' is missing or null; tinytune has no "
                          "per-architecture default, so the adapter must name its modules")
-    if d.get("modules_to_save"):
-        raise ValueError(f"config_from_peft: modules_to_save={d['modules_to_save']!r} is not supported")
+    if fields.get("modules_to_save", _check.string_list, True, none=True, default=None):
+        raise ValueError(f"{where}: modules_to_save={d['modules_to_save']!r} is not supported")
+    fields.get("fan_in_fan_out", _check.boolean, none=True, default=None)  # either way (see above), but a bool
+    spec = lambda key: fields.get(key, _check.string_or_list, none=True, default=None)  # noqa: E731
     as_spec = lambda v: v if v is None or isinstance(v, str) else sorted(v)  # noqa: E731 (sets from PEFT)
-    return IA3Config(targets=as_spec(d["target_modules"]), feedforward=as_spec(d.get("feedforward_modules")),
-                     exclude=as_spec(d.get("exclude_modules")), init_ones=bool(d.get("init_ia3_weights", True)))
+    init = fields.get("init_ia3_weights", _check.boolean, none=True, default=None)
+    return IA3Config(targets=as_spec(spec("target_modules")), feedforward=as_spec(spec("feedforward_modules")),
+                     exclude=as_spec(spec("exclude_modules")), init_ones=True if init is None else init)

@@ -28,11 +28,14 @@ virtual token as (layer, key|value, head, head_dim), keys before values, with `p
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from .. import _check
 from ._virtual import (
     VIRTUAL_TOKENS_ATTR, cached_length, call_kwargs, check_not_virtual, config_value, forward_signature,
     load_embeddings, model_device, new_tokens, real_positions, switched_off, trainable_dtype,
@@ -300,27 +303,35 @@ _PEFT_FIELDS = {  # PeftConfig's, PromptLearningConfig's and PrefixTuningConfig'
 }
 
 
-def config_from_peft(d: dict) -> PrefixConfig:
+def config_from_peft(d: dict, path: str | os.PathLike | None = None) -> PrefixConfig:
     """The PrefixConfig for a PEFT adapter_config.json dict (written by PEFT or by `peft_config_dict`).
 
     PEFT saves the prefixes themselves even when it trained them through an MLP
     (`prefix_projection: true`), so the config is always a plain one (reparam_hidden=None).
 
+    Args:
+        d: the parsed adapter_config.json.
+        path: the adapter DIRECTORY it was read from, named in error messages (None: just the file name).
+
     Raises:
         ValueError: peft_type is not "PREFIX_TUNING"; task_type other than "CAUSAL_LM"; an unknown
-            field; num_transformer_submodules other than 1; non-empty modules_to_save. Each names the field.
+            field; num_transformer_submodules other than 1; non-empty modules_to_save; a field of the
+            wrong type or out of range (`_check.FieldError`, also a TypeError). Each names the file and
+            the field.
     """
+    fields = _check.Fields(d, "adapter_config.json", None if path is None else Path(path) / "adapter_config.json")
+    where = f"config_from_peft: {fields.label}"
     if d.get("peft_type") != PEFT_TYPE:
-        raise ValueError(f"config_from_peft: peft_type={d.get('peft_type')!r}; expected {PEFT_TYPE!r}")
+        raise ValueError(f"{where}: peft_type={d.get('peft_type')!r}; expected {PEFT_TYPE!r}")
     unknown = sorted(set(d) - _PEFT_FIELDS)
     if unknown:
-        raise ValueError(f"config_from_peft: unknown PREFIX_TUNING config fields {unknown}; "
+        raise ValueError(f"{where}: unknown PREFIX_TUNING config fields {unknown}; "
                          f"known: {sorted(_PEFT_FIELDS)}")
     if d.get("task_type") not in (None, "CAUSAL_LM"):
-        raise ValueError(f"config_from_peft: task_type={d['task_type']!r}; tinytune's prefix tuning is for CAUSAL_LM")
-    if d.get("num_transformer_submodules", 1) not in (None, 1):
-        raise ValueError(f"config_from_peft: num_transformer_submodules={d['num_transformer_submodules']!r}; "
+        raise ValueError(f"{where}: task_type={d['task_type']!r}; tinytune's prefix tuning is for CAUSAL_LM")
+    if fields.get("num_transformer_submodules", _check.integer, 1, none=True, default=None) not in (None, 1):
+        raise ValueError(f"{where}: num_transformer_submodules={d['num_transformer_submodules']!r}; "
                          "only 1 (decoder-only models) is supported")
-    if d.get("modules_to_save"):
-        raise ValueError(f"config_from_peft: modules_to_save={d['modules_to_save']!r} is not supported")
-    return PrefixConfig(num_virtual_tokens=int(d["num_virtual_tokens"]))
+    if fields.get("modules_to_save", _check.string_list, True, none=True, default=None):
+        raise ValueError(f"{where}: modules_to_save={d['modules_to_save']!r} is not supported")
+    return PrefixConfig(num_virtual_tokens=fields.get("num_virtual_tokens", _check.integer, 1))

@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from .. import _check
 from ._virtual import (
     VIRTUAL_TOKENS_ATTR, cached_length, call_kwargs, check_not_virtual, config_value, forward_signature,
     load_embeddings, new_tokens, strip_front, switched_off, trainable_dtype,
@@ -63,6 +66,8 @@ class PromptConfig:
     tokenizer_name_or_path: str | None = None
 
     def __post_init__(self):
+        _check.optional(_check.string, self.tokenizer_name_or_path, "PromptConfig.tokenizer_name_or_path",
+                        name="tokenizer_name_or_path")
         P = self.num_virtual_tokens
         if not isinstance(P, int) or isinstance(P, bool) or P < 1:
             raise ValueError(f"PromptConfig.num_virtual_tokens must be an integer >= 1, got {P!r}")
@@ -316,33 +321,40 @@ _PEFT_FIELDS = {  # PeftConfig's, PromptLearningConfig's and PromptTuningConfig'
 }
 
 
-def config_from_peft(d: dict) -> PromptConfig:
+def config_from_peft(d: dict, path: str | os.PathLike | None = None) -> PromptConfig:
     """The PromptConfig for a PEFT adapter_config.json dict (written by PEFT or by `peft_config_dict`).
 
     The result is meant for loading trained embeddings right after `apply`: a TEXT init comes back as
     init="random" (the text would need the tokenizer, and the loaded embeddings replace it anyway).
 
+    Args:
+        d: the parsed adapter_config.json.
+        path: the adapter DIRECTORY it was read from, named in error messages (None: just the file name).
+
     Raises:
         ValueError: peft_type is not "PROMPT_TUNING"; task_type other than "CAUSAL_LM"; an unknown
             field; num_transformer_submodules other than 1; non-empty modules_to_save; an unknown
-            prompt_tuning_init. Each names the field.
+            prompt_tuning_init; a field of the wrong type or out of range (`_check.FieldError`, also a
+            TypeError). Each names the file and the field.
     """
+    fields = _check.Fields(d, "adapter_config.json", None if path is None else Path(path) / "adapter_config.json")
+    where = f"config_from_peft: {fields.label}"
     if d.get("peft_type") != PEFT_TYPE:
-        raise ValueError(f"config_from_peft: peft_type={d.get('peft_type')!r}; expected {PEFT_TYPE!r}")
+        raise ValueError(f"{where}: peft_type={d.get('peft_type')!r}; expected {PEFT_TYPE!r}")
     unknown = sorted(set(d) - _PEFT_FIELDS)
     if unknown:
-        raise ValueError(f"config_from_peft: unknown PROMPT_TUNING config fields {unknown}; "
+        raise ValueError(f"{where}: unknown PROMPT_TUNING config fields {unknown}; "
                          f"known: {sorted(_PEFT_FIELDS)}")
     if d.get("task_type") not in (None, "CAUSAL_LM"):
-        raise ValueError(f"config_from_peft: task_type={d['task_type']!r}; tinytune's prompt tuning is for CAUSAL_LM")
-    if d.get("num_transformer_submodules", 1) not in (None, 1):
-        raise ValueError(f"config_from_peft: num_transformer_submodules={d['num_transformer_submodules']!r}; "
+        raise ValueError(f"{where}: task_type={d['task_type']!r}; tinytune's prompt tuning is for CAUSAL_LM")
+    if fields.get("num_transformer_submodules", _check.integer, 1, none=True, default=None) not in (None, 1):
+        raise ValueError(f"{where}: num_transformer_submodules={d['num_transformer_submodules']!r}; "
                          "only 1 (decoder-only models) is supported")
-    if d.get("modules_to_save"):
-        raise ValueError(f"config_from_peft: modules_to_save={d['modules_to_save']!r} is not supported")
+    if fields.get("modules_to_save", _check.string_list, True, none=True, default=None):
+        raise ValueError(f"{where}: modules_to_save={d['modules_to_save']!r} is not supported")
     inits = {v: k for k, v in _PEFT_INITS.items()}
-    init = str(d.get("prompt_tuning_init") or "RANDOM").upper()
+    init = (fields.get("prompt_tuning_init", _check.string, none=True, default=None) or "RANDOM").upper()
     if init not in inits:
-        raise ValueError(f"config_from_peft: prompt_tuning_init={init!r} is not one of {sorted(inits)}")
-    return PromptConfig(num_virtual_tokens=int(d["num_virtual_tokens"]),
+        raise ValueError(f"{where}: prompt_tuning_init={init!r} is not one of {sorted(inits)}")
+    return PromptConfig(num_virtual_tokens=fields.get("num_virtual_tokens", _check.integer, 1),
                         init="random" if init == "TEXT" else inits[init])
