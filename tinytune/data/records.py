@@ -1,7 +1,13 @@
 """Reading JSONL records with per-record error handling: every bad record is either rejected (ValueError
-naming file:line) or skipped and listed in a report, never dropped silently."""
+naming file:line) or skipped and listed in a report, never dropped silently.
+
+A line is a bad record like any other when it is not valid UTF-8, not valid JSON, not a JSON object, or
+longer than `MAX_LINE_BYTES`: the file is read in binary and each line decoded on its own, so one such line
+never stops the others from being read.
+"""
 from __future__ import annotations
 
+import codecs
 import json
 import warnings
 from dataclasses import dataclass
@@ -9,6 +15,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 ON_ERROR = ("raise", "skip")
+MAX_LINE_BYTES = 16 * 2**20  # longest line read (16 MiB, newline excluded); a longer one is a bad record
+_CHUNK = 2**20  # how much of an over-long line is read at a time while passing over it
 
 
 @dataclass(frozen=True)
@@ -53,26 +61,71 @@ def check_on_error(on_error: str) -> None:
 
 
 def iter_records(path) -> Iterator[tuple[int, object]]:
-    """Yield (line number, parsed JSON or the RecordError describing why the line is not a JSON object).
+    """Yield (line number, parsed JSON object, or the RecordError saying why the line is not one).
 
-    Blank lines hold no record and are passed over. Raises FileNotFoundError when `path` does not exist.
+    Blank lines hold no record and are passed over. A UTF-8 byte-order mark at the start is ignored.
+
+    Raises:
+        FileNotFoundError: `path` does not exist. IsADirectoryError: it is a directory.
+        PermissionError / OSError: it cannot be opened (the message names the path).
     """
     path = Path(path)
-    if not path.is_file():
+    with _open(path) as handle:
+        for number, raw in enumerate(_lines(handle), start=1):
+            if number == 1 and isinstance(raw, bytes):
+                raw = raw.removeprefix(codecs.BOM_UTF8)
+            record = _parse(raw)
+            if record is not None:
+                yield number, record
+
+
+def _open(path: Path):
+    """`path` opened for reading in binary, or an error naming it."""
+    if not path.exists():
         raise FileNotFoundError(f"JSONL file not found: {path}")
-    with path.open(encoding="utf-8") as handle:
-        for number, text in enumerate(handle, start=1):
-            if not text.strip():
-                continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as err:
-                yield number, RecordError(f"not valid JSON ({err.msg} at column {err.colno})")
-                continue
-            if not isinstance(record, dict):
-                yield number, RecordError(f"expected a JSON object, got {type(record).__name__}")
-                continue
-            yield number, record
+    if path.is_dir():
+        raise IsADirectoryError(f"expected a JSONL file, got a directory: {path}")
+    try:
+        return path.open("rb")
+    except PermissionError:
+        raise PermissionError(f"cannot read JSONL file {path}: permission denied") from None
+    except OSError as err:
+        raise OSError(f"cannot read JSONL file {path}: {err.strerror or err}") from None
+
+
+def _lines(handle) -> Iterator[bytes | int]:
+    """Each line's bytes (newline included), or for a line over MAX_LINE_BYTES its length in bytes, having
+    read past it a chunk at a time (never holding more than one line of the limit in memory)."""
+    while line := handle.readline(MAX_LINE_BYTES + 1):
+        if len(line) <= MAX_LINE_BYTES or line.endswith(b"\n"):
+            yield line
+            continue
+        length = len(line)
+        while (more := handle.readline(_CHUNK)) and not more.endswith(b"\n"):
+            length += len(more)
+        yield length + len(more.rstrip(b"\n"))
+
+
+def _parse(raw: bytes | int) -> object | None:
+    """The JSON object on one line, a RecordError saying why it is none, or None for a blank line."""
+    if isinstance(raw, int):
+        return RecordError(f"line is {raw:,} bytes long, more than the {MAX_LINE_BYTES:,} bytes allowed "
+                           "(records.MAX_LINE_BYTES)")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return RecordError(f"not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1})")
+    if not text.strip():
+        return None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as err:
+        return RecordError(f"not valid JSON ({err.msg} at column {err.colno})")
+    except (ValueError, RecursionError) as err:  # e.g. an integer of more digits than Python converts
+        return RecordError(f"not valid JSON ({type(err).__name__}: {err})")
+    if not isinstance(record, dict):
+        return RecordError(f"expected a JSON object, got {type(record).__name__}")
+    return record
 
 
 def build_examples(path, build: Callable[[dict], dict | list[dict]], on_error: str = "raise",
@@ -89,7 +142,7 @@ def build_examples(path, build: Callable[[dict], dict | list[dict]], on_error: s
         `Examples`.
     Raises:
         ValueError: a bad record with on_error="raise", or a bad `on_error`.
-        FileNotFoundError: `path` does not exist.
+        FileNotFoundError, IsADirectoryError, PermissionError: `path` cannot be read as a file (see `iter_records`).
     """
     check_on_error(on_error)
     out, bad = [], []

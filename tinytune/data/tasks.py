@@ -31,9 +31,16 @@ def discover_labels(path, field: str) -> list:
 
 def _label_index(labels, path, field: str) -> tuple[list, dict]:
     names = discover_labels(path, field) if labels is None else list(labels)
+    if not all(_is_label(name) for name in names):
+        raise ValueError(f"labels must be strings or ints, got {names!r}")
     if not names or len(set(names)) != len(names):
         raise ValueError(f"labels must be a non-empty list without duplicates, got {names!r}")
     return names, {name: i for i, name in enumerate(names)}
+
+
+def _is_label(value) -> bool:
+    """A label is a string or an int (not a bool, not a float: 1.0 would silently equal 1)."""
+    return isinstance(value, (str, int)) and not isinstance(value, bool)
 
 
 def load_classification(path, tokenizer, labels=None, *, max_length: int | None = None, truncate: bool = False,
@@ -66,7 +73,10 @@ def load_classification(path, tokenizer, labels=None, *, max_length: int | None 
         if label_field not in record:
             raise RecordError(f"missing field {label_field!r} (fields: {sorted(record)})")
         label = record[label_field]
-        if isinstance(label, bool) or label not in index:
+        if not _is_label(label):
+            raise RecordError(f"field {label_field!r} should be a string or an integer, got "
+                              f"{type(label).__name__} {label!r}")
+        if label not in index:
             raise RecordError(f"unknown label {label!r}; labels: {names}")
         ids = ([bos] if use_bos and bos is not None else []) + tokenizer.encode(text, add_special_tokens=False)
         ids += [eos] if add_eos and eos is not None else []
@@ -111,6 +121,10 @@ def load_ner(path, tokenizer, tags=None, *, max_length: int | None = None, trunc
 
     def build(record: dict) -> dict:
         words, word_tags = list_field(record, tokens_field), list_field(record, tags_field)
+        for name, values in ((tokens_field, words), (tags_field, word_tags)):
+            if (i := next((i for i, v in enumerate(values) if not isinstance(v, str)), None)) is not None:
+                raise RecordError(f"field {name!r} should be a list of strings, item {i} is "
+                                  f"{type(values[i]).__name__} {values[i]!r}")
         if len(words) != len(word_tags):
             raise RecordError(f"{len(words)} {tokens_field} but {len(word_tags)} {tags_field}")
         ids, labels = ([bos], [IGNORE]) if use_bos else ([], [])

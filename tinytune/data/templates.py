@@ -75,7 +75,12 @@ def check_message(message, index: int) -> tuple[str, str]:
     """(role, content) of a chat message; ValueError naming the message index otherwise."""
     if not isinstance(message, dict):
         raise ValueError(f"message {index} should be an object, got {type(message).__name__}")
-    role, content = message.get("role"), message.get("content")
+    for key in ("role", "content"):
+        if key not in message:
+            raise ValueError(f"message {index} has no {key!r} (keys: {sorted(message)})")
+    role, content = message["role"], message["content"]
+    if not isinstance(role, str):
+        raise ValueError(f"message {index} should have a string 'role', got {type(role).__name__} {role!r}")
     if role not in ROLES:
         raise ValueError(f"message {index} has role {role!r}; roles: {ROLES}")
     if not isinstance(content, str):

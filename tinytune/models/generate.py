@@ -10,9 +10,13 @@ padding no mask is passed at all, so attention runs unmasked.
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
-from .transformer import CausalLM
+from .._check import FieldError
+from .transformer import CausalLM, check_token_ids
 
 
 def generate(model: CausalLM, input_ids: torch.Tensor, max_new_tokens: int = 32, temperature: float = 0.0,
@@ -50,11 +54,13 @@ def generate(model: CausalLM, input_ids: torch.Tensor, max_new_tokens: int = 32,
         needs, whatever sampling settings produced the token); 0.0 after a row finished.
 
     Raises:
-        ValueError: max_new_tokens < 1, temperature < 0, top_k < 1, top_p outside (0, 1],
-            input_ids not 2-D, attention_mask not of input_ids' shape, or (learned positions,
-            e.g. GPT-2) prompt + max_new_tokens beyond `config.max_position_embeddings`.
+        ValueError: max_new_tokens or top_k not an int >= 1, temperature not a finite number >= 0,
+            top_p not in (0, 1] (NaN included), seed not an int, eos/pad ids that are not ints (pad:
+            in the vocabulary), input_ids not a 2-D integer tensor, ids outside the vocabulary,
+            attention_mask not of input_ids' shape, or prompt (+ virtual tokens) + max_new_tokens
+            beyond `config.max_position_embeddings` (learned positions and RoPE alike).
     """
-    _check_arguments(model, input_ids, max_new_tokens, temperature, top_k, top_p, attention_mask)
+    _check_arguments(model, input_ids, max_new_tokens, temperature, top_k, top_p, attention_mask, seed)
     eos_ids = _eos_ids(model, eos_token_id)
     pad = _pad_id(model, pad_token_id, eos_ids)
     with torch.inference_mode():
@@ -62,30 +68,58 @@ def generate(model: CausalLM, input_ids: torch.Tensor, max_new_tokens: int = 32,
                          seed, pad, return_logprobs)
 
 
-def _check_arguments(model, input_ids, max_new_tokens, temperature, top_k, top_p, attention_mask) -> None:
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-        raise ValueError(f"input_ids must be a 2-D (batch, seq) tensor, got {shape}")
-    if input_ids.shape[1] < 1:
-        raise ValueError(f"input_ids must hold at least one token per row, got shape {tuple(input_ids.shape)}")
-    if int(max_new_tokens) < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and int(top_k) < 1:
-        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
-        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} does not match "
-                         f"input_ids shape {tuple(input_ids.shape)}")
+def _check_arguments(model, input_ids, max_new_tokens, temperature, top_k, top_p, attention_mask, seed=None) -> None:
+    """Every argument checked before anything is allocated; ValueError naming the argument and its value."""
+    _check_prompt(input_ids, attention_mask)
+    _check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
     cfg = model.config
     virtual = _virtual_tokens(model)
-    total = input_ids.shape[1] + int(max_new_tokens) + virtual
-    if cfg.positions == "learned" and total > cfg.max_position_embeddings:
+    total = input_ids.shape[1] + max_new_tokens + virtual
+    # Learned positions (GPT-2) have no row past the table; RoPE models are refused past their trained
+    # context too, as the model's forward does (it names the same limit).
+    if total > cfg.max_position_embeddings:
         extra = f" + {virtual} virtual tokens" if virtual else ""
         raise ValueError(f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}){extra} = {total} exceeds "
                          f"max_position_embeddings={cfg.max_position_embeddings} of this {cfg.model_type} model")
+
+
+def _check_prompt(input_ids, attention_mask) -> None:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"input_ids must be a 2-D (batch, seq) tensor, got {shape}")
+    check_token_ids(input_ids)
+    if input_ids.shape[1] < 1:
+        raise ValueError(f"input_ids must hold at least one token per row, got shape {tuple(input_ids.shape)}")
+    if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor)
+                                       or tuple(attention_mask.shape) != tuple(input_ids.shape)):
+        shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+        raise ValueError(f"attention_mask shape {shape} does not match input_ids shape {tuple(input_ids.shape)}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_sampling(max_new_tokens, temperature, top_k, top_p, seed) -> None:
+    if not _is_int(max_new_tokens):
+        raise FieldError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r} ({type(max_new_tokens).__name__})")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    # Written so that NaN fails every test: `nan < 0` is False, `not nan >= 0` is True.
+    if not _is_real(temperature) or not (math.isfinite(temperature) and temperature >= 0):
+        raise FieldError(f"temperature must be >= 0 (0 = greedy) and finite, got {temperature!r}")
+    if top_k is not None and not _is_int(top_k):
+        raise FieldError(f"top_k must be an int >= 1 or None, got {top_k!r} ({type(top_k).__name__})")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    if not _is_real(top_p) or not 0.0 < top_p <= 1.0:  # NaN fails the comparison
+        raise FieldError(f"top_p must be in (0, 1], got {top_p!r}")
+    if seed is not None and not (_is_int(seed) and -2**63 <= seed < 2**64):
+        raise FieldError(f"seed must be an int (a torch.Generator seed) or None, got {seed!r} ({type(seed).__name__})")
 
 
 def _virtual_tokens(model) -> int:
@@ -97,17 +131,24 @@ def _virtual_tokens(model) -> int:
 def _eos_ids(model, eos_token_id) -> list[int]:
     if eos_token_id is None:
         return model.config.eos_token_ids
-    if isinstance(eos_token_id, int):
-        return [eos_token_id]
-    return [int(i) for i in eos_token_id]
+    ids = [eos_token_id] if not isinstance(eos_token_id, (list, tuple)) else list(eos_token_id)
+    if not all(_is_int(i) for i in ids):
+        raise FieldError(f"eos_token_id must be an int, a list of ints, or None, got {eos_token_id!r}")
+    return [int(i) for i in ids]
 
 
 def _pad_id(model, pad_token_id, eos_ids: list[int]) -> int:
+    """The id written after a row's EOS; it is fed back to the model, so it must be a token id."""
     if pad_token_id is not None:
-        return int(pad_token_id)
-    if model.config.pad_token_id is not None:
-        return int(model.config.pad_token_id)
-    return eos_ids[0] if eos_ids else 0
+        pad, source = pad_token_id, "pad_token_id"
+    elif model.config.pad_token_id is not None:
+        pad, source = model.config.pad_token_id, "model.config.pad_token_id"
+    else:
+        pad, source = (eos_ids[0], "the first eos_token_id") if eos_ids else (0, "")
+    vocab = model.config.vocab_size
+    if not _is_int(pad) or not 0 <= pad < vocab:
+        raise FieldError(f"{source} must be a token id in [0, {vocab}) (the padding written after EOS), got {pad!r}")
+    return int(pad)
 
 
 def _generate(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_ids, attention_mask, seed, pad,

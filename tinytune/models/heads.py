@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .transformer import CausalLM
+from .transformer import CausalLM, check_token_ids
 
 
 def hidden_states(decoder: CausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
@@ -34,15 +34,22 @@ def hidden_states(decoder: CausalLM, input_ids: torch.Tensor, attention_mask: to
         (B, T, hidden_size) hidden states in the compute dtype.
 
     Raises:
-        ValueError: input_ids not 2-D, or an attention_mask that is not (B, T).
+        ValueError: input_ids not a 2-D integer tensor, an attention_mask that is not (B, T); and, from the
+            decoder's forward, ids outside the vocabulary or more tokens than its positions.
     """
+    check_token_ids(input_ids)
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
-    if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+    if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor)
+                                       or tuple(attention_mask.shape) != tuple(input_ids.shape)):
         raise ValueError(f"attention_mask must be (batch, seq) = {tuple(input_ids.shape)} like input_ids, got "
-                         f"{tuple(attention_mask.shape)} (4-D masks of packed rows are not supported by heads)")
+                         f"{_shape(attention_mask)} (4-D masks of packed rows are not supported by heads)")
     # Through the decoder's own forward, so hooks on it (soft prompts, prefixes) act here too.
     return decoder(input_ids, attention_mask=attention_mask, return_hidden=True)
+
+
+def _shape(value) -> tuple | str:
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
 
 
 def last_token_index(attention_mask: torch.Tensor | None, batch: int, seq: int, device) -> torch.Tensor:

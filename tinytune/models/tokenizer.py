@@ -129,7 +129,7 @@ class Tokenizer:
         self._extra_eos = [i for i in extra_eos_token_ids if 0 <= i < self.vocab_size]
         self.padding_side = _check_side(padding_side, "padding_side")
         self.truncation_side = _check_side(truncation_side, "truncation_side")
-        self.model_max_length = int(model_max_length) if model_max_length and model_max_length < _NO_LIMIT else None
+        self.model_max_length = _check_max_length(model_max_length)
         self._layout = self._special_layout()  # the post-processor is fixed, so probe it once
 
     @classmethod
@@ -381,6 +381,15 @@ class Tokenizer:
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_max_length(value) -> int | None:
+    """`model_max_length` as an int, or None for unset (None, 0, or transformers' huge "no limit" value)."""
+    if value is None or value == 0:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 1:  # NaN fails `>= 1`
+        raise ValueError(f"model_max_length must be a number >= 1 or null, got {value!r}")
+    return int(value) if value < _NO_LIMIT else None
 
 
 def _check_side(side, what: str) -> str:

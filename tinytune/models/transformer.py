@@ -15,9 +15,12 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from .._check import FieldError
 from .config import ModelConfig
 from .layers import DecoderLayer, KVCache, RotaryEmbedding, make_norm
 from .layout import set_decode_layout
+
+ID_DTYPES = (torch.int64, torch.int32)  # what nn.Embedding indexes with
 
 
 class DecoderModel(nn.Module):
@@ -32,6 +35,40 @@ class DecoderModel(nn.Module):
         self.norm = make_norm(cfg)
         self.rotary = RotaryEmbedding(cfg) if cfg.positions == "rope" else None
         self.gradient_checkpointing = False
+
+
+def check_token_ids(input_ids, name: str = "input_ids") -> None:
+    """`input_ids` is an integer tensor of token ids: int64 or int32 (floats would be truncated, bools are
+    not ids). The shape and the values are checked by the model.
+
+    Raises:
+        FieldError (a ValueError and a TypeError): not a tensor, or another dtype (named).
+    """
+    if not isinstance(input_ids, torch.Tensor):
+        raise FieldError(f"{name} must be a tensor of token ids, got {type(input_ids).__name__}")
+    if input_ids.dtype not in ID_DTYPES:
+        raise FieldError(f"{name} must be an integer tensor of token ids (torch.int64 or torch.int32), "
+                         f"got dtype {input_ids.dtype}")
+
+
+def values_checkable(tensor: torch.Tensor) -> bool:
+    """Whether a check may read `tensor`'s values back to the host here: not while torch.compile or
+    torch.jit traces (a graph break), not on the meta device, not while a CUDA graph is captured."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or tensor.device.type == "meta":
+        return False
+    return not (tensor.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def _out_of_vocabulary(input_ids: torch.Tensor, bad: int, cfg: ModelConfig) -> ValueError:
+    row, col = (input_ids == bad).nonzero()[0].tolist()
+    return ValueError(f"input_ids holds id {bad} at (row {row}, col {col}), outside the vocabulary [0, "
+                      f"{cfg.vocab_size}) of this {cfg.model_type} model (vocab_size={cfg.vocab_size})")
+
+
+def _too_many_positions(what: str, cfg: ModelConfig) -> ValueError:
+    # Worded as generate's check of prompt + max_new_tokens, which refuses the same thing up front.
+    return ValueError(f"{what} exceeds max_position_embeddings={cfg.max_position_embeddings} of this "
+                      f"{cfg.model_type} model")
 
 
 def _position_ids(attention_mask, past: int, T: int, device) -> torch.Tensor:
@@ -129,9 +166,10 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
                 cache: KVCache | None = None, prefix_kv=None, logits_to_keep: int = 0, return_hidden: bool = False):
+        past = cache.length if cache is not None else 0
+        self._check_inputs(input_ids, inputs_embeds, attention_mask, position_ids, past)
         h = self._embed(input_ids, inputs_embeds)
         B, T, _ = h.shape
-        past = cache.length if cache is not None else 0
         block_mask = None
         if attention_mask is not None and attention_mask.dim() == 4:  # packed rows: (B, 1, T, S) bool
             block_mask, attention_mask = self._check_block_mask(attention_mask, cache, B, T), None
@@ -164,13 +202,64 @@ class CausalLM(nn.Module):
                              f"got {mask.dtype} {tuple(mask.shape)}")
         return mask
 
-    def _embed(self, input_ids, inputs_embeds):
+    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, position_ids, past: int) -> None:
+        """Everything forward reads, checked before anything runs (so a refused call changes nothing).
+
+        Types and shapes always; ids and positions by one min/max read of their values, skipped where
+        reading values back is not allowed (`values_checkable`: under torch.compile, say).
+        """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is not None:
+            if not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.dim() != 3:
+                shape = tuple(inputs_embeds.shape) if isinstance(inputs_embeds, torch.Tensor) else type(inputs_embeds)
+                raise ValueError(f"inputs_embeds must be (batch, seq, hidden), got {shape}")
+        else:
+            check_token_ids(input_ids)
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+        B, T = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        self._check_mask_and_positions(attention_mask, position_ids, B, T, past)
+        if position_ids is None and past + T > self.config.max_position_embeddings:
+            what = f"cached ({past}) + new tokens ({T}) = {past + T}" if past else f"sequence length {T}"
+            raise _too_many_positions(what, self.config)
+        self._check_values(input_ids, position_ids)
+
+    @staticmethod
+    def _check_mask_and_positions(attention_mask, position_ids, B: int, T: int, past: int) -> None:
+        """Shapes of a 2-D mask (B or 1, past + T) and of position_ids (B or 1, T); 4-D masks: `_check_block_mask`."""
+        if attention_mask is not None and attention_mask.dim() != 4:
+            if attention_mask.dim() != 2 or attention_mask.shape[0] not in (1, B) or attention_mask.shape[1] != past + T:
+                raise ValueError(f"attention_mask must be (batch, cached + new tokens) = ({B}, {past + T}) or a "
+                                 f"boolean (batch, 1, T, T) mask, got shape {tuple(attention_mask.shape)}")
+        if position_ids is not None:
+            if not isinstance(position_ids, torch.Tensor) or position_ids.dim() != 2 or \
+                    position_ids.shape[0] not in (1, B) or position_ids.shape[1] != T:
+                shape = tuple(position_ids.shape) if isinstance(position_ids, torch.Tensor) else type(position_ids)
+                raise ValueError(f"position_ids must be (batch, seq) = ({B}, {T}) or (1, {T}), got {shape}")
+
+    def _check_values(self, input_ids, position_ids) -> None:
+        """ids in [0, vocab_size) and given positions in [0, max_position_embeddings): one host read."""
+        tensors = [t for t in (input_ids, position_ids) if t is not None and t.numel()]
+        if not tensors or not values_checkable(tensors[0]):
+            return
+        values = torch.stack([v.long() for t in tensors for v in torch.aminmax(t)]).tolist()
+        cfg = self.config
+        if input_ids is not None and input_ids.numel():
+            (low, high), values = values[:2], values[2:]
+            if low < 0 or high >= cfg.vocab_size:
+                raise _out_of_vocabulary(input_ids, low if low < 0 else high, cfg)
+        if values:
+            low, high = values
+            if low < 0:
+                raise ValueError(f"position_ids must be >= 0, got {low}")
+            if high >= cfg.max_position_embeddings:
+                raise _too_many_positions(f"position_ids up to {high} ({high + 1} positions)", cfg)
+
+    def _embed(self, input_ids, inputs_embeds):
+        """(B, T, d) input embeddings (arguments checked by `_check_inputs`)."""
+        if inputs_embeds is not None:
             return inputs_embeds
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
         return self.model.embed_tokens(input_ids)
 
     def _run_layers(self, h, rope, mask, cache, prefix_kv):
