@@ -8,7 +8,10 @@ from __future__ import annotations
 import argparse
 import json
 import tomllib
+from functools import partial
 from pathlib import Path
+
+from .. import _check
 
 METHODS = ("lora", "dora", "ia3", "adapter", "prefix", "prompt", "bitfit")
 TASKS = ("text", "pairs", "instructions", "chats")
@@ -27,6 +30,33 @@ DEFAULTS: dict[str, object] = {
 
 class CLIError(Exception):
     """A user error: printed as `tinytune <command>: error: <message>` with exit status 2."""
+
+
+class ConfigFileError(CLIError, ValueError):
+    """A bad `--config` file (unreadable, an unknown key, a value of the wrong type or out of range); the
+    message names the file and the key. A CLIError (printed as one) and a ValueError."""
+
+
+_int = partial(_check.integer, low=1)
+_count = partial(_check.integer, low=0)
+_optional_str = partial(_check.string, none=True)
+# What each config-file key holds (the flags get the same types from argparse). Ranges are the library's
+# (LoraConfig, TrainConfig, ...), checked here too so that the message names the file.
+FILE_VALUES = {
+    "method": partial(_check.string, choices=METHODS), "rank": _int,
+    "alpha": partial(_check.number, low=0, low_open=True),
+    "dropout": partial(_check.number, low=0, high=1, high_open=True),
+    "targets": _check.string_or_list, "rslora": _check.boolean, "bottleneck": _int, "placement": _check.string,
+    "num_virtual_tokens": _int,
+    "checkpoint": _optional_str, "data": _optional_str, "out": _optional_str, "tokenizer": _optional_str,
+    "task": partial(_check.string, choices=TASKS), "template": partial(_check.string, choices=TEMPLATES, none=True),
+    "max_length": partial(_check.integer, low=1, none=True),
+    "on_error": partial(_check.string, choices=("raise", "skip")),
+    "steps": _int, "lr": partial(_check.number, low=0, low_open=True), "batch_size": _int, "grad_accum": _int,
+    "dtype": partial(_check.string, choices=DTYPES), "grad_checkpointing": _check.boolean,
+    "schedule": partial(_check.string, choices=("constant", "linear", "cosine")), "warmup_steps": _count,
+    "seed": _count, "log_every": _int, "device": _check.string, "seq_len": _int, "warmup": _count,
+}
 
 
 def _flag(parser, name: str, help: str, **kwargs) -> None:
@@ -69,33 +99,61 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
     _flag(g, "--device", "cpu or cuda", metavar="DEVICE")
 
 
-def read_config(path: str) -> dict:
+def read_config(path: str, known: set[str] | None = None) -> dict:
     """A flat dict from a TOML or JSON file; one level of tables (`[train]`, `[lora]`) is flattened.
 
-    Keys may use dashes or underscores (`batch-size` or `batch_size`).
+    Keys may use dashes or underscores (`batch-size` or `batch_size`). Each value must have the type
+    (and range) of its option, see `FILE_VALUES`.
+
+    Args:
+        path: the .toml or .json file.
+        known: the keys the command takes; None: any key of `FILE_VALUES`.
 
     Raises:
-        CLIError: the file is missing, unreadable, not .toml/.json, or not a table/object.
+        ConfigFileError: (a CLIError and a ValueError, naming the file) the file is missing, unreadable,
+            not .toml/.json, or not a table/object; a table nested in a table; a key given twice; an
+            unknown key (with the closest known one and all of them); a value of the wrong type or range.
     """
     file = Path(path)
     if not file.is_file():
-        raise CLIError(f"--config: file not found: {file}")
+        raise ConfigFileError(f"--config: file not found: {file}")
     try:
         if file.suffix == ".toml":
             data = tomllib.loads(file.read_text(encoding="utf-8"))
         elif file.suffix == ".json":
             data = json.loads(file.read_text(encoding="utf-8"))
         else:
-            raise CLIError(f"--config: {file} must end in .toml or .json")
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as err:
-        raise CLIError(f"--config: cannot parse {file}: {err}") from None
+            raise ConfigFileError(f"--config: {file} must end in .toml or .json")
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigFileError(f"--config: cannot parse {file}: {err}") from None
     if not isinstance(data, dict):
-        raise CLIError(f"--config: {file} must hold a table/object of options, got {type(data).__name__}")
+        raise ConfigFileError(f"--config: {file} must hold a table/object of options, got {type(data).__name__}")
+    flat = _flatten(data, file)
+    try:
+        _check.known_keys(flat, FILE_VALUES if known is None else known, f"--config {file}")
+        for key, value in flat.items():
+            if key in FILE_VALUES:
+                FILE_VALUES[key](value, f"--config {file}: key {key!r}")
+    except _check.FieldError as err:
+        raise ConfigFileError(str(err)) from None
+    return flat
+
+
+def _flatten(data: dict, file: Path) -> dict:
+    """{option: value} from the file's top level and its tables; a key given twice is an error."""
     flat: dict = {}
+    given: dict[str, str] = {}  # option -> where the file gave it, for the "twice" message
     for key, value in data.items():
-        items = value.items() if isinstance(value, dict) else [(key, value)]
-        for k, v in items:
-            flat[k.replace("-", "_")] = v
+        items = [(f"{key}.{k}", k, v) for k, v in value.items()] if isinstance(value, dict) else [(key, key, value)]
+        for shown, k, v in items:
+            if isinstance(v, dict):
+                raise ConfigFileError(f"--config {file}: {shown!r} is a table inside a table; one level of "
+                                      "tables ([train], [lora]) is flattened, deeper ones are not")
+            option = k.replace("-", "_")
+            if option in given:
+                raise ConfigFileError(f"--config {file}: key {option!r} is given twice ({given[option]!r} and "
+                                      f"{shown!r})")
+            flat[option], given[option] = v, shown
     return flat
 
 
@@ -103,13 +161,11 @@ def resolve(args: argparse.Namespace, known: set[str]) -> dict:
     """DEFAULTS < config file (`args.config`) < flags typed on the command line.
 
     Raises:
-        CLIError: a config key that this command does not know (named, with the known keys).
+        ConfigFileError: a bad config file (see `read_config`): among others a key that this command
+            does not know (named, with the closest and all known keys) or a value of the wrong type.
     """
     given = {k: v for k, v in vars(args).items() if k not in ("command", "config", "func")}
-    config = read_config(args.config) if getattr(args, "config", None) else {}
-    unknown = sorted(set(config) - known)
-    if unknown:
-        raise CLIError(f"--config {args.config}: unknown key(s) {unknown}; known keys: {sorted(known)}")
+    config = read_config(args.config, known) if getattr(args, "config", None) else {}
     values = {k: v for k, v in DEFAULTS.items() if k in known}
     values.update(config)
     values.update({k: v for k, v in given.items() if v is not None})
