@@ -1,37 +1,49 @@
 """Training checkpoints: trainable weights, optimizer, scheduler, scaler, RNG states, data position.
 
-Layout of `out_dir/checkpoints/step-0000010/`:
+Layout of `out_dir/checkpoints/step-0000010/` (format 2):
     trainable.safetensors   the parameters with requires_grad (adapter weights only for PEFT)
-    optimizer.pt            `optimizer.state_dict()` (tensors and plain containers only)
-    state.pt                scheduler, scaler, RNG states, data position, step, history so far
-    manifest.json           step, file list, config; a directory without it is not a checkpoint
+    state.json              optimizer, scheduler, scaler, RNG states, data position, history so far,
+    state.safetensors       as JSON, with every tensor (moments, RNG states) in the safetensors file
+    manifest.json           format, step, file list, the run's config
+    tinytune_manifest.json  every file's size and SHA-256 (the integrity record)
 
-Writing is atomic: everything goes into a hidden temporary directory that is renamed into place, so
-a crash mid-write leaves the previous checkpoints untouched and no half-written one. Every `.pt` file
-is read with `torch.load(weights_only=True)`: no pickled code runs on load.
+No file is a pickle: loading never unpickles anything. A checkpoint is one directory transaction
+(`tinytune._transaction`): written beside, fsynced, swapped in, so a crash leaves the previous
+checkpoints untouched and never a half-written one. Only the newest `keep` checkpoints are kept.
+
+Resuming reads and checks EVERYTHING first (integrity, names, shapes, dtypes, optimizer groups and
+moments, the loop state's fields) and only then copies anything into the model or optimizer;
+`find_checkpoint` skips damaged checkpoints, with a warning, for the newest intact one.
 """
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import random
+import re
 import shutil
 import signal
-import tempfile
 import threading
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from .. import _check
+from .._files import read_json, read_safetensors
+from .._transaction import IntegrityError, directory_transaction, verify
+from . import state_codec
 
 MANIFEST = "manifest.json"
 WEIGHTS = "trainable.safetensors"
-OPTIMIZER = "optimizer.pt"
-STATE = "state.pt"
-FORMAT_VERSION = 1
+STATE_JSON = "state.json"
+STATE_TENSORS = "state.safetensors"
+FORMAT_VERSION = 2
+_STEP_DIR = re.compile(r"step-(\d+)")
 
 
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -39,25 +51,36 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def load_trainable_state_dict(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    """Copy `weights` into the trainable parameters of `model`, strictly.
-
-    Raises:
-        ValueError: a trainable parameter is missing from `weights`, a key is not a trainable
-            parameter, or a shape differs; the message names the key.
-    """
+def check_trainable_weights(model: nn.Module, weights: dict[str, torch.Tensor], where: str) -> None:
+    """Raise ValueError unless `weights` are exactly the trainable parameters of `model` (names, shapes,
+    dtypes); names `where` and the first offending keys. Copies nothing."""
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     missing = sorted(set(params) - set(weights))
     unexpected = sorted(set(weights) - set(params))
     if missing or unexpected:
-        raise ValueError(f"checkpoint weights do not match the model's trainable parameters: "
+        raise ValueError(f"{where}: the weights do not match the model's trainable parameters: "
                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for name, param in params.items():
+        if weights[name].shape != param.shape:
+            raise ValueError(f"{where}: weight {name!r} has shape {tuple(weights[name].shape)}, "
+                             f"the model's has {tuple(param.shape)}")
+        if weights[name].dtype != param.dtype:
+            raise ValueError(f"{where}: weight {name!r} is {weights[name].dtype}, the model's is {param.dtype}")
+
+
+def load_trainable_state_dict(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Copy `weights` into the trainable parameters of `model`, strictly: everything is checked
+    (`check_trainable_weights`) before the first copy.
+
+    Raises:
+        ValueError: a trainable parameter is missing from `weights`, a key is not a trainable
+            parameter, or a shape or dtype differs; the message names the key.
+    """
+    check_trainable_weights(model, weights, "checkpoint")
     with torch.no_grad():
-        for name, param in params.items():
-            if weights[name].shape != param.shape:
-                raise ValueError(f"checkpoint weight {name!r} has shape {tuple(weights[name].shape)}, "
-                                 f"the model's has {tuple(param.shape)}")
-            param.copy_(weights[name])
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                param.copy_(weights[name])
 
 
 def rng_state(device: str) -> dict:
@@ -120,103 +143,228 @@ def catch_signals(enabled: bool = True):
             signal.signal(sig, old)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_files(tmp: Path, model, optimizer, state: dict, manifest: dict) -> None:
-    save_file(trainable_state_dict(model), str(tmp / WEIGHTS))
-    torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
-    torch.save(state, tmp / STATE)
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))  # last: marks the set complete
-    for name in (WEIGHTS, OPTIMIZER, STATE, MANIFEST):
-        with open(tmp / name, "rb+") as f:
-            os.fsync(f.fileno())
-
-
 def checkpoint_dir(out_dir: str | Path, step: int) -> Path:
     """Where `save_checkpoint` puts step `step` of the run writing to `out_dir`."""
     return Path(out_dir) / "checkpoints" / f"step-{step:07d}"
 
 
 def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    state: dict, config: dict | None = None) -> Path:
-    """Write `out_dir/checkpoints/step-<step>/` atomically and return its path.
+                    state: dict, config: dict | None = None, keep: int | None = None) -> Path:
+    """Write `out_dir/checkpoints/step-<step>/` as one transaction and return its path.
 
     Args:
         out_dir: the run's output directory.
         step: optimizer steps done; names the directory.
         model: its trainable parameters are saved.
         optimizer: its `state_dict()` is saved.
-        state: plain data (tensors, numbers, strings, lists, dicts): scheduler, scaler, RNG, data
-            position, history.
-        config: the run's `TrainConfig.to_dict()`, recorded in the manifest for reference.
+        state: plain data (tensors, numbers, strings, lists, tuples, dicts): scheduler, scaler, RNG,
+            data position, history.
+        config: the run's `TrainConfig.to_dict()`, recorded in the manifest (resume compares it).
+        keep: keep only the newest `keep` checkpoints (the one written now among them); None keeps all.
 
     Returns:
         The checkpoint directory.
+
+    Raises:
+        SaveError: writing failed (full disk, ...): the previous checkpoints are intact.
     """
     final = checkpoint_dir(out_dir, step)
-    root = final.parent
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=root))
-    try:
-        manifest = {"format_version": FORMAT_VERSION, "step": step,
-                    "files": [WEIGHTS, OPTIMIZER, STATE], "config": config}
-        _write_files(tmp, model, optimizer, state, manifest)
-        if final.exists():  # the same step saved again (e.g. after a resume): swap, never mix files
-            trash = root / f".{final.name}.old"
-            shutil.rmtree(trash, ignore_errors=True)
-            os.replace(final, trash)
-            os.replace(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    structure, tensors = state_codec.encode({"optimizer": optimizer.state_dict(), "loop": state})
+    manifest = {"format_version": FORMAT_VERSION, "step": step, "files": [WEIGHTS, STATE_JSON, STATE_TENSORS],
+                "config": config}
+    with directory_transaction(final, what="save_checkpoint") as staging:
+        save_file(trainable_state_dict(model), str(staging / WEIGHTS))
+        save_file(tensors, str(staging / STATE_TENSORS))
+        (staging / STATE_JSON).write_text(json.dumps(structure))
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    if keep is not None:
+        _prune(final.parent, keep, final)
     return final
 
 
-def find_checkpoint(path: str | Path) -> Path | None:
-    """The checkpoint at `path`, or the latest complete one under `path/checkpoints`; None if none.
+def _step_dirs(root: Path) -> list[tuple[int, Path]]:
+    """(step, directory) of every `step-N` directory under `root`, newest first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), d) for d in root.iterdir() if (m := _STEP_DIR.fullmatch(d.name)) and d.is_dir()]
+    return sorted(found, reverse=True)
 
-    Only directories holding a manifest count: a temporary or half-written one is never picked.
+
+def _prune(root: Path, keep: int, newest: Path) -> None:
+    """Remove all but the `keep` newest checkpoints (never `newest`, the one just written)."""
+    for _, directory in _step_dirs(root)[keep:]:
+        if directory != newest:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def find_checkpoint(path: str | Path) -> Path | None:
+    """The checkpoint at `path`, or the newest intact one under `path/checkpoints`; None if there is none.
+
+    A directory without `manifest.json` (a temporary, half-written or foreign one) never counts.
+    Under `path/checkpoints`, a damaged checkpoint (a file missing, truncated or changed; a damaged
+    manifest) is skipped with a warning for the next older intact one.
+
+    Raises:
+        IntegrityError (a ValueError): `path` is itself a checkpoint and is damaged, or every
+            checkpoint under `path/checkpoints` is (each named).
     """
     path = Path(path)
     if (path / MANIFEST).is_file():
+        verify(path, "resume")
         return path
-    root = path / "checkpoints"
-    if not root.is_dir():
-        return None
-    done = [d for d in root.glob("step-*") if (d / MANIFEST).is_file()]
-    return max(done, key=lambda d: json.loads((d / MANIFEST).read_text())["step"], default=None)
+    damaged = []
+    for _, directory in _step_dirs(path / "checkpoints"):
+        if not (directory / MANIFEST).is_file():
+            continue
+        try:
+            verify(directory, "resume")
+            _read_manifest(directory)
+        except ValueError as err:
+            damaged.append(f"{directory.name}: {err}")
+            continue
+        if damaged:
+            warnings.warn(f"resume: skipped {len(damaged)} damaged checkpoint(s) for {directory} "
+                          f"({'; '.join(damaged)})", RuntimeWarning, stacklevel=2)
+        return directory
+    if damaged:
+        raise IntegrityError(f"resume: every checkpoint under {path / 'checkpoints'} is damaged: " + "; ".join(damaged))
+    return None
 
 
-def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    map_location: str = "cpu") -> dict:
-    """Load trainable weights and optimizer state into `model` / `optimizer`; return the `state` dict.
+def _read_manifest(directory: Path) -> dict:
+    file = directory / MANIFEST
+    manifest = _check.mapping(read_json(file, "resume"), f"resume: {file}")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(f"resume: {file} has format_version={version!r}; this tinytune reads {FORMAT_VERSION} "
+                         "(format 1 checkpoints held pickles and are no longer read: start the run again)")
+    _check.integer(manifest.get("step"), f"resume: {file} field 'step'", low=0)
+    config = manifest.get("config")
+    if config is not None:
+        _check.mapping(config, f"resume: {file} field 'config'")
+    return manifest
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read from disk and checked against a model and optimizer; nothing applied yet."""
+
+    path: Path
+    step: int
+    config: dict | None
+    weights: dict[str, torch.Tensor]
+    optimizer: dict
+    state: dict
+
+
+def read_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> Checkpoint:
+    """Read every file of the checkpoint `path` points to (see `find_checkpoint`) and check it against
+    `model` and `optimizer`, without changing either.
 
     Raises:
-        FileNotFoundError: `path` holds no complete checkpoint.
-        ValueError: the weights or optimizer groups do not match the model (names the key).
+        FileNotFoundError: `path` holds no checkpoint.
+        ValueError: a damaged checkpoint, or one that does not fit: trainable names, shapes or dtypes,
+            optimizer groups or moment shapes, missing or ill-typed loop-state fields (all named).
     """
     found = find_checkpoint(path)
     if found is None:
         raise FileNotFoundError(f"no checkpoint in {path} (expected {MANIFEST} there or a "
                                 f"checkpoints/step-*/ directory holding one)")
-    load_trainable_state_dict(model, load_file(str(found / WEIGHTS)))
-    opt_state = torch.load(found / OPTIMIZER, map_location=map_location, weights_only=True)
-    saved = [g.get("names") for g in opt_state["param_groups"]]
+    manifest = _read_manifest(found)
+    weights = read_safetensors(found / WEIGHTS, "resume")
+    check_trainable_weights(model, weights, f"resume: {found / WEIGHTS}")
+    tensors = read_safetensors(found / STATE_TENSORS, "resume")
+    structure = read_json(found / STATE_JSON, "resume")
+    decoded = _check.mapping(state_codec.decode(structure, tensors, f"resume: {found / STATE_JSON}"),
+                             f"resume: {found / STATE_JSON}")
+    opt_state = _check.mapping(decoded.get("optimizer"), f"resume: {found / STATE_JSON} field 'optimizer'")
+    _check_optimizer_state(opt_state, optimizer, found)
+    state = _check_loop_state(decoded.get("loop"), manifest["step"], found / STATE_JSON)
+    return Checkpoint(found, manifest["step"], manifest.get("config"), weights, opt_state, state)
+
+
+def _check_optimizer_state(saved: dict, optimizer: torch.optim.Optimizer, found: Path) -> None:
+    where = f"resume: the optimizer state in {found}"
+    groups = saved.get("param_groups")
+    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+        raise ValueError(f"{where} has no list of param_groups")
+    saved_names = [g.get("names") for g in groups]
     current = [g.get("names") for g in optimizer.param_groups]
-    if saved != current:
-        raise ValueError(f"optimizer state in {found} was saved for parameter groups {saved}, "
-                         f"but this run's are {current}")
-    optimizer.load_state_dict(opt_state)
-    state = torch.load(found / STATE, map_location=map_location, weights_only=True)
-    state["path"] = str(found)
+    if saved_names != current or len(groups) != len(optimizer.param_groups):
+        raise ValueError(f"{where} was saved for parameter groups {saved_names}, but this run's are {current}")
+    params = []
+    for k, (old, new) in enumerate(zip(groups, optimizer.param_groups)):
+        ids = old.get("params")
+        if not isinstance(ids, list) or len(ids) != len(new["params"]):
+            raise ValueError(f"{where}: group {k} holds {len(ids) if isinstance(ids, list) else ids!r} parameters, "
+                             f"this run's holds {len(new['params'])}")
+        params += list(zip(ids, new["params"]))
+    moments = _check.mapping(saved.get("state"), f"{where} field 'state'")
+    by_id = dict(params)
+    for pid, entry in moments.items():
+        if pid not in by_id or not isinstance(entry, dict):
+            raise ValueError(f"{where}: state for parameter {pid!r}, which no group holds")
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != by_id[pid].shape:
+                raise ValueError(f"{where}: {key} of parameter {pid} has shape {tuple(value.shape)}, "
+                                 f"the parameter has {tuple(by_id[pid].shape)}")
+
+
+_LOOP_FIELDS = {"step": int, "data": dict, "scheduler": dict, "scaler": dict, "rng": dict, "history": dict,
+                "loop": list}
+
+
+def _check_loop_state(state, step: int, file: Path) -> dict:
+    where = f"resume: {file}"
+    state = _check.mapping(state, f"{where} field 'loop'")
+    for name, kind in _LOOP_FIELDS.items():
+        if not isinstance(state.get(name), kind):
+            raise ValueError(f"{where}: loop state field {name!r} is missing or not a {kind.__name__}")
+    if state["step"] != step:
+        raise ValueError(f"{where}: step {state['step']} disagrees with the manifest's {step}")
+    for name in ("num_examples", "epoch", "index"):
+        _check.integer(state["data"].get(name), f"{where} field 'data.{name}'", low=0)
+    history = state["history"]
+    for name in ("losses", "lrs"):
+        if not isinstance(history.get(name), list) or len(history[name]) != step:
+            raise ValueError(f"{where}: history.{name} should list {step} steps")
+    if len(state["loop"]) != 3:
+        raise ValueError(f"{where}: field 'loop' should hold [bad_streak, best_eval, evals_since_best]")
     return state
+
+
+def apply_checkpoint(checkpoint: Checkpoint, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Copy a checked `Checkpoint`'s weights and optimizer state in; if anything still fails, both are
+    restored to what they were, so a failed resume changes nothing."""
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    opt_before = _clone_state(optimizer.state_dict())
+    try:
+        load_trainable_state_dict(model, checkpoint.weights)
+        optimizer.load_state_dict(checkpoint.optimizer)
+    except BaseException:
+        load_trainable_state_dict(model, trainable)
+        optimizer.load_state_dict(opt_before)
+        raise
+
+
+def _clone_state(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.clone()
+    if isinstance(obj, dict):
+        return {k: _clone_state(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_clone_state(v) for v in obj)
+    return obj
+
+
+def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Read and check a checkpoint (`read_checkpoint`), then load its weights and optimizer state into
+    `model` / `optimizer`; return the loop `state` dict (with "path").
+
+    Raises:
+        FileNotFoundError: `path` holds no complete checkpoint.
+        ValueError: the checkpoint is damaged or does not fit (names the file and key); nothing was changed.
+    """
+    checkpoint = read_checkpoint(path, model, optimizer)
+    apply_checkpoint(checkpoint, model, optimizer)
+    return {**checkpoint.state, "path": str(checkpoint.path)}

@@ -7,12 +7,32 @@ import sys
 import time
 from pathlib import Path
 
+from .._files import atomic_write
+
 
 def _duration(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def truncate_metrics(file: Path, step: int) -> None:
+    """Keep only the records of steps <= `step` in a metrics.jsonl (atomically): a run resumed from
+    step `step` then writes each later step once. A torn last line (a killed write) is dropped too."""
+    file = Path(file)
+    if not file.is_file():
+        return
+    kept = []
+    for line in file.read_bytes().decode("utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line)
+    text = "".join(line + "\n" for line in kept)
+    atomic_write(file, lambda tmp: Path(tmp).write_text(text))
 
 
 class ProgressLogger:
@@ -134,5 +154,6 @@ def write_loss_svg(path: Path, losses, eval_steps=(), eval_losses=()) -> Path:
     """Write `loss_svg(...)` to `path` and return it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(loss_svg(list(losses), list(eval_steps), list(eval_losses)))
+    text = loss_svg(list(losses), list(eval_steps), list(eval_losses))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))  # a kill never leaves half a picture
     return path

@@ -18,7 +18,7 @@ from .collate import DataStream, check_data, collate
 from .forward import batch_loss, evaluate, forward_kwargs
 from .config import TrainConfig
 from .distributed import Distributed
-from .logging import ProgressLogger, write_loss_svg
+from .logging import ProgressLogger, truncate_metrics, write_loss_svg
 from .losses import num_scored
 from .optim import build_optimizer, build_scheduler
 from .precision import Precision, prepare_model
@@ -98,19 +98,39 @@ class _Run:
             if where is True:  # "resume if possible": a first run starts fresh
                 return False
             raise FileNotFoundError(f"resume: no checkpoint in {where}")
-        state = ckpt.load_checkpoint(found, self.module, self.optimizer)
-        pos = state["data"]
-        if pos["num_examples"] != n_train:
-            raise ValueError(f"resume: checkpoint {found} was trained on {pos['num_examples']} examples, "
-                             f"train_data has {n_train}: its data position would not carry over")
+        # Everything is read and checked before the first tensor is copied: a refusal changes nothing.
+        checkpoint = ckpt.read_checkpoint(found, self.module, self.optimizer)
+        found, state = checkpoint.path, checkpoint.state
+        self._check_fits(checkpoint, n_train)
+        ckpt.apply_checkpoint(checkpoint, self.module, self.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         self.precision.load_state_dict(state["scaler"])
-        self.history = History(**state["history"], step=state["step"], checkpoint=found)
+        self.history = History(**{k: list(state["history"].get(k, [])) for k in History()._lists()},
+                               step=state["step"], checkpoint=found)
         self.bad_streak, self.best_eval, self.evals_since_best = state["loop"]
+        pos = state["data"]
         self.data_stream = DataStream(n_train, self.cfg.seed, self.cfg.shuffle, pos["epoch"], pos["index"])
         self.saved_step = state["step"]
+        if self.cfg.out_dir is not None and self.dist.is_main:
+            truncate_metrics(self.cfg.out_dir / "metrics.jsonl", state["step"])  # each step once after a resume
         ckpt.set_rng_state(self._my_rng_state(state, found))  # last: nothing may draw random numbers after it
         return True
+
+    def _check_fits(self, checkpoint: ckpt.Checkpoint, n_train: int) -> None:
+        """Refuse a checkpoint whose data position or run settings would not carry over (before any copy)."""
+        found, state = checkpoint.path, checkpoint.state
+        if state["data"]["num_examples"] != n_train:
+            raise ValueError(f"resume: checkpoint {found} was trained on {state['data']['num_examples']} examples, "
+                             f"train_data has {n_train}: its data position would not carry over")
+        saved = checkpoint.config or {}
+        for name in ("task", "seed", "shuffle"):  # they fix the meaning of the data position and the loss
+            if name in saved and saved[name] != getattr(self.cfg, name):
+                raise ValueError(f"resume: checkpoint {found} was trained with {name}={saved[name]!r}, this run has "
+                                 f"{name}={getattr(self.cfg, name)!r}; the data order or loss would not carry over")
+        base_lrs = state["scheduler"].get("base_lrs")
+        if not isinstance(base_lrs, list) or len(base_lrs) != len(self.optimizer.param_groups):
+            raise ValueError(f"resume: the scheduler state in {found} does not fit this run's "
+                             f"{len(self.optimizer.param_groups)} parameter groups")
 
     def _my_rng_state(self, state: dict, found) -> dict:
         per_rank = state.get("rng_per_rank") or [state["rng"]]
@@ -133,7 +153,7 @@ class _Run:
                      "scaler": self.precision.state_dict(), "rng": rngs[0], "rng_per_rank": rngs,
                      "history": h._lists(), "loop": [self.bad_streak, self.best_eval, self.evals_since_best]}
             ckpt.save_checkpoint(self.cfg.out_dir, h.step, self.module, self.optimizer, state,
-                                 self.cfg.to_dict())
+                                 self.cfg.to_dict(), keep=self.cfg.keep_checkpoints)
         dist.barrier()  # nobody reads or exits before rank 0's checkpoint is complete
         h.checkpoint = ckpt.checkpoint_dir(self.cfg.out_dir, h.step)
         self.saved_step = h.step
