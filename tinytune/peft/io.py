@@ -214,11 +214,11 @@ def _method_config(kind, config: dict, path: Path):
     if kind == "LORA":
         return lora_config_io.config_from_peft(config, path)
     if kind == ia3.PEFT_TYPE:
-        return ia3.config_from_peft(config)
+        return ia3.config_from_peft(config, path)
     if kind == adapter.PEFT_TYPE:
-        return adapter.config_from_peft(config)
+        return adapter.config_from_peft(config, path)
     if kind in _PROMPT_LEARNING:
-        return _PROMPT_LEARNING[kind].config_from_peft(config)
+        return _PROMPT_LEARNING[kind].config_from_peft(config, path)
     if kind == freeze.PEFT_TYPE:
         return None
     raise ValueError(f"load_adapter: {path / CONFIG_NAME} has peft_type={kind!r}; this loader reads {_KNOWN}")
@@ -244,7 +244,7 @@ def _load_method(model: nn.Module, kind: str, cfg, config: dict, weights: dict[s
             _refuse_mixed_method(kind, model, cfg, path)
         method.load_state_dict(model, weights, strict=True)
     else:
-        freeze.apply_peft_config(model, config)
+        freeze.apply_peft_config(model, config, path)
         freeze.load_state_dict(model, {k.removeprefix(PEFT_PREFIX): v for k, v in weights.items()}, strict=True)
 
 
