@@ -5,6 +5,8 @@
     print(tt.count_parameters(model))
 """
 from . import data, lora, models, ops, peft, train
+from ._check import FieldError
+from ._transaction import IntegrityError, SaveError
 from .models import generate, load_pretrained, save_pretrained
 from .peft import (ParameterCount, adapter, count_parameters, freeze, ia3, load_adapter, prefix, prompt,
                    save_adapter)
@@ -12,7 +14,10 @@ from .peft import (ParameterCount, adapter, count_parameters, freeze, ia3, load_
 __version__ = "0.1.0"
 
 __all__ = [
+    "FieldError",
+    "IntegrityError",
     "ParameterCount",
+    "SaveError",
     "adapter",
     "count_parameters",
     "data",

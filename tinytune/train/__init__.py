@@ -4,11 +4,13 @@
     history = tt.train.fit(model, examples, tt.train.TrainConfig(lr=1e-3, steps=100, batch_size=8))
 
 Layers: `config` (the dataclass), `precision` (the one place that decides dtypes and autocast),
-`optim` (AdamW + schedules), `checkpoint` (atomic save / resume), `logging` (progress, JSONL, SVG),
+`optim` (AdamW + schedules), `checkpoint` (transactional save / validated resume), `state_codec` (nested
+state as JSON + safetensors, no pickle), `logging` (progress, JSONL, SVG),
 `forward` (one batch: model call, task loss, `evaluate`), `distributed` (torchrun: DDP, FSDP, collectives),
 `loop` (`fit`).
 """
-from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, trainable_state_dict
+from .checkpoint import (Checkpoint, apply_checkpoint, find_checkpoint, load_checkpoint, read_checkpoint,
+                         save_checkpoint, trainable_state_dict)
 from .config import TrainConfig
 from .logging import ProgressLogger, loss_svg, write_loss_svg
 from .forward import evaluate
@@ -18,7 +20,7 @@ from .optim import build_optimizer, build_scheduler, lr_factor, param_groups
 from .precision import Precision, prepare_model
 
 __all__ = [
-    "History", "Precision", "ProgressLogger", "TrainConfig", "TrainingInterrupted", "build_optimizer",
+    "Checkpoint", "History", "Precision", "apply_checkpoint", "read_checkpoint", "ProgressLogger", "TrainConfig", "TrainingInterrupted", "build_optimizer",
     "build_scheduler", "causal_lm_loss", "evaluate", "find_checkpoint", "fit", "load_checkpoint",
     "loss_svg", "lr_factor", "param_groups", "prepare_model", "save_checkpoint", "trainable_state_dict",
     "write_loss_svg",
