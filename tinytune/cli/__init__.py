@@ -5,10 +5,18 @@
     tinytune params llama-30m --method lora --rank 16 --targets all-linear
     tinytune bench llama-30m --method lora --batch-size 8 --seq-len 256 --steps 5
     tinytune demo                                          # offline end-to-end example, ~1-2 min on a CPU
+    tinytune finetune ... --resume                         # go on from the latest checkpoint in --out
+
+A user error (a bad flag or config value, a missing or damaged file) prints one line
+`tinytune COMMAND: error: MESSAGE` and exits with status 2 (TINYTUNE_TRACEBACK=1 shows the traceback
+instead). Ctrl-C (SIGINT) or SIGTERM during training saves a checkpoint, prints where and the command that
+resumes from it, and exits with status 130.
 """
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import sys
 
 from .options import CLIError, add_method_options, add_train_options, resolve
@@ -17,6 +25,23 @@ from .options import _flag
 __all__ = ["main", "build_parser", "CLIError"]
 
 _CHECKPOINT_HELP = "a Hugging Face checkpoint directory, or a preset name (llama-tiny, llama-30m, ...)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line on stderr (the usage of `finetune` alone is a screenful)."""
+
+    commands: dict[str, argparse.ArgumentParser] = {}  # set on the top-level parser by build_parser
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+    def parse_args(self, args=None, namespace=None):
+        """As argparse's, but unrecognised arguments are reported by the subcommand they were given to."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self.commands.get(getattr(parsed, "command", None), self).error(
+                f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
 
 
 def _add_finetune(sub) -> None:
@@ -30,6 +55,8 @@ def _add_finetune(sub) -> None:
     _flag(p, "--out", "output directory: adapter/, checkpoints, metrics.jsonl, loss.svg", metavar="DIR")
     _flag(p, "--config", "a .toml or .json file of options", metavar="FILE")
     _flag(p, "--tokenizer", "tokenizer directory (tokenizer.json), required with a preset", metavar="DIR")
+    _flag(p, "--resume", "go on from the latest checkpoint in --out (a fresh start when there is none), or "
+          "from DIR: a checkpoint directory or a run's --out", nargs="?", const=True, metavar="DIR")
     add_method_options(p)
     d = p.add_argument_group("data")
     _flag(d, "--task", "text | pairs | instructions | chats", metavar="TASK")
@@ -79,12 +106,13 @@ def _add_demo(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `tinytune` command."""
-    parser = argparse.ArgumentParser(prog="tinytune", description="Fine-tune language models with LoRA on "
+    parser = _Parser(prog="tinytune", description="Fine-tune language models with LoRA on "
                                      "PyTorch alone.", formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in (_add_finetune, _add_params, _add_bench, _add_demo):
         add(sub)
+    parser.commands = dict(sub.choices)
     return parser
 
 
@@ -99,8 +127,53 @@ def _run(args) -> None:
     getattr(commands, args.command)(opts)
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """What the library raises for bad input (its messages name the culprit); anything else is a bug."""
+    errors = (CLIError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError,
+              TypeError)  # ValueError covers UnicodeDecodeError, json.JSONDecodeError and FieldError
+    try:
+        from safetensors import SafetensorError
+    except ImportError:
+        return errors
+    return errors + (SafetensorError,)
+
+
+def _one_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return "; ".join(lines) or type(err).__name__
+
+
+def _program() -> str:
+    """How this process was started, as a command to type: `tinytune` or `<python> -m tinytune`."""
+    if os.path.basename(sys.argv[0]) in ("tinytune", "tinytune.exe"):
+        return "tinytune"
+    return f"{shlex.quote(sys.executable)} -m tinytune"
+
+
+def resume_command(argv: list[str], checkpoint) -> str:
+    """The command line that resumes an interrupted run: the same arguments plus `--resume CHECKPOINT`
+    (a later --resume wins over an earlier one, so the arguments are kept exactly as they were)."""
+    args = list(argv)
+    at = args.index("--") if "--" in args else len(args)
+    args[at:at] = ["--resume", str(checkpoint)]
+    return " ".join([_program()] + [shlex.quote(a) for a in args])
+
+
+def _interrupted(command: str, err: KeyboardInterrupt, argv: list[str]) -> str:
+    history = getattr(err, "history", None)  # a TrainingInterrupted from fit carries the run so far
+    checkpoint = getattr(history, "checkpoint", None)
+    if checkpoint is None:
+        detail = f" ({_one_line(err)})" if str(err) else ""
+        return f"tinytune {command}: interrupted{detail}"
+    what = str(history.stopped_reason).split(";")[0]
+    return (f"tinytune {command}: {what}; checkpoint saved to {checkpoint}; resume with: "
+            f"{resume_command(argv, checkpoint)}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit status (0 ok, 2 a user error printed to stderr)."""
+    """Entry point; returns the exit status (0 ok, 2 a user error printed to stderr as one line, 130 an
+    interrupt). A bad flag exits through argparse (SystemExit, status 2) with one line on stderr."""
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -108,10 +181,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         _run(args)
-    except CLIError as err:
-        print(f"tinytune {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, ValueError) as err:  # from the library: its messages name the culprit
-        print(f"tinytune {args.command}: error: {err}", file=sys.stderr)
+    except KeyboardInterrupt as err:  # fit's TrainingInterrupted too, once it saved a checkpoint
+        print(_interrupted(args.command, err, argv), file=sys.stderr)
+        return 130
+    except _user_errors() as err:
+        if os.environ.get("TINYTUNE_TRACEBACK"):
+            raise
+        print(f"tinytune {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
     return 0

@@ -2,26 +2,29 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from ..peft import count_parameters, save_adapter
 from ..train import fit
 from .measure import measure_training_step
-from .options import CLIError
-from .setup import apply_method, load_dataset, load_model, train_config
+from .options import DTYPES, CLIError
+from .setup import apply_method, check_device, check_out_dir, load_dataset, load_model, resume_option, train_config
 
 METHOD_KEYS = {"method", "rank", "alpha", "dropout", "targets", "rslora", "bottleneck", "placement", "num_virtual_tokens"}
 FINETUNE_KEYS = METHOD_KEYS | {"checkpoint", "data", "out", "task",
                  "template", "max_length", "on_error", "tokenizer", "steps", "lr", "batch_size", "grad_accum",
-                 "dtype", "grad_checkpointing", "schedule", "warmup_steps", "seed", "log_every", "device"}
+                 "dtype", "grad_checkpointing", "schedule", "warmup_steps", "seed", "log_every", "device", "resume"}
 PARAMS_KEYS = METHOD_KEYS | {"checkpoint", "tokenizer"}
 BENCH_KEYS = PARAMS_KEYS | {"batch_size", "seq_len", "steps", "warmup", "dtype", "grad_checkpointing", "device"}
 
 
 def _require(opts: dict, *names: str) -> None:
+    """Each of `names` given as a non-empty string (a path or a preset name); `tokenizer` a string if given."""
     for name in names:
         if opts.get(name) in (None, ""):
             raise CLIError(f"missing {name.upper()}: give it on the command line or as {name!r} in --config")
+    for name in (*names, "tokenizer"):
+        if opts.get(name) is not None and not isinstance(opts[name], str):
+            raise CLIError(f"{name!r} in --config must be a string (a path), got {opts[name]!r}")
 
 
 def finetune(opts: dict, out=print) -> dict:
@@ -31,6 +34,9 @@ def finetune(opts: dict, out=print) -> dict:
     process trains (`fit` shards the data) and rank 0 alone prints and writes the adapter.
     """
     _require(opts, "checkpoint", "data", "out")
+    out_dir = check_out_dir(opts["out"])  # refused before anything is loaded or trained
+    resume = resume_option(opts.get("resume"))
+    check_device(opts["device"])
     is_main = int(os.environ.get("RANK", "0")) == 0
     out = out if is_main else (lambda *args, **kwargs: None)
     model, tokenizer = load_model(opts["checkpoint"], opts.get("tokenizer"), need_tokenizer=True)
@@ -40,9 +46,8 @@ def finetune(opts: dict, out=print) -> dict:
     apply_method(model, opts)
     pc = count_parameters(model)
     out(pc)
-    out_dir = Path(opts["out"])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    cfg = train_config(opts, out_dir, pad)
+    cfg = train_config(opts, out_dir, pad, resume)
     out(f"training {opts['method']} on {len(examples)} examples from {opts['data']} for {cfg.steps} steps")
     history = fit(model, examples, cfg)
     adapter = save_adapter(model, out_dir / "adapter") if is_main else out_dir / "adapter"
@@ -70,8 +75,13 @@ def bench(opts: dict, out=print):
     """Time training steps on random tokens; print tokens/s and peak memory. Returns the `StepStats`."""
     _require(opts, "checkpoint")
     for name in ("batch_size", "seq_len", "steps"):
-        if not isinstance(opts[name], int) or opts[name] < 1:
+        if not isinstance(opts[name], int) or isinstance(opts[name], bool) or opts[name] < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be an int >= 1, got {opts[name]!r}")
+    if not isinstance(opts["warmup"], int) or isinstance(opts["warmup"], bool) or opts["warmup"] < 0:
+        raise CLIError(f"--warmup must be an int >= 0, got {opts['warmup']!r}")
+    if opts["dtype"] not in DTYPES:
+        raise CLIError(f"--dtype: unknown dtype {opts['dtype']!r}; choose from {list(DTYPES)}")
+    check_device(opts["device"])
     model, _ = load_model(opts["checkpoint"], opts.get("tokenizer"))
     apply_method(model, opts)
     if opts["grad_checkpointing"]:

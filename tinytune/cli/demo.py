@@ -22,6 +22,8 @@ from ..models import build, generate, load_pretrained, save_pretrained
 from ..peft import count_parameters, lora, save_adapter
 from ..train import TrainConfig, fit
 from . import demo_data
+from .options import CLIError
+from .setup import check_out_dir
 
 FULL = dict(pretrain_steps=500, docs=20000, steps=150, n_train=400, n_eval=100)
 QUICK = dict(pretrain_steps=4, docs=64, steps=3, n_train=16, n_eval=4)
@@ -85,10 +87,16 @@ def exact_match(model, tok, records: list[dict]) -> tuple[float, list[str]]:
 
 def run_demo(steps: int | None = None, out: str | None = None, use_cache: bool = True, quick: bool = False,
              print_fn=print) -> dict:
-    """Run the demo; returns {"before", "after", "adapter", "loss_svg", "tokens_per_s"}."""
+    """Run the demo; returns {"before", "after", "adapter", "loss_svg", "tokens_per_s"}.
+
+    Raises:
+        CLIError: `steps` not an int >= 1, or an `out` that cannot be a directory (checked before any work).
+    """
+    if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
+        raise CLIError(f"--steps must be an int >= 1, got {steps!r}")
     start, sizes = time.perf_counter(), dict(QUICK if quick else FULL)
     sizes["steps"] = steps or sizes["steps"]
-    out_dir = Path(out) if out else Path(tempfile.mkdtemp(prefix="tinytune-demo-"))
+    out_dir = check_out_dir(out) if out else Path(tempfile.mkdtemp(prefix="tinytune-demo-"))
     model, tok = base_model(sizes, use_cache, quick, print_fn)
     train, held_out = demo_data.shift_task(sizes["n_train"], sizes["n_eval"])
     train_file = demo_data.write_jsonl(out_dir / "data" / "shift_train.jsonl", train)

@@ -2,6 +2,8 @@
 the dataset and the `TrainConfig`. Each function raises `CLIError` naming the offending option."""
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 import torch
@@ -30,7 +32,7 @@ def load_model(name: str, tokenizer_dir: str | None = None, need_tokenizer: bool
     if path.is_dir():
         try:
             model, own = load_pretrained(path, dtype=torch.float32)
-        except (OSError, ValueError, KeyError) as err:
+        except _load_errors() as err:
             raise CLIError(f"checkpoint {path}: cannot load it: {err}") from None
         tokenizer = tokenizer or own
         where = f"checkpoint {path} has no tokenizer.json"
@@ -47,11 +49,24 @@ def load_model(name: str, tokenizer_dir: str | None = None, need_tokenizer: bool
     return model, tokenizer
 
 
+def _load_errors() -> tuple[type[BaseException], ...]:
+    """What loading a damaged or unreadable checkpoint raises (safetensors has its own error type)."""
+    try:
+        from safetensors import SafetensorError
+    except ImportError:
+        return OSError, ValueError, KeyError
+    return OSError, ValueError, KeyError, SafetensorError
+
+
 def _load_tokenizer(directory: str):
     path = Path(directory)
     if not path.is_dir():
-        raise CLIError(f"--tokenizer: no such directory: {path}")
-    tokenizer = load_tokenizer(path)
+        what = "not a directory" if path.exists() else "no such directory"
+        raise CLIError(f"--tokenizer: {what}: {path}")
+    try:
+        tokenizer = load_tokenizer(path)
+    except (OSError, ValueError) as err:
+        raise CLIError(f"--tokenizer {path}: {err}") from None
     if tokenizer is None:
         raise CLIError(f"--tokenizer: {path} has no tokenizer.json")
     return tokenizer
@@ -104,7 +119,7 @@ def load_dataset(path: str, tokenizer, opts: dict):
     """
     file, task, max_length = Path(path), opts["task"], opts["max_length"]
     if not file.is_file():
-        raise CLIError(f"DATA: file not found: {file}")
+        raise CLIError(f"DATA: {'not a file' if file.exists() else 'file not found'}: {file}")
     if task not in TASKS:
         raise CLIError(f"--task: unknown task {task!r}; choose from {list(TASKS)}")
     template = opts.get("template") or _DEFAULT_TEMPLATE.get(task)
@@ -119,12 +134,64 @@ def load_dataset(path: str, tokenizer, opts: dict):
         if task == "instructions":
             return ttdata.load_instructions(file, tokenizer, template, **common)
         return ttdata.load_chats(file, tokenizer, template, **common)
-    except ValueError as err:
+    except (OSError, ValueError) as err:
         raise CLIError(f"DATA {file}: {err}") from None
 
 
-def train_config(opts: dict, out_dir, pad_token_id: int | None) -> TrainConfig:
-    """A `TrainConfig` from the resolved options.
+def check_out_dir(path: str, flag: str = "--out") -> Path:
+    """`path` as an output directory that exists or can be made: checked before any work is done.
+
+    Raises:
+        CLIError: `path` is an existing file, lies under a file, or its nearest existing parent is not writable.
+    """
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"{flag} {out}: exists and is not a directory (give a directory to write the run into)")
+    parent = out
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise CLIError(f"{flag} {out}: {parent} is a file, not a directory")
+    if parent.exists() and not os.access(parent, os.W_OK | os.X_OK):
+        raise CLIError(f"{flag} {out}: {parent} is not writable")
+    return out
+
+
+def resume_option(value):
+    """`resume` for `TrainConfig`: None (start afresh), True (the latest checkpoint in --out, if any) or a
+    directory that holds a checkpoint (a checkpoint itself or a run's --out).
+
+    Raises:
+        CLIError: a value of another type, or a directory with no checkpoint (checked before anything loads).
+    """
+    if value is None or value is False:
+        return None
+    if value is True:
+        return True
+    if not isinstance(value, str) or not value:
+        raise CLIError(f"--resume: expected nothing (the latest checkpoint in --out) or a directory, got {value!r}")
+    from ..train.checkpoint import find_checkpoint
+    if not Path(value).is_dir():
+        raise CLIError(f"--resume: no such directory: {value}")
+    if find_checkpoint(value) is None:
+        raise CLIError(f"--resume {value}: no checkpoint there (expected a checkpoint directory, or a run "
+                       "directory with checkpoints/step-*)")
+    return value
+
+
+_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+
+
+def check_device(device) -> None:
+    """`--device` is "cpu", or "cuda" / "cuda:N" on a machine that has CUDA (refused here, not mid-run)."""
+    if not isinstance(device, str) or not _DEVICE.fullmatch(device):
+        raise CLIError(f"--device: expected 'cpu' or 'cuda', got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CLIError(f"--device {device}: no CUDA device is available here (torch.cuda.is_available() is False)")
+
+
+def train_config(opts: dict, out_dir, pad_token_id: int | None, resume=None) -> TrainConfig:
+    """A `TrainConfig` from the resolved options (`resume`: see `resume_option`).
 
     Raises:
         CLIError: a value `TrainConfig` rejects (its message names the field).
@@ -134,6 +201,7 @@ def train_config(opts: dict, out_dir, pad_token_id: int | None) -> TrainConfig:
     keys = ("lr", "steps", "batch_size", "grad_accum", "dtype", "grad_checkpointing", "schedule",
             "warmup_steps", "seed", "log_every", "device")
     try:
-        return TrainConfig(**{k: opts[k] for k in keys}, out_dir=out_dir, pad_token_id=pad_token_id or 0)
+        return TrainConfig(**{k: opts[k] for k in keys}, out_dir=out_dir, pad_token_id=pad_token_id or 0,
+                           resume=resume)
     except (ValueError, TypeError) as err:
         raise CLIError(str(err)) from None
