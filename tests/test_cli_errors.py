@@ -230,6 +230,15 @@ def test_a_genuine_bug_still_shows_its_traceback(monkeypatch):
         main(["params", "llama-tiny"])
 
 
+def test_a_failed_save_is_one_line(root, tmp_path, capsys, monkeypatch):
+    def full_disk(model, path, **kwargs):
+        raise tt.SaveError(f"save_adapter: could not write {path}: No space left on device")
+    monkeypatch.setattr(commands, "save_adapter", full_disk)
+    code, _, err = _main(capsys, *_finetune(root, tmp_path / "o"))
+    assert code == 2
+    _one_error_line(err, "finetune", "No space left on device", str(tmp_path / "o" / "adapter"))
+
+
 def test_tinytune_traceback_shows_a_user_error_in_full(monkeypatch, tmp_path):
     monkeypatch.setenv("TINYTUNE_TRACEBACK", "1")
     with pytest.raises(ValueError, match="sequence length 600"):

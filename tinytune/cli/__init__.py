@@ -128,9 +128,11 @@ def _run(args) -> None:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    """What the library raises for bad input (its messages name the culprit); anything else is a bug."""
-    errors = (CLIError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError,
-              TypeError)  # ValueError covers UnicodeDecodeError, json.JSONDecodeError and FieldError
+    """What the library raises for bad input or a failed save (its messages name the culprit); anything
+    else is a bug. ValueError covers UnicodeDecodeError, json.JSONDecodeError, FieldError, IntegrityError."""
+    from .. import SaveError  # a full disk, a directory without write permission: the old save is intact
+    errors = (CLIError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, SaveError,
+              ValueError, TypeError)
     try:
         from safetensors import SafetensorError
     except ImportError:
