@@ -304,3 +304,20 @@ def test_old_format_checkpoints_are_refused_by_name(tmp_path):
     (step / "manifest.json").write_text(json.dumps({"format_version": 1, "step": 2, "files": []}))
     with pytest.raises(IntegrityError, match="format_version=1.*no longer read"):
         ckpt.find_checkpoint(tmp_path)
+
+
+def test_a_fresh_run_never_overwrites_another_runs_checkpoints(tmp_path):
+    _trained_run(tmp_path)
+    files = {p: p.read_bytes() for p in (tmp_path / "checkpoints").rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match=r"already holds checkpoints of a run \(step-0000004, ...\).*resume=True"):
+        fit(_model(), _data(), _cfg(tmp_path), stream=QUIET())
+    assert {p: p.read_bytes() for p in (tmp_path / "checkpoints").rglob("*") if p.is_file()} == files
+
+
+def test_a_checkpoint_file_linking_outside_is_refused(tmp_path):
+    _trained_run(tmp_path / "run")
+    latest = tmp_path / "run" / "checkpoints" / "step-0000004"
+    os.replace(latest / "state.json", tmp_path / "state.json")
+    os.symlink(tmp_path / "state.json", latest / "state.json")  # same bytes: only containment can refuse
+    with pytest.raises(ValueError, match=r"'state.json' resolves to .* outside"):
+        ckpt.read_checkpoint(latest, _model(), torch.optim.AdamW(_model().parameters()))

@@ -34,6 +34,14 @@ def fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def file_mode() -> int:
+    """The mode `open()` gives a new file under the current umask (some writers, e.g. safetensors and
+    mkstemp, create files 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write(path: Path, write) -> None:
     """Call `write(tmp_path)` on a temporary file beside `path`, fsync it, then rename it onto `path`.
 
@@ -44,9 +52,7 @@ def atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 (and writers may recreate it): the mode open() gives
+        os.chmod(tmp, file_mode())  # mkstemp makes 0600 (and writers may recreate it)
         fsync_file(Path(tmp))
         os.replace(tmp, path)
         fsync_dir(path.parent)

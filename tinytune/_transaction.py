@@ -25,6 +25,7 @@ import fnmatch
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import sys
@@ -32,7 +33,7 @@ from pathlib import Path
 from typing import Iterator
 
 from . import _check
-from ._files import contained_file, fsync_dir, fsync_file, read_json
+from ._files import contained_file, file_mode, fsync_dir, fsync_file, read_json
 
 MANIFEST = "tinytune_manifest.json"
 FORMAT = "tinytune-save"
@@ -88,9 +89,23 @@ def directory_transaction(path, owned=(), what: str = "save") -> Iterator[Path]:
             raise
         raise SaveError(err.errno, f"{what}: writing {path} failed ({err.strerror or err}); the previous save "
                         "there, if any, is intact") from err
+    except Exception as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        code = _rust_os_error(err)
+        if code is None:
+            raise
+        raise SaveError(code, f"{what}: writing {path} failed ({err}); the previous save "
+                        "there, if any, is intact") from err
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _rust_os_error(err: Exception) -> int | None:
+    """The errno of an I/O error that a Rust-backed writer raised as a non-OSError (safetensors'
+    SafetensorError, tokenizers' bare Exception: "... File too large (os error 27)"), else None."""
+    match = re.search(r"\(os error (\d+)\)", str(err))
+    return int(match.group(1)) if match else None
 
 
 def _commit(staging: Path, path: Path, owned) -> None:
@@ -100,7 +115,7 @@ def _commit(staging: Path, path: Path, owned) -> None:
     write_manifest(staging, written)
     if path.is_dir():
         _carry_over(path, staging, set(written) | {MANIFEST}, owned)
-    mode = 0o666 & ~_umask()  # the mode open() gives: some writers (safetensors) create files 0600
+    mode = file_mode()
     for name in written + [MANIFEST]:
         os.chmod(staging / name, mode)
         fsync_file(staging / name)
@@ -110,12 +125,6 @@ def _commit(staging: Path, path: Path, owned) -> None:
     else:
         os.rename(staging, path)
         fsync_dir(path.parent)
-
-
-def _umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
 
 
 def _carry_over(old: Path, new: Path, written: set[str], owned) -> None:

@@ -70,7 +70,7 @@ def _weight_files(path: Path, allow_pickle: bool) -> list[Path]:
     if (path / INDEX_FILE).is_file():
         return _index_files(path)
     if (path / SINGLE_FILE).is_file():
-        return [path / SINGLE_FILE]
+        return [contained_file(path, SINGLE_FILE, "load_pretrained")]
     pickled = sorted(path.glob("pytorch_model*.bin"))
     if pickled and allow_pickle:
         return pickled

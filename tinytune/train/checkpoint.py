@@ -34,7 +34,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from .. import _check
-from .._files import read_json, read_safetensors
+from .._files import contained_file, read_json, read_safetensors
 from .._transaction import IntegrityError, directory_transaction, verify
 from . import state_codec
 
@@ -190,6 +190,11 @@ def _step_dirs(root: Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
+def existing_checkpoints(out_dir: str | Path) -> list[Path]:
+    """The `step-N` checkpoint directories (complete or not) under `out_dir/checkpoints`, newest first."""
+    return [d for _, d in _step_dirs(Path(out_dir) / "checkpoints") if (d / MANIFEST).is_file()]
+
+
 def _prune(root: Path, keep: int, newest: Path) -> None:
     """Remove all but the `keep` newest checkpoints (never `newest`, the one just written)."""
     for _, directory in _step_dirs(root)[keep:]:
@@ -271,10 +276,12 @@ def read_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
         raise FileNotFoundError(f"no checkpoint in {path} (expected {MANIFEST} there or a "
                                 f"checkpoints/step-*/ directory holding one)")
     manifest = _read_manifest(found)
-    weights = read_safetensors(found / WEIGHTS, "resume")
-    check_trainable_weights(model, weights, f"resume: {found / WEIGHTS}")
-    tensors = read_safetensors(found / STATE_TENSORS, "resume")
-    structure = read_json(found / STATE_JSON, "resume")
+    weights_file, tensors_file, json_file = (contained_file(found, name, "resume")  # no symlink leading out
+                                             for name in (WEIGHTS, STATE_TENSORS, STATE_JSON))
+    weights = read_safetensors(weights_file, "resume")
+    check_trainable_weights(model, weights, f"resume: {weights_file}")
+    tensors = read_safetensors(tensors_file, "resume")
+    structure = read_json(json_file, "resume")
     decoded = _check.mapping(state_codec.decode(structure, tensors, f"resume: {found / STATE_JSON}"),
                              f"resume: {found / STATE_JSON}")
     opt_state = _check.mapping(decoded.get("optimizer"), f"resume: {found / STATE_JSON} field 'optimizer'")

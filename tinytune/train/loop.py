@@ -301,6 +301,17 @@ class _Run:
         return h
 
 
+def _refuse_to_overwrite_a_run(cfg: TrainConfig) -> None:
+    """A fresh run must not write over (and prune) the checkpoints another run left in `out_dir`."""
+    if cfg.out_dir is None:
+        return
+    earlier = ckpt.existing_checkpoints(cfg.out_dir)
+    if earlier:
+        raise ValueError(f"TrainConfig.out_dir={str(cfg.out_dir)!r} already holds checkpoints of a run "
+                         f"({earlier[0].name}, ...): a fresh run would overwrite and prune them. Pass resume=True "
+                         "to continue that run, or choose another out_dir")
+
+
 def fit(model: nn.Module, train_data, cfg: TrainConfig, eval_data=None, *, resume_from=None,
         callbacks: Sequence[Callable] = (), stream=None) -> History:
     """Train the trainable parameters of `model` on `train_data`.
@@ -326,7 +337,8 @@ def fit(model: nn.Module, train_data, cfg: TrainConfig, eval_data=None, *, resum
 
     Raises:
         ValueError: malformed data (names the example), a model without trainable parameters or
-            returning a wrong shape, a checkpoint that does not match.
+            returning a wrong shape, a checkpoint that does not match (nothing is changed then), or a
+            fresh run into an `out_dir` that holds another run's checkpoints.
         TrainingInterrupted: after SIGINT/SIGTERM, once the checkpoint is written (with `out_dir`).
     """
     n_train = check_data(train_data, "train_data", cfg.task)
@@ -337,6 +349,7 @@ def fit(model: nn.Module, train_data, cfg: TrainConfig, eval_data=None, *, resum
     prepare_model(model, cfg.device, cfg.base_dtype)
     run = _Run(model, train_data, cfg, eval_data, precision, stream, dist)
     if not run.resume(resume_from if resume_from is not None else cfg.resume, n_train):
+        _refuse_to_overwrite_a_run(cfg)
         ckpt.seed_everything(cfg.seed + dist.rank)  # each rank its own dropout stream
     with ckpt.catch_signals(cfg.out_dir is not None) as received:
         history = run.train(list(callbacks), received)
