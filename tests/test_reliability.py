@@ -321,3 +321,19 @@ def test_a_checkpoint_file_linking_outside_is_refused(tmp_path):
     os.symlink(tmp_path / "state.json", latest / "state.json")  # same bytes: only containment can refuse
     with pytest.raises(ValueError, match=r"'state.json' resolves to .* outside"):
         ckpt.read_checkpoint(latest, _model(), torch.optim.AdamW(_model().parameters()))
+
+
+def test_files_above_the_hash_limit_are_checked_by_size_and_header(tmp_path, monkeypatch):
+    monkeypatch.setattr(_transaction, "FULL_HASH_MAX_BYTES", 1000)  # stands in for a multi-GB shard
+    tt.save_adapter(_model(), tmp_path)
+    entry = json.loads((tmp_path / "tinytune_manifest.json").read_text())["files"]["adapter_model.safetensors"]
+    assert entry["size"] > 1000 and "sha256" not in entry and "header_sha256" in entry
+    file = tmp_path / "adapter_model.safetensors"
+    data = bytearray(file.read_bytes())
+    data[-1] ^= 1  # in the tensor data: not seen above the limit (documented), the load goes on
+    file.write_bytes(bytes(data))
+    tt.load_adapter(tt.models.build("llama-tiny"), tmp_path)
+    data[20] ^= 1  # in the header (names, shapes, offsets): caught
+    file.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="adapter_model.safetensors does not match"):
+        tt.load_adapter(tt.models.build("llama-tiny"), tmp_path)

@@ -239,11 +239,15 @@ def _alive(pid: int) -> bool:
 
 
 def write_manifest(directory: Path, names: list[str]) -> None:
-    """Write `directory/tinytune_manifest.json` recording each named file's size and SHA-256."""
+    """Write `directory/tinytune_manifest.json` recording each named file's size, SHA-256 (files up to
+    `FULL_HASH_MAX_BYTES`) and, for safetensors, the header's SHA-256."""
     files = {}
     for name in names:
         file = directory / name
-        files[name] = {"size": file.stat().st_size, "sha256": _sha256(file)}
+        size = file.stat().st_size
+        files[name] = {"size": size}
+        if size <= FULL_HASH_MAX_BYTES:  # (bigger files: size + header, as verify checks them)
+            files[name]["sha256"] = _sha256(file)
         if name.endswith(".safetensors"):
             files[name]["header_sha256"] = _header_sha256(file)
     manifest = {"format": FORMAT, "version": VERSION, "files": files}
@@ -281,7 +285,11 @@ def _verify_file(directory: Path, name: str, entry, what: str) -> Path:
     where = f"{what}: {directory / MANIFEST} entry {name!r}"
     entry = _check.mapping(entry, where)
     size = _check.integer(entry.get("size"), f"{where} field 'size'", low=0)
-    digest = _check.string(entry.get("sha256"), f"{where} field 'sha256'")
+    # the whole file's hash up to FULL_HASH_MAX_BYTES; above it, the safetensors header's (if any)
+    field, digest = ("sha256", _sha256) if size <= FULL_HASH_MAX_BYTES else ("header_sha256", _header_sha256)
+    expected = _check.optional(_check.string, entry.get(field), f"{where} field {field!r}")
+    if expected is None and field == "sha256":
+        raise IntegrityError(f"{where} lacks the field 'sha256' (the manifest is damaged)")
     if not file.is_file():
         raise IntegrityError(f"{what}: {file} is listed in {MANIFEST} but missing: the save is incomplete")
     found = file.stat().st_size
@@ -289,13 +297,7 @@ def _verify_file(directory: Path, name: str, entry, what: str) -> Path:
         raise IntegrityError(f"{what}: {file} has {found} bytes, {MANIFEST} records {size}: the file is truncated "
                              f"or belongs to another save (if another tool rewrote it on purpose, delete {MANIFEST} "
                              "to load it unchecked)")
-    if size <= FULL_HASH_MAX_BYTES:
-        actual, expected = _sha256(file), digest
-    elif "header_sha256" in entry:
-        actual, expected = _header_sha256(file), _check.string(entry["header_sha256"], f"{where} 'header_sha256'")
-    else:
-        return file
-    if actual != expected:
+    if expected is not None and digest(file) != expected:
         raise IntegrityError(f"{what}: {file} does not match its SHA-256 in {MANIFEST}: it was changed or damaged "
                              f"after the save (if you edited it on purpose, delete {MANIFEST} to load it unchecked)")
     return file
