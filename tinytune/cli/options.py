@@ -40,6 +40,16 @@ class ConfigFileError(CLIError, ValueError):
 _int = partial(_check.integer, low=1)
 _count = partial(_check.integer, low=0)
 _optional_str = partial(_check.string, none=True)
+
+
+def _resume(value, where: str):
+    """`resume`: true (the latest checkpoint in out), false or null (start afresh), or a directory."""
+    if value is None or isinstance(value, bool) or (isinstance(value, str) and value):
+        return value
+    raise _check.FieldError(f"{where} must be true, false, None or a directory, got {value!r} "
+                            f"({type(value).__name__})")
+
+
 # What each config-file key holds (the flags get the same types from argparse). Ranges are the library's
 # (LoraConfig, TrainConfig, ...), checked here too so that the message names the file.
 FILE_VALUES = {
@@ -56,6 +66,7 @@ FILE_VALUES = {
     "dtype": partial(_check.string, choices=DTYPES), "grad_checkpointing": _check.boolean,
     "schedule": partial(_check.string, choices=("constant", "linear", "cosine")), "warmup_steps": _count,
     "seed": _count, "log_every": _int, "device": _check.string, "seq_len": _int, "warmup": _count,
+    "resume": _resume,
 }
 
 

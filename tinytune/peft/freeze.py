@@ -374,7 +374,8 @@ def apply_peft_config(model: nn.Module, config: dict, path: str | os.PathLike | 
     params = dict(model.named_parameters())
     unknown = [n for n in names if n not in params]
     if unknown:
-        raise ValueError(f"apply_peft_config: {type(model).__name__} has no parameters {unknown[:8]}")
+        raise ValueError(f"apply_peft_config: {fields.where('trainable_parameters')} names parameters that "
+                         f"{type(model).__name__} lacks: {type(model).__name__} has no parameters {unknown[:8]}")
     freeze(model)
     for name in names:
         params[name].requires_grad_(True)
