@@ -70,7 +70,8 @@ def test_forward_refuses_more_positions_than_the_model_has(name, request):
 def test_forward_counts_cached_positions_and_a_failed_call_leaves_the_cache(llama):
     cache = llama.new_cache(1, 520)
     llama(_ids(1, 508), cache=cache)
-    with pytest.raises(ValueError, match=r"cached \(508\) \+ new tokens \(5\) = 513 exceeds max_position_embeddings=512"):
+    message = r"cached \(508\) \+ new tokens \(5\) = 513 exceeds max_position_embeddings=512"
+    with pytest.raises(ValueError, match=message):
         llama(_ids(1, 5), cache=cache)
     assert cache.length == 508  # refused before anything ran
     assert llama(_ids(1, 4), cache=cache).shape == (1, 4, 256) and cache.length == 512

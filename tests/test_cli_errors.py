@@ -215,6 +215,18 @@ def test_resume_alone_starts_fresh_then_resumes_the_latest(root, tmp_path, capsy
     assert code == 0, err
     assert "after 2 steps" in stdout
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
+    code, stdout, err = _main(capsys, *_finetune(root, out))  # a fresh start would overwrite that run
+    assert code == 2 and stdout == ""
+    _one_error_line(err, "finetune", f"--out {out} already holds checkpoints of a run (step-0000002, ...): "
+                    "pass --resume to continue it")
+
+
+def test_the_demo_never_trains_into_an_earlier_demo_run(tmp_path):
+    from tinytune.cli.demo import _fresh_run_dir
+    assert _fresh_run_dir(tmp_path) == tmp_path / "run"
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run-2" / "checkpoints").mkdir(parents=True)
+    assert _fresh_run_dir(tmp_path) == tmp_path / "run-3"
 
 
 # ---- genuine bugs and interrupts ----------------------------------------------------------------------------
@@ -266,8 +278,9 @@ def test_sigint_saves_a_checkpoint_and_prints_the_resume_command(root, tmp_path)
     command finishes the run."""
     out = tmp_path / "run"
     # Each optimizer step is 8 micro-batches (~0.1-0.2 s), so the signal arrives well before the last step.
-    argv = ["finetune", root / "ckpt", root / "data.jsonl", "--out", out, "--steps", 8, "--batch-size", 4,
-            "--grad-accum", 8, "--log-every", 1]
+    # A preset with a tokenizer directory starts faster than a checkpoint directory.
+    argv = ["finetune", "llama-tiny", root / "data.jsonl", "--tokenizer", root / "tok", "--out", out, "--steps", 8,
+            "--batch-size", 4, "--grad-accum", 8, "--log-every", 1]
     proc = subprocess.Popen([sys.executable, "-m", "tinytune", *map(str, argv)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=ENV)
     try:

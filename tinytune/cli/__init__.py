@@ -56,7 +56,8 @@ def _add_finetune(sub) -> None:
     _flag(p, "--config", "a .toml or .json file of options", metavar="FILE")
     _flag(p, "--tokenizer", "tokenizer directory (tokenizer.json), required with a preset", metavar="DIR")
     _flag(p, "--resume", "go on from the latest checkpoint in --out (a fresh start when there is none), or "
-          "from DIR: a checkpoint directory or a run's --out", nargs="?", const=True, metavar="DIR")
+          "from DIR: a checkpoint directory or a run's --out (give it after CHECKPOINT and DATA, or as "
+          "--resume=DIR)", nargs="?", const=True, metavar="DIR")
     add_method_options(p)
     d = p.add_argument_group("data")
     _flag(d, "--task", "text | pairs | instructions | chats", metavar="TASK")

@@ -35,7 +35,7 @@ def finetune(opts: dict, out=print) -> dict:
     """
     _require(opts, "checkpoint", "data", "out")
     out_dir = check_out_dir(opts["out"])  # refused before anything is loaded or trained
-    resume = resume_option(opts.get("resume"))
+    resume = resume_option(opts.get("resume"), out_dir)
     check_device(opts["device"])
     is_main = int(os.environ.get("RANK", "0")) == 0
     out = out if is_main else (lambda *args, **kwargs: None)

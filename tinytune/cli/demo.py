@@ -85,6 +85,15 @@ def exact_match(model, tok, records: list[dict]) -> tuple[float, list[str]]:
     return sum(a == r["output"] for a, r in zip(answers, records)) / len(records), answers
 
 
+def _fresh_run_dir(out_dir: Path) -> Path:
+    """out_dir/run, or run-2, run-3, ... when an earlier demo into the same --out left its checkpoints there."""
+    run, n = out_dir / "run", 1
+    while (run / "checkpoints").exists():
+        n += 1
+        run = out_dir / f"run-{n}"
+    return run
+
+
 def run_demo(steps: int | None = None, out: str | None = None, use_cache: bool = True, quick: bool = False,
              print_fn=print) -> dict:
     """Run the demo; returns {"before", "after", "adapter", "loss_svg", "tokens_per_s"}.
@@ -108,8 +117,8 @@ def run_demo(steps: int | None = None, out: str | None = None, use_cache: bool =
     print_fn(f"exact match before fine-tuning: {before:.0%}")
     lora.apply(model, lora.LoraConfig(rank=16, alpha=32, dropout=0.0, targets="all-linear"))
     print_fn("\nLoRA rank 16 on all linear layers:\n" + str(count_parameters(model)))
-    cfg = TrainConfig(lr=5e-3, steps=sizes["steps"], batch_size=16, out_dir=out_dir / "run", log_every=25,
-                      schedule="cosine", warmup_steps=10 if sizes["steps"] > 20 else 0, save_every=0)
+    cfg = TrainConfig(lr=5e-3, steps=sizes["steps"], batch_size=16, out_dir=_fresh_run_dir(out_dir),
+                      log_every=25, schedule="cosine", warmup_steps=10 if sizes["steps"] > 20 else 0, save_every=0)
     history = fit(model, examples, cfg)
     after, answers = exact_match(model, tok, held_out)
     adapter = save_adapter(model, out_dir / "adapter")

@@ -157,26 +157,37 @@ def check_out_dir(path: str, flag: str = "--out") -> Path:
     return out
 
 
-def resume_option(value):
+def resume_option(value, out_dir: Path):
     """`resume` for `TrainConfig`: None (start afresh), True (the latest checkpoint in --out, if any) or a
-    directory that holds a checkpoint (a checkpoint itself or a run's --out).
+    directory that holds a checkpoint (a checkpoint itself or a run's --out). `fit` verifies it on load.
 
     Raises:
-        CLIError: a value of another type, or a directory with no checkpoint (checked before anything loads).
+        CLIError: a value of another type, a directory with no checkpoint, or a fresh start into an --out
+            that holds another run's checkpoints (it would overwrite them); all before anything loads.
     """
     if value is None or value is False:
+        if found := _checkpoints(out_dir):
+            raise CLIError(f"--out {out_dir} already holds checkpoints of a run ({found[-1]}, ...): pass --resume "
+                           "to continue it, or choose another --out")
         return None
     if value is True:
         return True
     if not isinstance(value, str) or not value:
         raise CLIError(f"--resume: expected nothing (the latest checkpoint in --out) or a directory, got {value!r}")
-    from ..train.checkpoint import find_checkpoint
     if not Path(value).is_dir():
         raise CLIError(f"--resume: no such directory: {value}")
-    if find_checkpoint(value) is None:
+    if not _checkpoints(Path(value)):
         raise CLIError(f"--resume {value}: no checkpoint there (expected a checkpoint directory, or a run "
                        "directory with checkpoints/step-*)")
     return value
+
+
+def _checkpoints(directory: Path) -> list[str]:
+    """Names of the checkpoints `directory` is or holds (those with a manifest; not verified here)."""
+    from ..train.checkpoint import MANIFEST
+    if (directory / MANIFEST).is_file():
+        return [directory.name]
+    return sorted(d.name for d in (directory / "checkpoints").glob("step-*") if (d / MANIFEST).is_file())
 
 
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?")

@@ -68,7 +68,8 @@ def generate(model: CausalLM, input_ids: torch.Tensor, max_new_tokens: int = 32,
                          seed, pad, return_logprobs)
 
 
-def _check_arguments(model, input_ids, max_new_tokens, temperature, top_k, top_p, attention_mask, seed=None) -> None:
+def _check_arguments(model, input_ids, max_new_tokens, temperature, top_k, top_p, attention_mask,
+                     seed=None) -> None:
     """Every argument checked before anything is allocated; ValueError naming the argument and its value."""
     _check_prompt(input_ids, attention_mask)
     _check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
@@ -92,7 +93,8 @@ def _check_prompt(input_ids, attention_mask) -> None:
         raise ValueError(f"input_ids must hold at least one token per row, got shape {tuple(input_ids.shape)}")
     if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor)
                                        or tuple(attention_mask.shape) != tuple(input_ids.shape)):
-        shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+        is_tensor = isinstance(attention_mask, torch.Tensor)
+        shape = tuple(attention_mask.shape) if is_tensor else type(attention_mask).__name__
         raise ValueError(f"attention_mask shape {shape} does not match input_ids shape {tuple(input_ids.shape)}")
 
 
@@ -106,7 +108,8 @@ def _is_real(value) -> bool:
 
 def _check_sampling(max_new_tokens, temperature, top_k, top_p, seed) -> None:
     if not _is_int(max_new_tokens):
-        raise FieldError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r} ({type(max_new_tokens).__name__})")
+        raise FieldError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r} "
+                         f"({type(max_new_tokens).__name__})")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     # Written so that NaN fails every test: `nan < 0` is False, `not nan >= 0` is True.

@@ -129,6 +129,13 @@ class CausalLM(nn.Module):
 
     Returns:
         logits (B, T or logits_to_keep, vocab) in the compute dtype (hidden states with return_hidden).
+
+    Raises (before anything runs, so a refused call leaves the cache as it was):
+        ValueError: input_ids not a 2-D int64/int32 tensor (FieldError for the dtype, naming it), an id
+            outside [0, vocab_size) (named with its (row, col)), cache.length + T beyond
+            `max_position_embeddings` (learned positions and RoPE alike; with `position_ids`, their
+            largest value decides), or a mask / position_ids of the wrong shape. The value checks
+            cost one min/max read and are skipped under torch.compile (see `values_checkable`).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -229,9 +236,10 @@ class CausalLM(nn.Module):
     def _check_mask_and_positions(attention_mask, position_ids, B: int, T: int, past: int) -> None:
         """Shapes of a 2-D mask (B or 1, past + T) and of position_ids (B or 1, T); 4-D masks: `_check_block_mask`."""
         if attention_mask is not None and attention_mask.dim() != 4:
-            if attention_mask.dim() != 2 or attention_mask.shape[0] not in (1, B) or attention_mask.shape[1] != past + T:
+            shape = tuple(attention_mask.shape)
+            if len(shape) != 2 or shape[0] not in (1, B) or shape[1] != past + T:
                 raise ValueError(f"attention_mask must be (batch, cached + new tokens) = ({B}, {past + T}) or a "
-                                 f"boolean (batch, 1, T, T) mask, got shape {tuple(attention_mask.shape)}")
+                                 f"boolean (batch, 1, T, T) mask, got shape {shape}")
         if position_ids is not None:
             if not isinstance(position_ids, torch.Tensor) or position_ids.dim() != 2 or \
                     position_ids.shape[0] not in (1, B) or position_ids.shape[1] != T:
