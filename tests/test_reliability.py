@@ -337,3 +337,10 @@ def test_files_above_the_hash_limit_are_checked_by_size_and_header(tmp_path, mon
     file.write_bytes(bytes(data))
     with pytest.raises(IntegrityError, match="adapter_model.safetensors does not match"):
         tt.load_adapter(tt.models.build("llama-tiny"), tmp_path)
+
+
+def test_a_checkpoint_without_its_integrity_manifest_is_skipped(tmp_path):
+    _trained_run(tmp_path)
+    (tmp_path / "checkpoints" / "step-0000004" / "tinytune_manifest.json").unlink()
+    with pytest.warns(RuntimeWarning, match=r"step-0000004: .*has no tinytune_manifest.json"):
+        assert ckpt.find_checkpoint(tmp_path).name == "step-0000003"

@@ -48,18 +48,27 @@ def atomic_write(path: Path, write) -> None:
     For single files that stand alone (metrics, pictures); a save of several files that must agree
     uses `tinytune._transaction.directory_transaction` instead.
     """
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         write(tmp)
         os.chmod(tmp, file_mode())  # mkstemp makes 0600 (and writers may recreate it)
         fsync_file(Path(tmp))
         os.replace(tmp, path)
         fsync_dir(path.parent)
+    except OSError as err:
+        _remove(tmp)
+        raise OSError(err.errno, f"writing {path} failed ({err.strerror or err}); the previous file, if any, "
+                      "is intact") from err
     except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        _remove(tmp)
         raise
+
+
+def _remove(tmp) -> None:
+    if tmp is not None and os.path.exists(tmp):
+        os.remove(tmp)
 
 
 def read_json(file: Path, what: str) -> object:

@@ -254,8 +254,9 @@ def write_manifest(directory: Path, names: list[str]) -> None:
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
-def verify(directory, what: str) -> dict[str, Path] | None:
-    """Check a saved directory against its manifest; None when it has none (written elsewhere).
+def verify(directory, what: str, required: bool = False) -> dict[str, Path] | None:
+    """Check a saved directory against its manifest; None when it has none (written elsewhere), or,
+    with `required` (tinytune's own formats, such as training checkpoints), an IntegrityError.
 
     Returns:
         {file name: path} of every file the manifest lists, all checked.
@@ -265,9 +266,12 @@ def verify(directory, what: str) -> dict[str, Path] | None:
             (named, with the expected and found values).
     """
     directory = Path(directory)
-    if not (directory / MANIFEST).exists():
+    if not (directory / MANIFEST).exists() and not (directory / MANIFEST).is_symlink():
+        if required:
+            raise IntegrityError(f"{what}: {directory} has no {MANIFEST}: it is incomplete, or was changed after "
+                                 "the save")
         return None
-    manifest_file = directory / MANIFEST
+    manifest_file = contained_file(directory, MANIFEST, what)
     try:
         manifest = _check.mapping(read_json(manifest_file, what), f"{what}: {manifest_file}")
         if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:

@@ -52,7 +52,7 @@ def read_config(path: Path) -> ModelConfig:
 
 def _index_files(path: Path) -> list[Path]:
     """The shard files `model.safetensors.index.json` names, each checked to lie inside `path`."""
-    index_file = path / INDEX_FILE
+    index_file = contained_file(path, INDEX_FILE, "load_pretrained")
     index = _check.mapping(read_json(index_file, "load_pretrained"), f"load_pretrained: {index_file}")
     weight_map = _check.mapping(index.get("weight_map"), f"load_pretrained: {index_file} field 'weight_map'")
     names = set()
@@ -87,8 +87,7 @@ def _iter_tensors(files: list[Path]):
     """(key, tensor) for every tensor in the files, one at a time."""
     for file in files:
         if file.suffix == ".bin":
-            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            yield from state.items()
+            yield from _read_pickled(file).items()
             continue
         try:
             handle = safe_open(str(file), framework="pt")
@@ -98,6 +97,21 @@ def _iter_tensors(files: list[Path]):
         with handle as f:
             for key in f.keys():
                 yield key, f.get_tensor(key)
+
+
+def _read_pickled(file: Path) -> dict:
+    """A `pytorch_model*.bin` through torch's restricted unpickler (tensors and plain containers only)."""
+    import pickle
+
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"load_pretrained: {file} was refused by torch.load(weights_only=True) ({first}); it "
+                         "holds something other than tensors, or is damaged") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"load_pretrained: {file} does not hold a dict of tensors")
+    return state
 
 
 def _set_tensor(model: nn.Module, key: str, tensor: torch.Tensor) -> None:

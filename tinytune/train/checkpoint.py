@@ -215,15 +215,14 @@ def find_checkpoint(path: str | Path) -> Path | None:
     """
     path = Path(path)
     if (path / MANIFEST).is_file():
-        verify(path, "resume")
+        _check_intact(path)
         return path
     damaged = []
     for _, directory in _step_dirs(path / "checkpoints"):
         if not (directory / MANIFEST).is_file():
             continue
         try:
-            verify(directory, "resume")
-            _read_manifest(directory)
+            _check_intact(directory)
         except ValueError as err:
             damaged.append(f"{directory.name}: {err}")
             continue
@@ -236,8 +235,17 @@ def find_checkpoint(path: str | Path) -> Path | None:
     return None
 
 
+def _check_intact(directory: Path) -> None:
+    """Every file of the checkpoint inside it, as its integrity manifest recorded, and a sound manifest."""
+    for name in (MANIFEST, WEIGHTS, STATE_JSON, STATE_TENSORS):
+        if (directory / name).exists() or (directory / name).is_symlink():
+            contained_file(directory, name, "resume")  # no symlink leading out, even without a manifest
+    _read_manifest(directory)  # first: an old format is named as such
+    verify(directory, "resume", required=True)
+
+
 def _read_manifest(directory: Path) -> dict:
-    file = directory / MANIFEST
+    file = contained_file(directory, MANIFEST, "resume")
     manifest = _check.mapping(read_json(file, "resume"), f"resume: {file}")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:

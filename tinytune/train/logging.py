@@ -64,8 +64,11 @@ class ProgressLogger:
 
     def _append(self, record: dict) -> None:
         if self.metrics is not None:
-            with open(self.metrics, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(self.metrics, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as err:
+                raise OSError(err.errno, f"appending to {self.metrics} failed ({err.strerror or err})") from err
 
     def step(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
         """Record optimizer step `step` (1-based) with its loss, learning rate and throughput."""
