@@ -813,10 +813,8 @@ FIXED_NAMES = {  # files a loader opens by their fixed name, replaced by a symli
     "config.json": ("pretrained", None),
     "model.safetensors": ("pretrained", None),
     "model.safetensors.index.json": ("sharded", None),
-    "tokenizer.json": ("tokenizer", "library gap: tokenizer._load_backend opens tokenizer.json without "
-                                    "contained_file; a symlink leading out is followed"),
-    "tokenizer_config.json": ("tokenizer", "library gap: tokenizer._read_json opens tokenizer_config.json "
-                                           "without contained_file; a symlink leading out is followed"),
+    "tokenizer.json": ("tokenizer", None),
+    "tokenizer_config.json": ("tokenizer", None),
     "trainable.safetensors": ("checkpoint", None),
     "state.json": ("checkpoint", None),
     "manifest.json": ("checkpoint", None),

@@ -271,7 +271,7 @@ def save_pretrained(model: CausalLM, path, tokenizer=None, max_shard_size: int |
         _write_json(staging / "config.json", hf)
         _write_json(staging / "generation_config.json", generation)
         if tokenizer is not None:
-            tokenizer.save(staging)
+            tokenizer.write_files(staging)
     return path
 
 

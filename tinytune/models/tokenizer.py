@@ -10,7 +10,11 @@ from pathlib import Path
 import tokenizers
 import torch
 
+from .._files import contained_file
+from .._transaction import directory_transaction
+
 TOKENIZER_FILE = "tokenizer.json"
+_FILES = (TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json")
 _NAMES = ("bos", "eos", "pad", "unk")
 _SIDES = ("left", "right")
 _PADDINGS = (True, "longest", "max_length", False)
@@ -19,9 +23,11 @@ _NO_LIMIT = 10**12
 
 
 def _read_json(path: Path) -> dict:
-    """Return the json object stored at `path`, or {} when the file does not exist."""
+    """Return the json object stored at `path`, or {} when the file does not exist (a symlink leading out
+    of the tokenizer's directory is refused)."""
     if not path.is_file():
         return {}
+    contained_file(path.parent, path.name, "tokenizer")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -78,6 +84,7 @@ def _load_backend(directory: Path) -> tokenizers.Tokenizer:
         others = sorted(p.name for p in directory.iterdir() if p.name in ("tokenizer.model", "vocab.json"))
         hint = f" (found {', '.join(others)}: convert once with transformers' AutoTokenizer)" if others else ""
         raise FileNotFoundError(f"no {TOKENIZER_FILE} in {directory}{hint}")
+    contained_file(directory, TOKENIZER_FILE, "tokenizer")  # no symlink leading out of the directory
     try:
         return tokenizers.Tokenizer.from_file(str(file))
     except Exception as err:  # the Rust side raises a bare Exception for any parse error
@@ -359,10 +366,15 @@ class Tokenizer:
 
     def save(self, path) -> None:
         """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into directory `path` (made
-        if needed) so that `transformers.AutoTokenizer.from_pretrained(path)` encodes identically. Extra eos
-        ids are not written: they belong in the model's generation_config.json."""
-        directory = Path(path)
-        directory.mkdir(parents=True, exist_ok=True)
+        if needed) so that `transformers.AutoTokenizer.from_pretrained(path)` encodes identically, as one
+        transaction (the directory's other files are kept). Extra eos ids are not written: they belong in the
+        model's generation_config.json."""
+        with directory_transaction(path, owned=_FILES, what="Tokenizer.save") as staging:
+            self.write_files(staging)
+
+    def write_files(self, directory: Path) -> None:
+        """Write the tokenizer's files into the existing `directory` (inside a caller's transaction)."""
+        directory = Path(directory)
         self.backend.save(str(directory / TOKENIZER_FILE))
         tokens = {f"{n}_token": self.id_to_token(getattr(self, f"{n}_token_id"))
                   for n in _NAMES if getattr(self, f"{n}_token_id") is not None}
