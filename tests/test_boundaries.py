@@ -394,3 +394,13 @@ def test_discover_labels_reads_the_same_way(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert data.discover_labels(path, "label") == ["a", "b"]
+
+
+def test_a_prompt_tuned_model_names_a_bad_token_id():
+    model = tt.models.build("llama-tiny")
+    tt.prompt.apply(model, tt.prompt.PromptConfig(num_virtual_tokens=3))
+    with pytest.raises(ValueError, match=r"id 256 at \(0, 2\), outside the vocabulary \[0, 256\)"):
+        model(torch.tensor([[1, 2, 256]]))
+    with pytest.raises(ValueError, match="int64 or int32 tensor"):
+        model(torch.tensor([[1.0, 2.0]]))
+    assert model(torch.tensor([[1, 2, 255]])).shape == (1, 3, 256)

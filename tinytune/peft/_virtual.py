@@ -117,6 +117,22 @@ def strip_front(out, n: int, length: int):
     return out
 
 
+def check_ids(ids: torch.Tensor, embedding: nn.Module) -> None:
+    """Refuse non-integer token ids and ids outside an `nn.Embedding`'s rows, naming the id and its position
+    (a hook that embeds ids itself bypasses the model's own checks). Skipped under torch.compile."""
+    if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32):
+        dtype = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise ValueError(f"input_ids must be an int64 or int32 tensor of token ids, got {dtype}")
+    if not isinstance(embedding, nn.Embedding) or ids.numel() == 0 or torch.compiler.is_compiling():
+        return
+    low, high = (int(v) for v in torch.aminmax(ids))
+    if low < 0 or high >= embedding.num_embeddings:
+        bad = low if low < 0 else high
+        where = tuple(int(i) for i in (ids == bad).nonzero()[0])
+        raise ValueError(f"input_ids holds id {bad} at {where}, outside the vocabulary "
+                         f"[0, {embedding.num_embeddings}) of the embedding")
+
+
 def trainable_dtype(model: nn.Module) -> torch.dtype:
     """fp32 when the model's floating weights are half precision (adapters train in fp32), else theirs."""
     ref = next((p for p in model.parameters() if p.is_floating_point()), None)

@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from .. import _check
 from ._virtual import (
-    VIRTUAL_TOKENS_ATTR, cached_length, call_kwargs, check_not_virtual, config_value, forward_signature,
+    VIRTUAL_TOKENS_ATTR, cached_length, call_kwargs, check_ids, check_not_virtual, config_value, forward_signature,
     load_embeddings, new_tokens, strip_front, switched_off, trainable_dtype,
 )
 
@@ -135,7 +135,9 @@ class SoftPrompt(nn.Module):
     def _prepend(self, model: nn.Module, kw: dict, B: int) -> torch.Tensor:
         embeds = kw.get("inputs_embeds")
         if embeds is None:
-            embeds = self.input_embeddings(model)(kw["input_ids"])  # (B, T, d)
+            embedding = self.input_embeddings(model)
+            check_ids(kw["input_ids"], embedding)  # the model's own forward, which checks ids, sees embeddings
+            embeds = embedding(kw["input_ids"])  # (B, T, d)
         if embeds.shape[-1] != self.embedding.shape[1]:
             raise ValueError(f"prompt tuning: input embeddings have width {embeds.shape[-1]}, the prompt "
                              f"{self.embedding.shape[1]}")
