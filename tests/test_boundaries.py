@@ -404,3 +404,12 @@ def test_a_prompt_tuned_model_names_a_bad_token_id():
     with pytest.raises(ValueError, match="int64 or int32 tensor"):
         model(torch.tensor([[1.0, 2.0]]))
     assert model(torch.tensor([[1, 2, 255]])).shape == (1, 3, 256)
+
+
+def test_layers_built_by_hand_refuse_non_finite_or_ill_typed_hyperparameters():
+    for alpha in (float("inf"), float("nan"), "16"):
+        with pytest.raises(ValueError, match="LoRA alpha must be a finite number > 0"):
+            tt.lora.LoRALinear(torch.nn.Linear(4, 4), 2, alpha)
+    with pytest.raises(ValueError, match=r"LoRA dropout must be in \[0, 1\)"):
+        tt.lora.LoRALinear(torch.nn.Linear(4, 4), 2, 4.0, dropout="0.1")
+    assert tt.lora.LoRALinear(torch.nn.Linear(4, 4), 2, 4).scaling == 2.0

@@ -24,7 +24,7 @@ def check_layer_args(bottleneck, placement: str, activation: str, scaling: float
         raise ValueError(f"unknown adapter activation={activation!r}; expected one of {', '.join(map(repr, ACTIVATIONS))}")
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not (math.isfinite(scaling) and scaling > 0):
         raise ValueError(f"adapter scaling must be a finite number > 0, got scaling={scaling!r}")
-    if not 0.0 <= dropout < 1.0:
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"adapter dropout must be in [0, 1), got dropout={dropout!r}")
 
 

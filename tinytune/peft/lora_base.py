@@ -32,12 +32,16 @@ def check_hyperparameters(rank: int, alpha: float, dropout: float, init: str) ->
     """Raise ValueError naming the bad field (shared by the config and the layers)."""
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise ValueError(f"LoRA rank must be an integer >= 1, got rank={rank!r}")
-    if not alpha > 0:
-        raise ValueError(f"LoRA alpha must be > 0, got alpha={alpha!r}")
-    if not 0.0 <= dropout < 1.0:
+    if not _finite_number(alpha) or not alpha > 0:
+        raise ValueError(f"LoRA alpha must be a finite number > 0, got alpha={alpha!r}")
+    if not _finite_number(dropout) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"LoRA dropout must be in [0, 1), got dropout={dropout!r}")
     if init not in INITS:
         raise ValueError(f"unknown LoRA init={init!r}; expected one of {', '.join(map(repr, INITS))}")
+
+
+def _finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def check_dora(dora) -> None:
