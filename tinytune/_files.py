@@ -80,8 +80,13 @@ def read_json(file: Path, what: str) -> object:
     file = Path(file)
     if not file.is_file():
         raise FileNotFoundError(f"{what}: {file} not found" + (" (it is a directory)" if file.is_dir() else ""))
+    return parse_json(file.read_bytes(), file, what)
+
+
+def parse_json(data: bytes, file: Path, what: str) -> object:
+    """`read_json` on bytes already read from `file` (named in the errors)."""
     try:
-        return json.loads(file.read_bytes().decode("utf-8"))
+        return json.loads(data.decode("utf-8"))
     except UnicodeDecodeError as err:
         raise ValueError(f"{what}: {file} is not valid UTF-8 (byte {err.start})") from None
     except json.JSONDecodeError as err:
@@ -91,14 +96,26 @@ def read_json(file: Path, what: str) -> object:
 
 def read_safetensors(file: Path, what: str) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file; ValueError naming the file when it is damaged or truncated."""
-    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     file = Path(file)
     if not file.is_file():
         raise FileNotFoundError(f"{what}: {file} not found")
+    return _safetensors_or_error(lambda: load_file(str(file)), file, what)
+
+
+def parse_safetensors(data: bytes, file: Path, what: str) -> dict[str, torch.Tensor]:
+    """`read_safetensors` on bytes already read from `file` (named in the errors)."""
+    from safetensors.torch import load
+
+    return _safetensors_or_error(lambda: load(data), file, what)
+
+
+def _safetensors_or_error(read, file: Path, what: str) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+
     try:
-        return load_file(str(file))
+        return read()
     except (SafetensorError, OSError, RuntimeError, ValueError) as err:
         raise ValueError(f"{what}: {file} is not a readable safetensors file ({err}); it may be truncated "
                          "or damaged") from None

@@ -58,16 +58,19 @@ def directory_transaction(path, owned=(), what: str = "save") -> Iterator[Path]:
 
     Args:
         path: the directory the save replaces (created when absent; its parents too).
-        owned: file-name patterns (fnmatch) of the old directory that belong to this kind of save and
-            are dropped rather than carried over (e.g. stale shards); files listed in the old
-            manifest are owned too.
+        owned: exact file-name patterns (fnmatch) of the old directory that this kind of save
+            supersedes and drops rather than carries over (e.g. stale shards of another count);
+            everything else is carried over, with its manifest entry when it had one.
         what: names the caller in errors ("save_adapter", ...).
 
     Raises:
-        SaveError: writing failed (the old save is left intact; the message names the path).
+        SaveError: writing failed (the old save is left intact; the message names the path), or
+            `path` is a mount point or its parent is not writable (it cannot be swapped there).
         NotADirectoryError: `path` exists and is not a directory.
     """
     path = Path(path).absolute()
+    if path.is_symlink():
+        path = path.resolve()  # save into the directory the link names; the link stays a link
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"{what}: {path} exists and is not a directory")
     if path.exists() and path.samefile(Path.cwd()) or path.resolve() in Path.cwd().resolve().parents:
@@ -77,9 +80,16 @@ def directory_transaction(path, owned=(), what: str = "save") -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise SaveError(err.errno, f"{what}: cannot create {path.parent}: {err.strerror or err}") from None
+    if os.path.ismount(path):
+        raise SaveError(errno.EBUSY, f"{what}: {path} is a mount point, which cannot be swapped as a whole; "
+                        "save into a subdirectory of it")
     remove_leftovers(path)
     staging = path.parent / f".{path.name}{_TAG}new-{os.getpid()}-{secrets.token_hex(4)}"
-    staging.mkdir()
+    try:
+        staging.mkdir()
+    except OSError as err:
+        raise SaveError(err.errno, f"{what}: cannot stage the save beside {path} ({err.strerror or err}); a save "
+                        "needs to write in the directory that holds it") from None
     try:
         yield staging
         _commit(staging, path, owned)
@@ -112,9 +122,8 @@ def _commit(staging: Path, path: Path, owned) -> None:
     written = sorted(p.name for p in staging.iterdir())
     if any(not (staging / name).is_file() or (staging / name).is_symlink() for name in written):
         raise ValueError(f"internal: a save may only write plain files, found {written} in {staging}")
-    write_manifest(staging, written)
-    if path.is_dir():
-        _carry_over(path, staging, set(written) | {MANIFEST}, owned)
+    inherited = _carry_over(path, staging, set(written) | {MANIFEST}, owned) if path.is_dir() else {}
+    write_manifest(staging, written, inherited)
     mode = file_mode()
     for name in written + [MANIFEST]:
         os.chmod(staging / name, mode)
@@ -127,19 +136,25 @@ def _commit(staging: Path, path: Path, owned) -> None:
         fsync_dir(path.parent)
 
 
-def _carry_over(old: Path, new: Path, written: set[str], owned) -> None:
-    """Hard-link the old directory's entries that this save neither wrote nor owns into `new`."""
-    previous = set(_manifest_files(old))
+def _carry_over(old: Path, new: Path, written: set[str], owned) -> dict:
+    """Hard-link the old directory's entries that this save neither wrote nor owns into `new`; return
+    the old manifest's entries of the carried files (another kind of save wrote them: a model's
+    files stay verified after a tokenizer is saved beside them)."""
+    previous = _manifest_entries(old)
+    inherited = {}
     for entry in old.iterdir():
         name = entry.name
-        if name in written or name in previous or any(fnmatch.fnmatch(name, pattern) for pattern in owned):
+        if name in written or any(fnmatch.fnmatch(name, pattern) for pattern in owned):
             continue
+        if name in previous:
+            inherited[name] = previous[name]
         if entry.is_symlink():
             os.symlink(os.readlink(entry), new / name)
         elif entry.is_dir():
             shutil.copytree(entry, new / name, symlinks=True, copy_function=_link_or_copy)
         else:
             _link_or_copy(entry, new / name)
+    return inherited
 
 
 def _link_or_copy(src, dst) -> None:
@@ -149,11 +164,12 @@ def _link_or_copy(src, dst) -> None:
         shutil.copy2(src, dst)
 
 
-def _manifest_files(directory: Path) -> list[str]:
+def _manifest_entries(directory: Path) -> dict:
     try:
-        return list(json.loads((directory / MANIFEST).read_text())["files"])
+        files = json.loads((directory / MANIFEST).read_text())["files"]
+        return files if isinstance(files, dict) else {}
     except (OSError, ValueError, KeyError, TypeError):
-        return []
+        return {}
 
 
 def _swap(staging: Path, path: Path) -> None:
@@ -201,10 +217,8 @@ def remove_leftovers(path: Path) -> None:
     if not path.parent.is_dir():
         return
     leftovers = []
-    for entry in sorted(path.parent.glob(f".{_glob_escape(path.name)}{_TAG}*")):
-        kind, _, rest = entry.name[len(path.name) + 1 + len(_TAG):].partition("-")
-        pid = rest.split("-")[0]
-        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+    for kind, pid, entry in _siblings(path):
+        if _alive(pid):  # a save still running (this process's own too: another thread)
             continue
         leftovers.append((kind, entry))
     if not path.exists():
@@ -224,8 +238,16 @@ def _verifies(directory: Path) -> bool:
         return False
 
 
-def _glob_escape(name: str) -> str:
-    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+def _siblings(path: Path) -> list[tuple[str, int, Path]]:
+    """(kind "new"/"old", pid, directory) of every staging sibling a save of `path` made (exact names only:
+    a user's `.name.tt-notes` or another path's siblings never match)."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}{re.escape(_TAG)}(new|old)-(\d+)-[0-9a-f]{{8}}")
+    found = []
+    for entry in sorted(path.parent.iterdir()):
+        match = pattern.fullmatch(entry.name)
+        if match and entry.is_dir() and not entry.is_symlink():
+            found.append((match.group(1), int(match.group(2)), entry))
+    return found
 
 
 def _alive(pid: int) -> bool:
@@ -238,10 +260,11 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def write_manifest(directory: Path, names: list[str]) -> None:
+def write_manifest(directory: Path, names: list[str], inherited: dict | None = None) -> None:
     """Write `directory/tinytune_manifest.json` recording each named file's size, SHA-256 (files up to
-    `FULL_HASH_MAX_BYTES`) and, for safetensors, the header's SHA-256."""
-    files = {}
+    `FULL_HASH_MAX_BYTES`) and, for safetensors, the header's SHA-256; `inherited` entries (files
+    carried over from the previous save) are kept as they were recorded."""
+    files = dict(inherited or {})
     for name in names:
         file = directory / name
         size = file.stat().st_size
@@ -254,9 +277,13 @@ def write_manifest(directory: Path, names: list[str]) -> None:
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
-def verify(directory, what: str, required: bool = False) -> dict[str, Path] | None:
+def verify(directory, what: str, required: bool = False, listed=()) -> dict[str, Path] | None:
     """Check a saved directory against its manifest; None when it has none (written elsewhere), or,
     with `required` (tinytune's own formats, such as training checkpoints), an IntegrityError.
+
+    Args:
+        listed: names the manifest must list (the files the caller will read): a manifest that
+            leaves them out protects nothing.
 
     Returns:
         {file name: path} of every file the manifest lists, all checked.
@@ -266,6 +293,43 @@ def verify(directory, what: str, required: bool = False) -> dict[str, Path] | No
             (named, with the expected and found values).
     """
     directory = Path(directory)
+    entries = _read_entries(directory, what, required, listed)
+    if entries is None:
+        return None
+    return {name: _verify_file(directory, name, entry, what) for name, entry in entries.items()}
+
+
+def read_verified(directory, names, what: str) -> dict[str, bytes]:
+    """The bytes of the files `names`, each checked against the directory's manifest (when it has one) AS
+    READ: a save swapped in while reading shows as a changed manifest and the files are read again, so
+    the result is never a mix of two saves.
+
+    Raises:
+        FileNotFoundError: a file is missing. IntegrityError: a file does not match the manifest.
+    """
+    directory = Path(directory)
+    for _ in range(3):
+        before = _manifest_bytes(directory)
+        data = {name: contained_file(directory, name, what).read_bytes() for name in names}
+        if _manifest_bytes(directory) != before:
+            continue  # a save landed in between: read again
+        entries = _read_entries(directory, what, False, names)
+        for name, blob in data.items():
+            if entries is not None:
+                _verify_file(directory, name, entries[name], what, blob)
+        return data
+    raise IntegrityError(f"{what}: {directory} changed three times while it was read (another process is "
+                         "saving into it): try again when it is done")
+
+
+def _manifest_bytes(directory: Path) -> bytes | None:
+    try:
+        return (directory / MANIFEST).read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+def _read_entries(directory: Path, what: str, required: bool, listed) -> dict | None:
     if not (directory / MANIFEST).exists() and not (directory / MANIFEST).is_symlink():
         if required:
             raise IntegrityError(f"{what}: {directory} has no {MANIFEST}: it is incomplete, or was changed after "
@@ -277,14 +341,19 @@ def verify(directory, what: str, required: bool = False) -> dict[str, Path] | No
         if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
             raise ValueError(f"{what}: {manifest_file} is not a {FORMAT} manifest of version {VERSION}")
         entries = _check.mapping(manifest.get("files"), f"{what}: {manifest_file} field 'files'")
-        return {name: _verify_file(directory, name, entry, what) for name, entry in entries.items()}
-    except IntegrityError:
-        raise
     except ValueError as err:
         raise IntegrityError(f"{err} (the manifest is damaged: the save cannot be trusted)") from None
+    for name in entries:  # an entry naming a file outside is a hostile manifest, whatever the caller reads
+        contained_file(directory, name, f"{what}: {manifest_file}")
+    missing = [name for name in listed if name not in entries]
+    if missing:
+        raise IntegrityError(f"{what}: {manifest_file} does not list {missing}, which the save should hold (the "
+                             "manifest is damaged or foreign: the save cannot be trusted)")
+    return entries
 
 
-def _verify_file(directory: Path, name: str, entry, what: str) -> Path:
+def _verify_file(directory: Path, name: str, entry, what: str, data: bytes | None = None) -> Path:
+    """Check one file (or the bytes `data` read from it) against its manifest entry."""
     file = contained_file(directory, name, f"{what}: {directory / MANIFEST}")
     where = f"{what}: {directory / MANIFEST} entry {name!r}"
     entry = _check.mapping(entry, where)
@@ -294,20 +363,22 @@ def _verify_file(directory: Path, name: str, entry, what: str) -> Path:
     expected = _check.optional(_check.string, entry.get(field), f"{where} field {field!r}")
     if expected is None and field == "sha256":
         raise IntegrityError(f"{where} lacks the field 'sha256' (the manifest is damaged)")
-    if not file.is_file():
+    if data is None and not file.is_file():
         raise IntegrityError(f"{what}: {file} is listed in {MANIFEST} but missing: the save is incomplete")
-    found = file.stat().st_size
+    found = len(data) if data is not None else file.stat().st_size
     if found != size:
         raise IntegrityError(f"{what}: {file} has {found} bytes, {MANIFEST} records {size}: the file is truncated "
                              f"or belongs to another save (if another tool rewrote it on purpose, delete {MANIFEST} "
                              "to load it unchecked)")
-    if expected is not None and digest(file) != expected:
+    if expected is not None and digest(data if data is not None else file) != expected:
         raise IntegrityError(f"{what}: {file} does not match its SHA-256 in {MANIFEST}: it was changed or damaged "
                              f"after the save (if you edited it on purpose, delete {MANIFEST} to load it unchecked)")
     return file
 
 
-def _sha256(file: Path) -> str:
+def _sha256(file: Path | bytes) -> str:
+    if isinstance(file, bytes):
+        return hashlib.sha256(file).hexdigest()
     digest = hashlib.sha256()
     with open(file, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -315,8 +386,11 @@ def _sha256(file: Path) -> str:
     return digest.hexdigest()
 
 
-def _header_sha256(file: Path) -> str:
+def _header_sha256(file: Path | bytes) -> str:
     """SHA-256 of a safetensors file's length prefix and JSON header (names, dtypes, shapes, offsets)."""
+    if isinstance(file, bytes):
+        length = int.from_bytes(file[:8], "little") if len(file) >= 8 else 0
+        return hashlib.sha256(file[:8 + min(length, 100 << 20)]).hexdigest()
     with open(file, "rb") as f:
         prefix = f.read(8)
         length = int.from_bytes(prefix, "little") if len(prefix) == 8 else 0
@@ -329,7 +403,7 @@ def describe_missing(path) -> str:
     path = Path(path).absolute()
     if path.exists() or not path.parent.is_dir():
         return ""
-    for entry in sorted(path.parent.glob(f".{_glob_escape(path.name)}{_TAG}*")):
+    for _, _, entry in _siblings(path):
         if (entry / MANIFEST).is_file():
             return f" (an interrupted save left a complete copy in {entry}: rename it to {path.name} to use it)"
     return ""

@@ -153,7 +153,8 @@ def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", allow_pic
     path = Path(path)
     cfg = read_config(path)
     files = _weight_files(path, allow_pickle)
-    verify(path, "load_pretrained")  # a directory tinytune wrote: every file as the save recorded it
+    # a directory tinytune wrote: every file as the save recorded it, the ones read here listed
+    verify(path, "load_pretrained", listed=["config.json", *(f.name for f in files)])
     with torch.device("meta"):
         model = CausalLM(cfg)
     _load_weights(model, files, dtype, device)
@@ -277,8 +278,9 @@ def save_pretrained(model: CausalLM, path, tokenizer=None, max_shard_size: int |
 
 # what a previous checkpoint in the directory held that this save supersedes (not carried over):
 # weights of any shard count or format, and the configs
-_OWNED = ("model*.safetensors", INDEX_FILE, "pytorch_model*.bin", "pytorch_model.bin.index.json", "config.json",
-          "generation_config.json")
+_OWNED = (SINGLE_FILE, "model-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9].safetensors", INDEX_FILE,
+          "pytorch_model.bin", "pytorch_model-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9].bin",
+          "pytorch_model.bin.index.json", "config.json", "generation_config.json")
 
 
 def _write_json(file: Path, data: dict) -> None:

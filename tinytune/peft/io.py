@@ -17,8 +17,8 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from .. import _check
-from .._files import contained_file, read_json, read_safetensors
-from .._transaction import describe_missing, directory_transaction, verify
+from .._files import contained_file, parse_json, parse_safetensors
+from .._transaction import describe_missing, directory_transaction, read_verified
 from . import _rollback, adapter, freeze, ia3, lora, lora_config_io, lora_multi, prefix, prompt
 from ._targets import find_targets, matches
 
@@ -26,6 +26,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 _PROMPT_LEARNING = {"PROMPT_TUNING": prompt, "PREFIX_TUNING": prefix}
+_OWNED = (WEIGHTS_NAME, "adapter_model.bin", CONFIG_NAME)  # what an adapter save supersedes (never carried over)
 
 
 def _methods_on(model: nn.Module) -> list[str]:
@@ -95,18 +96,18 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None 
     path = Path(path)
     # one transaction: the old adapter stays whole until the new one is complete on disk; a stale
     # adapter_model.bin of an older save is dropped with it (it would contradict the new weights)
-    with directory_transaction(path, owned=("adapter_model.*", CONFIG_NAME), what="save_adapter") as staging:
+    with directory_transaction(path, owned=_OWNED, what="save_adapter") as staging:
         save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
         (staging / CONFIG_NAME).write_text(text)
     return path
 
 
-def _read_config(path: Path) -> dict:
+def _config_file(path: Path) -> Path:
     config_file = contained_file(path, CONFIG_NAME, "load_adapter")
     if not config_file.is_file():
         raise FileNotFoundError(f"load_adapter: {config_file} not found (expected a PEFT adapter directory)"
                                 + describe_missing(path))
-    return _check.mapping(read_json(config_file, "load_adapter"), f"load_adapter: {config_file}")
+    return config_file
 
 
 def _weights_file(path: Path) -> Path:
@@ -278,15 +279,16 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
     if not path.is_dir():
         raise FileNotFoundError(f"load_adapter: {path} is not a directory (expected a PEFT adapter directory)"
                                 + describe_missing(path))
-    weights_file = _weights_file(path)
-    config = _read_config(path)
-    verify(path, "load_adapter")  # after the two files' own "not found" messages, before using either
+    weights_file, config_file = _weights_file(path), _config_file(path)
+    # both files as read, checked against the manifest: never new weights beside an old config
+    data = read_verified(path, [CONFIG_NAME, WEIGHTS_NAME], "load_adapter")
+    config = _check.mapping(parse_json(data[CONFIG_NAME], config_file, "load_adapter"), f"load_adapter: {config_file}")
     kind = config.get("peft_type")
     if adapter_name is not None and kind != "LORA":
         raise ValueError(f"load_adapter: adapter_name={adapter_name!r} is for LoRA adapters, but {path / CONFIG_NAME} "
                          f"has peft_type={kind!r}")
     cfg = _method_config(kind, config, path)
-    weights = read_safetensors(weights_file, "load_adapter")
+    weights = parse_safetensors(data.pop(WEIGHTS_NAME), weights_file, "load_adapter")
     _check_sizes(kind, cfg, weights, path)
     snap = _rollback.snapshot(model, _weights_pissa_may_rewrite(model, cfg))
     try:

@@ -191,8 +191,8 @@ def _step_dirs(root: Path) -> list[tuple[int, Path]]:
 
 
 def existing_checkpoints(out_dir: str | Path) -> list[Path]:
-    """The `step-N` checkpoint directories (complete or not) under `out_dir/checkpoints`, newest first."""
-    return [d for _, d in _step_dirs(Path(out_dir) / "checkpoints") if (d / MANIFEST).is_file()]
+    """The `step-N` checkpoint directories (intact or damaged) under `out_dir/checkpoints`, newest first."""
+    return [d for _, d in _step_dirs(Path(out_dir) / "checkpoints")]
 
 
 def _prune(root: Path, keep: int, newest: Path) -> None:
@@ -205,9 +205,9 @@ def _prune(root: Path, keep: int, newest: Path) -> None:
 def find_checkpoint(path: str | Path) -> Path | None:
     """The checkpoint at `path`, or the newest intact one under `path/checkpoints`; None if there is none.
 
-    A directory without `manifest.json` (a temporary, half-written or foreign one) never counts.
-    Under `path/checkpoints`, a damaged checkpoint (a file missing, truncated or changed; a damaged
-    manifest) is skipped with a warning for the next older intact one.
+    Under `path/checkpoints`, a damaged `step-N` checkpoint (a file missing, truncated or changed; a
+    damaged or missing manifest) is skipped with a warning for the next older intact one; a save's
+    temporaries are hidden siblings that never match `step-N`.
 
     Raises:
         IntegrityError (a ValueError): `path` is itself a checkpoint and is damaged, or every
@@ -218,12 +218,10 @@ def find_checkpoint(path: str | Path) -> Path | None:
         _check_intact(path)
         return path
     damaged = []
-    for _, directory in _step_dirs(path / "checkpoints"):
-        if not (directory / MANIFEST).is_file():
-            continue
+    for _, directory in _step_dirs(path / "checkpoints"):  # a save never leaves a step-N without its files
         try:
             _check_intact(directory)
-        except ValueError as err:
+        except (ValueError, OSError) as err:
             damaged.append(f"{directory.name}: {err}")
             continue
         if damaged:
@@ -241,7 +239,7 @@ def _check_intact(directory: Path) -> None:
         if (directory / name).exists() or (directory / name).is_symlink():
             contained_file(directory, name, "resume")  # no symlink leading out, even without a manifest
     _read_manifest(directory)  # first: an old format is named as such
-    verify(directory, "resume", required=True)
+    verify(directory, "resume", required=True, listed=(MANIFEST, WEIGHTS, STATE_JSON, STATE_TENSORS))
 
 
 def _read_manifest(directory: Path) -> dict:
@@ -348,18 +346,39 @@ def _check_loop_state(state, step: int, file: Path) -> dict:
     return state
 
 
+@contextlib.contextmanager
+def all_or_nothing(model: nn.Module, *stateful):
+    """Inside, a resume may change `model`'s trainable parameters and the `state_dict`/`load_state_dict`
+    objects in `stateful` (optimizer, scheduler, ...); if anything raises, all are put back as they were."""
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    before = [_clone_state(obj.state_dict()) for obj in stateful]
+    try:
+        yield
+    except BaseException:
+        load_trainable_state_dict(model, trainable)
+        for obj, state in zip(stateful, before):
+            obj.load_state_dict(state)
+        raise
+
+
+def check_rng_state(state: dict, where: str) -> None:
+    """Raise ValueError unless `set_rng_state(state)` works here (other Python/numpy, more CUDA devices
+    than this machine has, ...); the RNGs are left as they were."""
+    current = rng_state("cuda" if "cuda" in state and torch.cuda.is_available() else "cpu")
+    try:
+        set_rng_state(state)
+    except (ValueError, TypeError, RuntimeError, KeyError, IndexError) as err:
+        raise ValueError(f"resume: the random-number state in {where} cannot be restored here ({err})") from None
+    finally:
+        set_rng_state(current)
+
+
 def apply_checkpoint(checkpoint: Checkpoint, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Copy a checked `Checkpoint`'s weights and optimizer state in; if anything still fails, both are
     restored to what they were, so a failed resume changes nothing."""
-    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    opt_before = _clone_state(optimizer.state_dict())
-    try:
+    with all_or_nothing(model, optimizer):
         load_trainable_state_dict(model, checkpoint.weights)
         optimizer.load_state_dict(checkpoint.optimizer)
-    except BaseException:
-        load_trainable_state_dict(model, trainable)
-        optimizer.load_state_dict(opt_before)
-        raise
 
 
 def _clone_state(obj):

@@ -102,18 +102,21 @@ class _Run:
         checkpoint = ckpt.read_checkpoint(found, self.module, self.optimizer)
         found, state = checkpoint.path, checkpoint.state
         self._check_fits(checkpoint, n_train)
-        ckpt.apply_checkpoint(checkpoint, self.module, self.optimizer)
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.precision.load_state_dict(state["scaler"])
+        rng = self._my_rng_state(state, found)
+        ckpt.check_rng_state(rng, str(found))
+        with ckpt.all_or_nothing(self.module, self.optimizer, self.scheduler, self.precision):
+            ckpt.apply_checkpoint(checkpoint, self.module, self.optimizer)
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.precision.load_state_dict(state["scaler"])
+            if self.cfg.out_dir is not None and self.dist.is_main:  # last: atomic, so unchanged if it fails
+                truncate_metrics(self.cfg.out_dir / "metrics.jsonl", state["step"])  # each step once after a resume
         self.history = History(**{k: list(state["history"].get(k, [])) for k in History()._lists()},
                                step=state["step"], checkpoint=found)
         self.bad_streak, self.best_eval, self.evals_since_best = state["loop"]
         pos = state["data"]
         self.data_stream = DataStream(n_train, self.cfg.seed, self.cfg.shuffle, pos["epoch"], pos["index"])
         self.saved_step = state["step"]
-        if self.cfg.out_dir is not None and self.dist.is_main:
-            truncate_metrics(self.cfg.out_dir / "metrics.jsonl", state["step"])  # each step once after a resume
-        ckpt.set_rng_state(self._my_rng_state(state, found))  # last: nothing may draw random numbers after it
+        ckpt.set_rng_state(rng)  # last (and checked above): nothing may draw random numbers after it
         return True
 
     def _check_fits(self, checkpoint: ckpt.Checkpoint, n_train: int) -> None:

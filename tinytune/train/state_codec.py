@@ -40,8 +40,9 @@ class _Store:
         if not (cpu.is_contiguous() and cpu.storage_offset() == 0 and whole) or (ptr in self.storages and ptr):
             cpu = cpu.contiguous().clone()
         self.storages.add(cpu.untyped_storage().data_ptr())
-        self.tensors[path], self.keys[id(tensor)] = cpu, path
-        return path
+        key = f"{len(self.tensors)}:{path}"  # numbered: paths alone can collide ({"x/y": a, "x": {"y": b}})
+        self.tensors[key], self.keys[id(tensor)] = cpu, key
+        return key
 
 
 def _encode(obj, path: str, tensors: _Store):
