@@ -186,7 +186,7 @@ def _check_sizes(kind: str, cfg, weights: dict[str, torch.Tensor], where: Path) 
     (a hand-edited `r` of a billion must not allocate gigabytes first)."""
     file = where / WEIGHTS_NAME
     if kind == "LORA":
-        found = [(k, v.shape) for k, v in weights.items() if "lora_" in k and "magnitude" not in k]
+        found = [(k, weights[k].shape) for k in sorted(weights) if "lora_" in k and "magnitude" not in k]
         if not found:
             raise ValueError(f"load_adapter: {file} holds no LoRA tensors (keys: {sorted(weights)[:5]})")
         for key, shape in found:
