@@ -42,14 +42,14 @@ if not sys.platform.startswith("linux"):
 import fault_writer as fw  # noqa: E402
 import tinytune as tt  # noqa: E402
 from conftest import TinyLM  # noqa: E402
-from tinytune import _transaction  # noqa: E402
+from tinytune import _manifest, _transaction  # noqa: E402
 from tinytune.peft import lora_multi  # noqa: E402
 from tinytune.train import build_optimizer, checkpoint as ckpt, fit  # noqa: E402
 
 SEED = int(os.environ.get("TINYTUNE_FAULT_SEED", random.SystemRandom().randrange(2**32)))
 COUNTS = collections.Counter()
 WRITER = Path(__file__).with_name("fault_writer.py")
-MANIFEST = _transaction.MANIFEST
+MANIFEST = _manifest.MANIFEST
 
 
 def _why(*parts) -> str:
@@ -482,7 +482,7 @@ def pristine(models, tmp_path_factory):
 def forge_manifest(directory: Path) -> None:
     """Rewrite the integrity manifest to match what is there now (a hostile directory carries a valid one)."""
     names = sorted(p.name for p in directory.iterdir() if p.is_file() and p.name != MANIFEST)
-    _transaction.write_manifest(directory, names)
+    _manifest.write_manifest(directory, names)
 
 
 def test_the_planted_pickle_runs_when_unpickled(tmp_path):
@@ -740,8 +740,8 @@ def opened(monkeypatch):
 
     monkeypatch.setattr(hf, "safe_open", spy(hf.safe_open))
     monkeypatch.setattr(safetensors.torch, "load_file", spy(safetensors.torch.load_file))
-    monkeypatch.setattr(_transaction, "_sha256", spy(_transaction._sha256))
-    monkeypatch.setattr(_transaction, "_header_sha256", spy(_transaction._header_sha256))
+    monkeypatch.setattr(_manifest, "_sha256", spy(_manifest._sha256))
+    monkeypatch.setattr(_manifest, "_header_sha256", spy(_manifest._header_sha256))
     return seen
 
 

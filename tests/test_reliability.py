@@ -12,9 +12,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import tinytune as tt
-from tinytune import _transaction
+from tinytune import _manifest, _transaction
 from tinytune.peft import lora_multi
-from tinytune._transaction import IntegrityError, directory_transaction, verify
+from tinytune._manifest import IntegrityError, verify
+from tinytune._transaction import directory_transaction
 from tinytune.train import TrainConfig, fit
 from tinytune.train import checkpoint as ckpt
 
@@ -259,7 +260,7 @@ def test_a_refused_resume_changes_nothing(tmp_path, problem):
         manifest = json.loads((latest / "manifest.json").read_text())
         (latest / "manifest.json").write_text(json.dumps(dict(manifest, step=3)))
     if problem in ("optimizer moments", "manifest step"):
-        _transaction.write_manifest(latest, ["manifest.json", "state.json", "state.safetensors",
+        _manifest.write_manifest(latest, ["manifest.json", "state.json", "state.safetensors",
                                              "trainable.safetensors"])
     cfg = _cfg(tmp_path, resume=True, steps=6, seed=1 if problem == "seed" else 0)
     files = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
@@ -324,7 +325,7 @@ def test_a_checkpoint_file_linking_outside_is_refused(tmp_path):
 
 
 def test_files_above_the_hash_limit_are_checked_by_size_and_header(tmp_path, monkeypatch):
-    monkeypatch.setattr(_transaction, "FULL_HASH_MAX_BYTES", 1000)  # stands in for a multi-GB shard
+    monkeypatch.setattr(_manifest, "FULL_HASH_MAX_BYTES", 1000)  # stands in for a multi-GB shard
     tt.save_adapter(_model(), tmp_path)
     entry = json.loads((tmp_path / "tinytune_manifest.json").read_text())["files"]["adapter_model.safetensors"]
     assert entry["size"] > 1000 and "sha256" not in entry and "header_sha256" in entry
@@ -393,7 +394,7 @@ def test_cleanup_touches_only_its_own_staging_names(tmp_path):
 
 def test_a_load_never_mixes_two_saves_that_race_it(tmp_path, monkeypatch):
     tt.save_adapter(_model(), tmp_path / "a")
-    real, calls = _transaction._manifest_bytes, []
+    real, calls = _manifest._manifest_bytes, []
 
     def racing(directory):  # another process swaps a new save in while the first read is under way
         calls.append(1)
@@ -401,7 +402,7 @@ def test_a_load_never_mixes_two_saves_that_race_it(tmp_path, monkeypatch):
             tt.save_adapter(_model(seed=2), tmp_path / "a")
         return real(directory)
 
-    monkeypatch.setattr(_transaction, "_manifest_bytes", racing)
+    monkeypatch.setattr(_manifest, "_manifest_bytes", racing)
     loaded = tt.load_adapter(tt.models.build("llama-tiny"), tmp_path / "a")
     assert len(calls) == 4  # read once, saw the manifest change, read again
     expected = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
@@ -427,7 +428,7 @@ def test_a_resume_whose_random_state_cannot_be_restored_changes_nothing(tmp_path
     structure["loop"]["rng"]["python"] = [3, [1, 2, 3], None]  # another Python's state vector
     structure["loop"]["rng_per_rank"] = [structure["loop"]["rng"]]
     (latest / "state.json").write_text(json.dumps(structure))
-    _transaction.write_manifest(latest, ["manifest.json", "state.json", "state.safetensors", "trainable.safetensors"])
+    _manifest.write_manifest(latest, ["manifest.json", "state.json", "state.safetensors", "trainable.safetensors"])
     model = _model()
     before, files = _snapshot(model), {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     with pytest.raises(ValueError, match="random-number state .* cannot be restored here"):

@@ -6,7 +6,8 @@
 """
 from . import data, lora, models, ops, peft, train
 from ._check import FieldError
-from ._transaction import IntegrityError, SaveError
+from ._manifest import IntegrityError
+from ._transaction import SaveError
 from .models import generate, load_pretrained, save_pretrained
 from .peft import (ParameterCount, adapter, count_parameters, freeze, ia3, load_adapter, prefix, prompt,
                    save_adapter)

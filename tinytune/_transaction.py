@@ -7,7 +7,7 @@
 How: the new content is written into a hidden sibling (`.<name>.tt-new-<pid>-<random>`), every file
 and the directory are fsynced, an integrity manifest (`tinytune_manifest.json`: every file's size
 and SHA-256) is written last, and the sibling is swapped with `path` in one atomic
-`renameat2(RENAME_EXCHANGE)` (Linux). The old content, now in the sibling, is removed only after
+`renameat2(RENAME_EXCHANGE)` (Linux); the manifest itself lives in `tinytune._manifest`. The old content, now in the sibling, is removed only after
 the swap is on disk. Where the exchange is not available (another OS, a filesystem without it),
 two renames are used and the old save survives in `.<name>.tt-old-*` for the instant between them.
 
@@ -22,8 +22,6 @@ import contextlib
 import ctypes
 import errno
 import fnmatch
-import hashlib
-import json
 import os
 import re
 import secrets
@@ -32,24 +30,14 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
-from . import _check
-from ._files import contained_file, file_mode, fsync_dir, fsync_file, read_json
+from ._files import file_mode, fsync_dir, fsync_file
+from ._manifest import MANIFEST, manifest_entries, verify, write_manifest
 
-MANIFEST = "tinytune_manifest.json"
-FORMAT = "tinytune-save"
-VERSION = 1
-# Files above this size are checked by size and safetensors header on load, not by a full hash:
-# hashing runs at ~1 GB/s, which would add seconds to every load of a multi-GB model.
-FULL_HASH_MAX_BYTES = 1 << 30
 _TAG = ".tt-"
 
 
 class SaveError(OSError):
     """A save could not be completed (full disk, permissions, ...); the previous save is intact."""
-
-
-class IntegrityError(ValueError):
-    """A saved directory does not match its manifest: a file is missing, truncated or changed."""
 
 
 @contextlib.contextmanager
@@ -140,7 +128,7 @@ def _carry_over(old: Path, new: Path, written: set[str], owned) -> dict:
     """Hard-link the old directory's entries that this save neither wrote nor owns into `new`; return
     the old manifest's entries of the carried files (another kind of save wrote them: a model's
     files stay verified after a tokenizer is saved beside them)."""
-    previous = _manifest_entries(old)
+    previous = manifest_entries(old)
     inherited = {}
     for entry in old.iterdir():
         name = entry.name
@@ -162,14 +150,6 @@ def _link_or_copy(src, dst) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
-
-
-def _manifest_entries(directory: Path) -> dict:
-    try:
-        files = json.loads((directory / MANIFEST).read_text())["files"]
-        return files if isinstance(files, dict) else {}
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
 
 
 def _swap(staging: Path, path: Path) -> None:
@@ -258,144 +238,6 @@ def _alive(pid: int) -> bool:
     except OSError:
         return True  # exists, owned by someone else
     return True
-
-
-def write_manifest(directory: Path, names: list[str], inherited: dict | None = None) -> None:
-    """Write `directory/tinytune_manifest.json` recording each named file's size, SHA-256 (files up to
-    `FULL_HASH_MAX_BYTES`) and, for safetensors, the header's SHA-256; `inherited` entries (files
-    carried over from the previous save) are kept as they were recorded."""
-    files = dict(inherited or {})
-    for name in names:
-        file = directory / name
-        size = file.stat().st_size
-        files[name] = {"size": size}
-        if size <= FULL_HASH_MAX_BYTES:  # (bigger files: size + header, as verify checks them)
-            files[name]["sha256"] = _sha256(file)
-        if name.endswith(".safetensors"):
-            files[name]["header_sha256"] = _header_sha256(file)
-    manifest = {"format": FORMAT, "version": VERSION, "files": files}
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-
-
-def verify(directory, what: str, required: bool = False, listed=()) -> dict[str, Path] | None:
-    """Check a saved directory against its manifest; None when it has none (written elsewhere), or,
-    with `required` (tinytune's own formats, such as training checkpoints), an IntegrityError.
-
-    Args:
-        listed: names the manifest must list (the files the caller will read): a manifest that
-            leaves them out protects nothing.
-
-    Returns:
-        {file name: path} of every file the manifest lists, all checked.
-
-    Raises:
-        IntegrityError: the manifest is damaged, or a file is missing, has another size or hash
-            (named, with the expected and found values).
-    """
-    directory = Path(directory)
-    entries = _read_entries(directory, what, required, listed)
-    if entries is None:
-        return None
-    return {name: _verify_file(directory, name, entry, what) for name, entry in entries.items()}
-
-
-def read_verified(directory, names, what: str) -> dict[str, bytes]:
-    """The bytes of the files `names`, each checked against the directory's manifest (when it has one) AS
-    READ: a save swapped in while reading shows as a changed manifest and the files are read again, so
-    the result is never a mix of two saves.
-
-    Raises:
-        FileNotFoundError: a file is missing. IntegrityError: a file does not match the manifest.
-    """
-    directory = Path(directory)
-    for _ in range(3):
-        before = _manifest_bytes(directory)
-        data = {name: contained_file(directory, name, what).read_bytes() for name in names}
-        if _manifest_bytes(directory) != before:
-            continue  # a save landed in between: read again
-        entries = _read_entries(directory, what, False, names)
-        for name, blob in data.items():
-            if entries is not None:
-                _verify_file(directory, name, entries[name], what, blob)
-        return data
-    raise IntegrityError(f"{what}: {directory} changed three times while it was read (another process is "
-                         "saving into it): try again when it is done")
-
-
-def _manifest_bytes(directory: Path) -> bytes | None:
-    try:
-        return (directory / MANIFEST).read_bytes()
-    except FileNotFoundError:
-        return None
-
-
-def _read_entries(directory: Path, what: str, required: bool, listed) -> dict | None:
-    if not (directory / MANIFEST).exists() and not (directory / MANIFEST).is_symlink():
-        if required:
-            raise IntegrityError(f"{what}: {directory} has no {MANIFEST}: it is incomplete, or was changed after "
-                                 "the save")
-        return None
-    manifest_file = contained_file(directory, MANIFEST, what)
-    try:
-        manifest = _check.mapping(read_json(manifest_file, what), f"{what}: {manifest_file}")
-        if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-            raise ValueError(f"{what}: {manifest_file} is not a {FORMAT} manifest of version {VERSION}")
-        entries = _check.mapping(manifest.get("files"), f"{what}: {manifest_file} field 'files'")
-    except ValueError as err:
-        raise IntegrityError(f"{err} (the manifest is damaged: the save cannot be trusted)") from None
-    for name in entries:  # an entry naming a file outside is a hostile manifest, whatever the caller reads
-        contained_file(directory, name, f"{what}: {manifest_file}")
-    missing = [name for name in listed if name not in entries]
-    if missing:
-        raise IntegrityError(f"{what}: {manifest_file} does not list {missing}, which the save should hold (the "
-                             "manifest is damaged or foreign: the save cannot be trusted)")
-    return entries
-
-
-def _verify_file(directory: Path, name: str, entry, what: str, data: bytes | None = None) -> Path:
-    """Check one file (or the bytes `data` read from it) against its manifest entry."""
-    file = contained_file(directory, name, f"{what}: {directory / MANIFEST}")
-    where = f"{what}: {directory / MANIFEST} entry {name!r}"
-    entry = _check.mapping(entry, where)
-    size = _check.integer(entry.get("size"), f"{where} field 'size'", low=0)
-    # the whole file's hash up to FULL_HASH_MAX_BYTES; above it, the safetensors header's (if any)
-    field, digest = ("sha256", _sha256) if size <= FULL_HASH_MAX_BYTES else ("header_sha256", _header_sha256)
-    expected = _check.optional(_check.string, entry.get(field), f"{where} field {field!r}")
-    if expected is None and field == "sha256":
-        raise IntegrityError(f"{where} lacks the field 'sha256' (the manifest is damaged)")
-    if data is None and not file.is_file():
-        raise IntegrityError(f"{what}: {file} is listed in {MANIFEST} but missing: the save is incomplete")
-    found = len(data) if data is not None else file.stat().st_size
-    if found != size:
-        raise IntegrityError(f"{what}: {file} has {found} bytes, {MANIFEST} records {size}: the file is truncated "
-                             f"or belongs to another save (if another tool rewrote it on purpose, delete {MANIFEST} "
-                             "to load it unchecked)")
-    if expected is not None and digest(data if data is not None else file) != expected:
-        raise IntegrityError(f"{what}: {file} does not match its SHA-256 in {MANIFEST}: it was changed or damaged "
-                             f"after the save (if you edited it on purpose, delete {MANIFEST} to load it unchecked)")
-    return file
-
-
-def _sha256(file: Path | bytes) -> str:
-    if isinstance(file, bytes):
-        return hashlib.sha256(file).hexdigest()
-    digest = hashlib.sha256()
-    with open(file, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _header_sha256(file: Path | bytes) -> str:
-    """SHA-256 of a safetensors file's length prefix and JSON header (names, dtypes, shapes, offsets)."""
-    if isinstance(file, bytes):
-        length = int.from_bytes(file[:8], "little") if len(file) >= 8 else 0
-        return hashlib.sha256(file[:8 + min(length, 100 << 20)]).hexdigest()
-    with open(file, "rb") as f:
-        prefix = f.read(8)
-        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else 0
-        header = f.read(min(length, 100 << 20))
-    return hashlib.sha256(prefix + header).hexdigest()
 
 
 def describe_missing(path) -> str:

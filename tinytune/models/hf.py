@@ -26,7 +26,8 @@ from .hf_keys import hf_to_ours, is_ignored, ours_to_hf
 from .transformer import CausalLM
 from .. import _check
 from .._files import contained_file, parse_size, read_json
-from .._transaction import describe_missing, directory_transaction, verify
+from .._manifest import verify
+from .._transaction import describe_missing, directory_transaction
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

@@ -18,7 +18,8 @@ from safetensors.torch import save_file
 
 from .. import _check
 from .._files import contained_file, parse_json, parse_safetensors
-from .._transaction import describe_missing, directory_transaction, read_verified
+from .._manifest import read_verified
+from .._transaction import describe_missing, directory_transaction
 from . import _rollback, adapter, freeze, ia3, lora, lora_config_io, lora_multi, prefix, prompt
 from ._targets import find_targets, matches
 

@@ -35,7 +35,8 @@ from safetensors.torch import save_file
 
 from .. import _check
 from .._files import contained_file, read_json, read_safetensors
-from .._transaction import IntegrityError, directory_transaction, verify
+from .._manifest import IntegrityError, verify
+from .._transaction import directory_transaction
 from . import state_codec
 
 MANIFEST = "manifest.json"
