@@ -38,6 +38,7 @@ from .._files import contained_file, read_json, read_safetensors
 from .._manifest import IntegrityError, verify
 from .._transaction import directory_transaction
 from . import state_codec
+from .checkpoint_checks import check_loop_state, check_optimizer_state
 
 MANIFEST = "manifest.json"
 WEIGHTS = "trainable.safetensors"
@@ -292,59 +293,9 @@ def read_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     decoded = _check.mapping(state_codec.decode(structure, tensors, f"resume: {found / STATE_JSON}"),
                              f"resume: {found / STATE_JSON}")
     opt_state = _check.mapping(decoded.get("optimizer"), f"resume: {found / STATE_JSON} field 'optimizer'")
-    _check_optimizer_state(opt_state, optimizer, found)
-    state = _check_loop_state(decoded.get("loop"), manifest["step"], found / STATE_JSON)
+    check_optimizer_state(opt_state, optimizer, found)
+    state = check_loop_state(decoded.get("loop"), manifest["step"], found / STATE_JSON)
     return Checkpoint(found, manifest["step"], manifest.get("config"), weights, opt_state, state)
-
-
-def _check_optimizer_state(saved: dict, optimizer: torch.optim.Optimizer, found: Path) -> None:
-    where = f"resume: the optimizer state in {found}"
-    groups = saved.get("param_groups")
-    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
-        raise ValueError(f"{where} has no list of param_groups")
-    saved_names = [g.get("names") for g in groups]
-    current = [g.get("names") for g in optimizer.param_groups]
-    if saved_names != current or len(groups) != len(optimizer.param_groups):
-        raise ValueError(f"{where} was saved for parameter groups {saved_names}, but this run's are {current}")
-    params = []
-    for k, (old, new) in enumerate(zip(groups, optimizer.param_groups)):
-        ids = old.get("params")
-        if not isinstance(ids, list) or len(ids) != len(new["params"]):
-            raise ValueError(f"{where}: group {k} holds {len(ids) if isinstance(ids, list) else ids!r} parameters, "
-                             f"this run's holds {len(new['params'])}")
-        params += list(zip(ids, new["params"]))
-    moments = _check.mapping(saved.get("state"), f"{where} field 'state'")
-    by_id = dict(params)
-    for pid, entry in moments.items():
-        if pid not in by_id or not isinstance(entry, dict):
-            raise ValueError(f"{where}: state for parameter {pid!r}, which no group holds")
-        for key, value in entry.items():
-            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != by_id[pid].shape:
-                raise ValueError(f"{where}: {key} of parameter {pid} has shape {tuple(value.shape)}, "
-                                 f"the parameter has {tuple(by_id[pid].shape)}")
-
-
-_LOOP_FIELDS = {"step": int, "data": dict, "scheduler": dict, "scaler": dict, "rng": dict, "history": dict,
-                "loop": list}
-
-
-def _check_loop_state(state, step: int, file: Path) -> dict:
-    where = f"resume: {file}"
-    state = _check.mapping(state, f"{where} field 'loop'")
-    for name, kind in _LOOP_FIELDS.items():
-        if not isinstance(state.get(name), kind):
-            raise ValueError(f"{where}: loop state field {name!r} is missing or not a {kind.__name__}")
-    if state["step"] != step:
-        raise ValueError(f"{where}: step {state['step']} disagrees with the manifest's {step}")
-    for name in ("num_examples", "epoch", "index"):
-        _check.integer(state["data"].get(name), f"{where} field 'data.{name}'", low=0)
-    history = state["history"]
-    for name in ("losses", "lrs"):
-        if not isinstance(history.get(name), list) or len(history[name]) != step:
-            raise ValueError(f"{where}: history.{name} should list {step} steps")
-    if len(state["loop"]) != 3:
-        raise ValueError(f"{where}: field 'loop' should hold [bad_streak, best_eval, evals_since_best]")
-    return state
 
 
 @contextlib.contextmanager
