@@ -81,22 +81,14 @@ def directory_transaction(path, owned=(), what: str = "save") -> Iterator[Path]:
     try:
         yield staging
         _commit(staging, path, owned)
-    except OSError as err:
+    except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(err, SaveError):
+        code = err.errno if isinstance(err, OSError) else _rust_os_error(err) if isinstance(err, Exception) else None
+        if code is None or isinstance(err, SaveError):
             raise
-        raise SaveError(err.errno, f"{what}: writing {path} failed ({err.strerror or err}); the previous save "
-                        "there, if any, is intact") from err
-    except Exception as err:
-        shutil.rmtree(staging, ignore_errors=True)
-        code = _rust_os_error(err)
-        if code is None:
-            raise
-        raise SaveError(code, f"{what}: writing {path} failed ({err}); the previous save "
-                        "there, if any, is intact") from err
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else err
+        raise SaveError(code, f"{what}: writing {path} failed ({reason}); the previous save there, if any, "
+                        "is intact") from err
 
 
 def _rust_os_error(err: Exception) -> int | None:

@@ -283,6 +283,12 @@ def read_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     if found is None:
         raise FileNotFoundError(f"no checkpoint in {path} (expected {MANIFEST} there or a "
                                 f"checkpoints/step-*/ directory holding one)")
+    return read_found_checkpoint(found, model, optimizer)
+
+
+def read_found_checkpoint(found: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> Checkpoint:
+    """`read_checkpoint` of a directory `find_checkpoint` returned (its integrity already checked: the
+    files are not hashed a second time)."""
     manifest = _read_manifest(found)
     weights_file, tensors_file, json_file = (contained_file(found, name, "resume")  # no symlink leading out
                                              for name in (WEIGHTS, STATE_TENSORS, STATE_JSON))

@@ -99,13 +99,14 @@ class _Run:
                 return False
             raise FileNotFoundError(f"resume: no checkpoint in {where}")
         # Everything is read and checked before the first tensor is copied: a refusal changes nothing.
-        checkpoint = ckpt.read_checkpoint(found, self.module, self.optimizer)
+        checkpoint = ckpt.read_found_checkpoint(found, self.module, self.optimizer)
         found, state = checkpoint.path, checkpoint.state
         self._check_fits(checkpoint, n_train)
         rng = self._my_rng_state(state, found)
         ckpt.check_rng_state(rng, str(found))
         with ckpt.all_or_nothing(self.module, self.optimizer, self.scheduler, self.precision):
-            ckpt.apply_checkpoint(checkpoint, self.module, self.optimizer)
+            ckpt.load_trainable_state_dict(self.module, checkpoint.weights)  # (one snapshot: this block's)
+            self.optimizer.load_state_dict(checkpoint.optimizer)
             self.scheduler.load_state_dict(state["scheduler"])
             self.precision.load_state_dict(state["scaler"])
             if self.cfg.out_dir is not None and self.dist.is_main:  # last: atomic, so unchanged if it fails
