@@ -11,6 +11,7 @@ from ._transaction import SaveError
 from .models import generate, load_pretrained, save_pretrained
 from .peft import (ParameterCount, adapter, count_parameters, freeze, ia3, load_adapter, prefix, prompt,
                    save_adapter)
+from .seeding import seed_everything
 
 __version__ = "0.1.0"
 
@@ -35,6 +36,7 @@ __all__ = [
     "prompt",
     "save_adapter",
     "save_pretrained",
+    "seed_everything",
     "train",
     "__version__",
 ]

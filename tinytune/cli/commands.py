@@ -4,10 +4,12 @@ from __future__ import annotations
 import os
 
 from ..peft import count_parameters, save_adapter
+from ..seeding import seed_everything
 from ..train import fit
 from .measure import measure_training_step
 from .options import DTYPES, CLIError
-from .setup import apply_method, check_device, check_out_dir, load_dataset, load_model, resume_option, train_config
+from .setup import (apply_method, check_device, check_out_dir, load_dataset, load_model, resume_option, seed_option,
+                    train_config)
 
 METHOD_KEYS = {"method", "rank", "alpha", "dropout", "targets", "rslora", "bottleneck", "placement", "num_virtual_tokens"}
 FINETUNE_KEYS = METHOD_KEYS | {"checkpoint", "data", "out", "task",
@@ -37,12 +39,16 @@ def finetune(opts: dict, out=print) -> dict:
     out_dir = check_out_dir(opts["out"])  # refused before anything is loaded or trained
     resume = resume_option(opts.get("resume"), out_dir)
     check_device(opts["device"])
+    seed = seed_option(opts["seed"])
     is_main = int(os.environ.get("RANK", "0")) == 0
     out = out if is_main else (lambda *args, **kwargs: None)
     model, tokenizer = load_model(opts["checkpoint"], opts.get("tokenizer"), need_tokenizer=True)
     examples = load_dataset(opts["data"], tokenizer, opts)
     if not examples:
         raise CLIError(f"DATA {opts['data']}: no usable examples")
+    # Seeded after loading (which may or may not draw numbers) and before every random init that follows
+    # (the method's weights; a head belongs here too): the adapter depends on --seed and nothing else.
+    seed_everything(seed)
     apply_method(model, opts)
     pc = count_parameters(model)
     out(pc)

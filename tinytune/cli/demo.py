@@ -20,6 +20,7 @@ import torch
 from .. import data as ttdata
 from ..models import build, generate, load_pretrained, save_pretrained
 from ..peft import count_parameters, lora, save_adapter
+from ..seeding import seed_everything
 from ..train import TrainConfig, fit
 from . import demo_data
 from .options import CLIError
@@ -27,6 +28,7 @@ from .setup import check_out_dir
 
 FULL = dict(pretrain_steps=500, docs=20000, steps=150, n_train=400, n_eval=100)
 QUICK = dict(pretrain_steps=4, docs=64, steps=3, n_train=16, n_eval=4)
+SEED = 0  # the pre-training run, the LoRA init and the fine-tuning run
 MODEL = dict(hidden_size=128, intermediate_size=256, num_layers=3, num_heads=4, num_kv_heads=2)
 
 
@@ -47,7 +49,7 @@ def pretrain(where: Path, sizes: dict, out=print):
         f"{sizes['pretrain_steps']} steps on {len(rows)} generated examples of {len(demo_data.PRETRAIN_TASKS) + 1} "
         f"string tasks (about 20 s on 2 CPU cores, once)")
     cfg = TrainConfig(lr=3e-3, steps=sizes["pretrain_steps"], batch_size=32, warmup_steps=20 if sizes["pretrain_steps"] > 40 else 0,
-                      schedule="cosine", log_every=50, seed=0)
+                      schedule="cosine", log_every=50, seed=SEED)  # build() seeds the weights itself
     history = fit(model, rows, cfg)
     out(f"pre-training loss {history.losses[0]:.3f} -> {history.losses[-1]:.3f}, {history.tokens_per_s:,.0f} tokens/s")
     save_pretrained(model, where, tokenizer=tok)
@@ -115,9 +117,10 @@ def run_demo(steps: int | None = None, out: str | None = None, use_cache: bool =
              f"template {demo_data.TEMPLATE.prompt_input!r})")
     before, _ = exact_match(model, tok, held_out)
     print_fn(f"exact match before fine-tuning: {before:.0%}")
+    seed_everything(SEED)  # LoRA's A is drawn here, before fit seeds: every demo run starts from the same adapter
     lora.apply(model, lora.LoraConfig(rank=16, alpha=32, dropout=0.0, targets="all-linear"))
     print_fn("\nLoRA rank 16 on all linear layers:\n" + str(count_parameters(model)))
-    cfg = TrainConfig(lr=5e-3, steps=sizes["steps"], batch_size=16, out_dir=_fresh_run_dir(out_dir),
+    cfg = TrainConfig(lr=5e-3, steps=sizes["steps"], batch_size=16, out_dir=_fresh_run_dir(out_dir), seed=SEED,
                       log_every=25, schedule="cosine", warmup_steps=10 if sizes["steps"] > 20 else 0, save_every=0)
     history = fit(model, examples, cfg)
     after, answers = exact_match(model, tok, held_out)

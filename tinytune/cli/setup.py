@@ -11,6 +11,7 @@ import torch
 from .. import data as ttdata
 from ..models import PRESETS, build, load_pretrained, load_tokenizer
 from ..peft import adapter, freeze, ia3, lora, prefix, prompt
+from ..seeding import check_seed
 from ..train import TrainConfig
 from .options import DTYPES, METHODS, TASKS, TEMPLATES, CLIError
 
@@ -199,6 +200,18 @@ def check_device(device) -> None:
         raise CLIError(f"--device: expected 'cpu' or 'cuda', got {device!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise CLIError(f"--device {device}: no CUDA device is available here (torch.cuda.is_available() is False)")
+
+
+def seed_option(value) -> int:
+    """`--seed` as an int in [0, 2**32 - 1], checked before anything is loaded.
+
+    Raises:
+        CLIError: another type or a value outside numpy's seed range (named).
+    """
+    try:
+        return check_seed(value, "--seed")
+    except (TypeError, ValueError) as err:
+        raise CLIError(str(err)) from None
 
 
 def train_config(opts: dict, out_dir, pad_token_id: int | None, resume=None) -> TrainConfig:

@@ -37,6 +37,7 @@ from .. import _check
 from .._files import contained_file, read_json, read_safetensors
 from .._manifest import IntegrityError, verify
 from .._transaction import directory_transaction
+from ..seeding import seed_everything  # noqa: F401  (kept as ckpt.seed_everything for older callers)
 from . import state_codec
 from .checkpoint_checks import check_loop_state, check_optimizer_state
 
@@ -110,13 +111,6 @@ def set_rng_state(state: dict) -> None:
                          np_state["has_gauss"], np_state["cached_gaussian"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def seed_everything(seed: int) -> None:
-    """Seed torch (CPU and every CUDA device), python `random` and numpy."""
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import _check
+from ..seeding import MAX_SEED
 
 DTYPES = ("fp32", "bf16", "fp16")
 SCHEDULES = ("constant", "linear", "cosine")
@@ -52,7 +53,9 @@ class TrainConfig:
         eval_every: evaluate `eval_data` every this many steps (0: only at the end).
         save_every: write a checkpoint every this many steps (0: only at the end); needs `out_dir`.
         log_every: print a plain progress line every this many steps when stdout is not a terminal.
-        seed: seeds torch, python `random` and numpy at the start of a fresh run, and the shuffle order.
+        seed: an int in [0, 2**32 - 1]: `fit` calls `tt.seed_everything(seed + rank)` (torch CPU and CUDA,
+            python `random`, numpy) at the start of a fresh run, and it fixes the shuffle order. Adapter
+            weights are drawn when the method is applied, before `fit`: call `tt.seed_everything` then too.
         early_stopping_patience: stop after this many evaluations without a lower eval loss; None: never.
         max_bad_steps: stop after this many consecutive steps with a non-finite loss or gradient norm.
         shuffle: shuffle the training examples every epoch.
@@ -118,6 +121,9 @@ class TrainConfig:
             _positive_int(name, getattr(self, name))
         for name in ("warmup_steps", "eval_every", "save_every", "seed", "pad_token_id"):
             _positive_int(name, getattr(self, name), allow_zero=True)
+        if self.seed > MAX_SEED:  # >= 0 was checked above
+            raise _check.FieldError(f"TrainConfig.seed must be an int in [0, 2**32 - 1] = [0, {MAX_SEED}] "
+                                    f"(numpy's seed range), got {self.seed!r}")
         for name in ("early_stopping_patience", "keep_checkpoints"):
             _positive_int(name, getattr(self, name), allow_none=True)
         betas = self.betas

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..seeding import MAX_SEED, seed_everything
 from . import checkpoint as ckpt
 from . import distributed
 from .collate import DataStream, check_data, collate
@@ -320,6 +321,10 @@ def fit(model: nn.Module, train_data, cfg: TrainConfig, eval_data=None, *, resum
         callbacks: Sequence[Callable] = (), stream=None) -> History:
     """Train the trainable parameters of `model` on `train_data`.
 
+    A fresh run first calls `tt.seed_everything(cfg.seed + rank)`, so two fits of the same starting
+    model on the same data are bit-identical on the CPU; a resumed run restores the checkpoint's RNG
+    states instead. Seed before applying the PEFT method as well, for the same starting adapter.
+
     Args:
         model: any module mapping `input_ids` (B, T) [and `attention_mask=`] to logits (B, T, V),
             e.g. a `tinytune.models.CausalLM` after `tt.lora.apply`; for `cfg.task="classification"`
@@ -354,7 +359,9 @@ def fit(model: nn.Module, train_data, cfg: TrainConfig, eval_data=None, *, resum
     run = _Run(model, train_data, cfg, eval_data, precision, stream, dist)
     if not run.resume(resume_from if resume_from is not None else cfg.resume, n_train):
         _refuse_to_overwrite_a_run(cfg)
-        ckpt.seed_everything(cfg.seed + dist.rank)  # each rank its own dropout stream
+        # A fresh run starts from cfg.seed (a resumed one restored its RNG states above instead). Each rank
+        # its own dropout stream; wrapping keeps seed + rank in numpy's range.
+        seed_everything((cfg.seed + dist.rank) % (MAX_SEED + 1))
     with ckpt.catch_signals(cfg.out_dir is not None) as received:
         history = run.train(list(callbacks), received)
     if run.interrupted:
