@@ -28,7 +28,8 @@ from tinytune.cli import commands
 from tinytune.cli.options import FILE_VALUES, ConfigFileError, read_config
 from tinytune.models import ModelConfig
 from tinytune.models.presets import PRESETS
-from tinytune.peft import adapter, freeze, ia3, lora, lora_config_io, prefix, prompt
+from tinytune.peft import adapter, freeze, ia3, lora, prefix, prompt
+from tinytune.peft.lora import files as lora_config_io
 from tinytune.train import TrainConfig
 
 DROP = object()  # a patch value: remove the field

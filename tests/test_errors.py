@@ -46,10 +46,18 @@ def test_everything_excluded_is_no_match():
 
 
 def test_unsupported_type_names_module_and_type():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 2))
-    with pytest.raises(TypeError, match=r"'0'.*Conv2d"):
-        tt.lora.apply(model, tt.lora.LoraConfig(targets=["0", "2"]))
-    assert type(model[2]) is nn.Linear  # nothing half-applied
+    model = nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 2))
+    with pytest.raises(TypeError, match=r"'1' \(GELU\).*Modules that would work: '0', '2'"):
+        tt.lora.apply(model, tt.lora.LoraConfig(targets=["1"]))
+    assert type(model[0]) is nn.Linear  # nothing half-applied
+
+
+def test_unadaptable_matches_are_skipped_with_a_warning_when_others_match():
+    """PEFT's rule: a regex or list that also matches modules LoRA cannot adapt skips them."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 2))
+    with pytest.warns(UserWarning, match=r"skipped: '1 \(GELU\)'"):
+        names = tt.lora.apply(model, tt.lora.LoraConfig(targets=r"\d"))
+    assert names == ["0", "2"] and type(model[1]) is nn.GELU
 
 
 def test_linear_subclass_with_own_forward_is_refused():

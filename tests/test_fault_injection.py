@@ -43,7 +43,7 @@ import fault_writer as fw  # noqa: E402
 import tinytune as tt  # noqa: E402
 from conftest import TinyLM  # noqa: E402
 from tinytune import _manifest, _transaction  # noqa: E402
-from tinytune.peft import lora_multi  # noqa: E402
+from tinytune.peft.lora import multi as lora_multi  # noqa: E402
 from tinytune.train import build_optimizer, checkpoint as ckpt, fit  # noqa: E402
 
 SEED = int(os.environ.get("TINYTUNE_FAULT_SEED", random.SystemRandom().randrange(2**32)))

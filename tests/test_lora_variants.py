@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import tinytune as tt
 from conftest import TinyLM
 from tinytune.models.hf import merged_state_dict
-from tinytune.peft.lora_variants import dora_linear
+from tinytune.peft.lora.variants import dora_linear
 from tinytune.train import TrainConfig, build_optimizer, build_scheduler
 
 

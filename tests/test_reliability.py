@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import tinytune as tt
 from tinytune import _manifest, _transaction
-from tinytune.peft import lora_multi
+from tinytune.peft.lora import multi as lora_multi
 from tinytune._manifest import IntegrityError, verify
 from tinytune._transaction import directory_transaction
 from tinytune.train import TrainConfig, fit

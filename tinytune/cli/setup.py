@@ -11,6 +11,7 @@ import torch
 from .. import data as ttdata
 from ..models import PRESETS, build, load_pretrained, load_tokenizer
 from ..peft import adapter, freeze, ia3, lora, prefix, prompt
+from ..peft.methods import for_config
 from ..seeding import check_seed
 from ..train import TrainConfig
 from .options import DTYPES, METHODS, TASKS, TEMPLATES, CLIError
@@ -81,20 +82,23 @@ def _targets(spec):
     return spec if spec == "all-linear" else [s.strip() for s in spec.split(",") if s.strip()]
 
 
+# each CLI method name -> the config its options make; the method itself is found from the config
+_CONFIGS = {
+    "lora": lambda o: lora.LoraConfig(rank=o["rank"], alpha=o["alpha"], dropout=o["dropout"],
+                                      targets=_targets(o["targets"]), rslora=bool(o["rslora"])),
+    "dora": lambda o: lora.LoraConfig(rank=o["rank"], alpha=o["alpha"], dropout=o["dropout"],
+                                      targets=_targets(o["targets"]), rslora=bool(o["rslora"]), dora=True),
+    "ia3": lambda o: ia3.IA3Config(),
+    "adapter": lambda o: adapter.AdapterConfig(bottleneck=o["bottleneck"], placement=o["placement"]),
+    "prefix": lambda o: prefix.PrefixConfig(num_virtual_tokens=o["num_virtual_tokens"]),
+    "prompt": lambda o: prompt.PromptConfig(num_virtual_tokens=o["num_virtual_tokens"]),
+    "bitfit": lambda o: freeze.FreezeConfig(mode="bitfit"),
+}
+
+
 def _apply(model, method: str, opts: dict) -> list[str]:
-    if method in ("lora", "dora"):
-        cfg = lora.LoraConfig(rank=opts["rank"], alpha=opts["alpha"], dropout=opts["dropout"],
-                              targets=_targets(opts["targets"]), rslora=bool(opts["rslora"]), dora=method == "dora")
-        return lora.apply(model, cfg)
-    if method == "ia3":
-        return ia3.apply(model, ia3.IA3Config())
-    if method == "adapter":
-        return adapter.apply(model, adapter.AdapterConfig(bottleneck=opts["bottleneck"], placement=opts["placement"]))
-    if method == "prefix":
-        return prefix.apply(model, prefix.PrefixConfig(num_virtual_tokens=opts["num_virtual_tokens"]))
-    if method == "prompt":
-        return prompt.apply(model, prompt.PromptConfig(num_virtual_tokens=opts["num_virtual_tokens"]))
-    return freeze.bitfit(model)
+    cfg = _CONFIGS[method](opts)
+    return for_config(cfg).apply(model, cfg)
 
 
 def apply_method(model, opts: dict) -> list[str]:

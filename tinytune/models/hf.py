@@ -19,8 +19,7 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..peft import adapter, ia3, lora
-from ..peft._targets import refuse_shared_merge
+from ..peft.methods import METHODS
 from .config import ModelConfig
 from .hf_keys import hf_to_ours, is_ignored, ours_to_hf
 from .transformer import CausalLM
@@ -190,49 +189,25 @@ def load_pretrained(path, dtype: torch.dtype = torch.float32, device="cpu", allo
     return model, load_tokenizer(path)
 
 
-def _refuse_unmergeable(model: nn.Module) -> None:
-    """A plain checkpoint cannot hold bottleneck adapters, prefixes or soft prompts: say so, never write
-    their `.base.` / encoder keys into a file transformers would load wrongly."""
-    kinds = [kind for kind, found in (
-        ("bottleneck adapters", any(True for _ in adapter.adapter_layers(model))),
-        ("prefix tuning", getattr(model, "prefix_encoder", None) is not None),
-        ("prompt tuning", getattr(model, "prompt_encoder", None) is not None)) if found]
-    if kinds:
-        raise ValueError(f"save_pretrained: {kinds[0]} cannot be merged into the weights of a plain checkpoint; "
-                         "save it with tt.save_adapter (and the base with tt.save_pretrained before applying it)")
-
-
-def _fold_ia3(state: dict, name: str, layer: nn.Module) -> None:
-    weight, bias = state.pop(f"{name}.base.weight"), state.pop(f"{name}.base.bias", None)
-    l = state.pop(f"{name}.ia3_l").float()  # (out, 1) scales rows and the bias; (1, in) scales columns
-    if not layer.merged:
-        weight = (weight.float() * l).to(weight.dtype)
-        if bias is not None and not layer.feedforward:
-            bias = (bias.float() * l.reshape(bias.shape)).to(bias.dtype)
-    state[f"{name}.weight"] = weight
-    if bias is not None:
-        state[f"{name}.bias"] = bias
-
-
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict with every LoRA and (IA)3 layer folded into plain weights (model unchanged).
+    """The model's state dict with every mergeable PEFT method (LoRA, (IA)3) folded into plain weights
+    (the model is unchanged).
 
     Raises:
         ValueError: the model carries a method that does not merge (adapters, prefixes, soft prompts), or
-            a LoRA / (IA)3 layer whose base weight is tied to another module (e.g. lm_head and embeddings).
+            a layer whose base weight is tied to another module (e.g. lm_head and embeddings).
     """
-    _refuse_unmergeable(model)
-    refuse_shared_merge(model, [*lora.lora_layers(model), *ia3.ia3_layers(model)], "save_pretrained")
+    applied = [m for m in METHODS if m.is_applied(model)]
+    for method in applied:
+        if method.merged_state is None:
+            raise ValueError(f"save_pretrained: {method.name} cannot be merged into the weights of a plain checkpoint; "
+                             "save it with tt.save_adapter (and the base with tt.save_pretrained before applying it)")
     state = {k: v.detach() for k, v in model.state_dict().items()}
-    for name, layer in lora.lora_layers(model):
-        state.pop(f"{name}.base.weight")
-        state[f"{name}.weight"] = layer.merged_weight()  # W + s B A (DoRA: rescaled); as is when merged
-        if f"{name}.base.bias" in state:
-            state[f"{name}.bias"] = state.pop(f"{name}.base.bias")
-        for key in [k for k in state if k.startswith(f"{name}.lora_")]:
-            del state[key]
-    for name, layer in ia3.ia3_layers(model):
-        _fold_ia3(state, name, layer)
+    for method in applied:
+        for path, plain in method.merged_state(model).items():
+            for key in [k for k in state if k.startswith(path + ".")]:
+                del state[key]  # the layer's own keys (`.base.weight`, `.lora_A`, ...) give way to the plain ones
+            state.update({f"{path}.{k}": v for k, v in plain.items()})
     return state
 
 

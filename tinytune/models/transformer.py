@@ -150,6 +150,10 @@ class CausalLM(nn.Module):
         """The token embedding module (Hugging Face's name; soft prompts look it up through it)."""
         return self.model.embed_tokens
 
+    def get_output_embeddings(self) -> nn.Module:
+        """The output layer, `lm_head` (Hugging Face's name; "all-linear" targets leave it out)."""
+        return self.lm_head
+
     @property
     def is_gradient_checkpointing(self) -> bool:
         """Whether per-block activation checkpointing is on."""

@@ -3,8 +3,8 @@
 Matching rules (the same for `targets` and `exclude`, see ../shared/API.md):
 - a list of strings: a module matches when its dotted name equals an entry or ends with "." + entry;
 - a string: a regular expression, `re.fullmatch` against the dotted name;
-- "all-linear": every `nn.Linear` except an output head (named like `lm_head`, or sharing its weight
-  with an input embedding);
+- "all-linear": every linear layer (`nn.Linear`; a method may count more types as linear, such as
+  LoRA's registered types) except the model's output layer (see `output_heads`);
 - a callable `(name, module) -> bool`.
 """
 from __future__ import annotations
@@ -19,22 +19,40 @@ import torch.nn as nn
 TargetSpec = Union[str, Iterable[str], Callable[[str, nn.Module], bool], None]
 
 ALL_LINEAR = "all-linear"
-_HEAD_NAMES = ("lm_head", "output", "classifier", "score")
+LinearKind = Callable[[nn.Module], bool]
 
 
-def output_heads(model: nn.Module, modules: list[tuple[str, nn.Module]] | None = None) -> set[str]:
-    """Names of the linear output heads: named like one, or tied to an input embedding's weight.
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear)
+
+
+def output_heads(model: nn.Module, modules: list[tuple[str, nn.Module]] | None = None,
+                 is_linear: LinearKind = _is_linear) -> set[str]:
+    """The names of the model's output layers, which "all-linear" leaves out (as PEFT does).
+
+    The output layer is the module `model.get_output_embeddings()` returns (the model says so), and
+    any linear whose weight is an input embedding's (tied). A model that names none of these has as
+    its output layer its last linear in module order when that one changes the model's width (its
+    `out_features` differ from the first linear's `in_features`: a classifier or regression head),
+    so that the last projection of a block (nn.TransformerEncoderLayer's linear2) is not taken for one.
 
     `modules`: the (name, module) pairs to look at (default: `model.named_modules()`).
     """
     modules = list(model.named_modules()) if modules is None else modules
+    heads = set()
+    get_output = getattr(model, "get_output_embeddings", None)
+    output = get_output() if callable(get_output) else None
     embedding_weights = {id(m.weight) for _, m in modules if isinstance(m, nn.Embedding)}
-    return {
-        name
-        for name, m in modules
-        if isinstance(m, nn.Linear)
-        and (name.split(".")[-1] in _HEAD_NAMES or id(m.weight) in embedding_weights)
-    }
+    linears = [(name, m) for name, m in modules if name and is_linear(m)]
+    for name, m in linears:
+        if m is output or id(getattr(m, "weight", None)) in embedding_weights:
+            heads.add(name)
+    if not heads and linears:
+        width = getattr(linears[0][1], "in_features", None)
+        last_name, last = linears[-1]
+        if getattr(last, "out_features", None) != width:
+            heads.add(last_name)
+    return heads
 
 
 def shared_weight_users(model: nn.Module, layers: list[tuple[str, nn.Module]]) -> dict[str, list[str]]:
@@ -63,10 +81,12 @@ def refuse_shared_merge(model: nn.Module, layers: list[tuple[str, nn.Module]], w
                          "keep the adapter unmerged, or untie the weights first")
 
 
-def matches(name: str, module: nn.Module, spec: TargetSpec, heads: frozenset[str] | set[str] = frozenset()) -> bool:
+def matches(name: str, module: nn.Module, spec: TargetSpec, heads: frozenset[str] | set[str] = frozenset(),
+            is_linear: LinearKind = _is_linear) -> bool:
     """Whether the module called `name` matches `spec` under the rules above.
 
-    `heads` holds the output-head names that "all-linear" leaves out (see `output_heads`).
+    `heads` holds the output-head names that "all-linear" leaves out (see `output_heads`); `is_linear`
+    says which modules "all-linear" counts as linear.
     """
     if spec is None:
         return False
@@ -74,7 +94,7 @@ def matches(name: str, module: nn.Module, spec: TargetSpec, heads: frozenset[str
         return bool(spec(name, module))
     if isinstance(spec, str):
         if spec == ALL_LINEAR:
-            return isinstance(module, nn.Linear) and name not in heads
+            return is_linear(module) and name not in heads
         return re.fullmatch(spec, name) is not None
     return any(name == entry or name.endswith("." + entry) for entry in spec)
 
@@ -103,19 +123,22 @@ def validate_spec(spec: TargetSpec, field: str) -> None:
 
 
 def find_targets(model: nn.Module, targets: TargetSpec, exclude: TargetSpec = None,
-                 modules: list[tuple[str, nn.Module]] | None = None) -> list[tuple[str, nn.Module]]:
+                 modules: list[tuple[str, nn.Module]] | None = None,
+                 is_linear: LinearKind = _is_linear) -> list[tuple[str, nn.Module]]:
     """The (name, module) pairs that match `targets` and not `exclude`, in model order.
 
     `modules`: the (name, module) pairs to match (default: `model.named_modules()`); LoRA passes
-    a view in which an adapted layer stands for its base, to add further adapters.
+    a view in which an adapted layer stands for its base, to add further adapters. `is_linear`: which
+    modules "all-linear" counts (default: nn.Linear).
     """
     modules = list(model.named_modules()) if modules is None else modules
-    heads = output_heads(model, modules) if ALL_LINEAR in (targets, exclude) else set()
+    heads = output_heads(model, modules, is_linear) if ALL_LINEAR in (targets, exclude) else set()
     found = []
     for name, module in modules:
         if not name:
             continue  # the root itself is never swapped
-        if matches(name, module, targets, heads) and not matches(name, module, exclude, heads):
+        if (matches(name, module, targets, heads, is_linear)
+                and not matches(name, module, exclude, heads, is_linear)):
             found.append((name, module))
     return found
 

@@ -201,3 +201,21 @@ def load_embeddings(param: torch.Tensor, sd: dict[str, torch.Tensor], key: str, 
         with torch.no_grad():
             param.copy_(sd[key].to(device=param.device, dtype=param.dtype))
     return missing, unexpected
+
+
+def check_virtual_sizes(cfg, tensors: dict[str, torch.Tensor], where) -> None:
+    """A soft prompt's or prefix's file holds `prompt_embeddings` with `num_virtual_tokens` rows, checked
+    BEFORE the method allocates anything (`Method.check_sizes` of prompt and prefix tuning)."""
+    shape = tensors["prompt_embeddings"].shape if "prompt_embeddings" in tensors else None
+    if shape is None or len(shape) != 2 or shape[0] != cfg.num_virtual_tokens:
+        raise ValueError(f"load_adapter: {where / 'adapter_model.safetensors'} tensor 'prompt_embeddings' has shape "
+                         f"{None if shape is None else tuple(shape)}, but {where / 'adapter_config.json'} says "
+                         f"num_virtual_tokens={cfg.num_virtual_tokens}")
+
+
+def refuse_other_virtual_tokens(what: str, have: int, cfg, where) -> None:
+    """Refuse a file whose `num_virtual_tokens` differs from the `have` tokens on the model (`check_compatible`)."""
+    if have != cfg.num_virtual_tokens:
+        from ._method import refuse_mixed
+
+        refuse_mixed(what, f"num_virtual_tokens={have}", f"num_virtual_tokens={cfg.num_virtual_tokens}", where)

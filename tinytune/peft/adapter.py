@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from .. import _check
+from ._method import Method, refuse_mixed
 from ._state import copy_state
 from ._targets import TargetSpec, find_targets, get_parent, layers_disabled, replace_module, validate_spec
 from .adapter_layers import ACTIVATIONS, PLACEMENTS, AdapterLayer, BottleneckAdapter, check_layer_args
@@ -372,3 +373,37 @@ def config_from_peft(config: dict, path: str | os.PathLike | None = None) -> Ada
     values = {ours: fields.get(key, check, *args, none=True, default=None, **kw)
               for key, (ours, check, args, kw) in read.items()}
     return AdapterConfig(**{ours: value for ours, value in values.items() if value is not None})
+
+
+def is_applied(model: nn.Module) -> bool:
+    """Whether `model` has any bottleneck adapter."""
+    return any(True for _ in adapter_layers(model))
+
+
+def _applied_peft_config(model: nn.Module) -> dict:
+    return peft_config_dict(applied_config(model))
+
+
+def _check_sizes(cfg: AdapterConfig, tensors: dict[str, torch.Tensor], where) -> None:
+    if cfg.bottleneck is None:
+        return
+    for key, value in tensors.items():
+        if key.endswith("adapter.down.weight") and (value.dim() != 2 or value.shape[0] != cfg.bottleneck):
+            raise ValueError(f"load_adapter: {where / 'adapter_model.safetensors'} tensor {key!r} has shape "
+                             f"{tuple(value.shape)}, but {where / 'adapter_config.json'} says "
+                             f"bottleneck_size={cfg.bottleneck}")
+
+
+def _check_compatible(model: nn.Module, cfg: AdapterConfig, where) -> None:
+    have = applied_config(model)
+    for field in ("bottleneck", "reduction_factor", "placement", "activation", "scaling", "dropout"):
+        if getattr(have, field) != getattr(cfg, field):
+            refuse_mixed("bottleneck adapters", f"{field}={getattr(have, field)!r}", f"{field}={getattr(cfg, field)!r}",
+                         where)
+
+
+METHOD = Method(
+    peft_type=PEFT_TYPE, name="bottleneck adapters", config_type=AdapterConfig, is_applied=is_applied,
+    peft_config_dict=_applied_peft_config, config_from_peft=config_from_peft, apply=apply, state_dict=state_dict,
+    load_state_dict=load_state_dict, check_sizes=_check_sizes, check_compatible=_check_compatible,
+)

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from .. import _check
+from ._method import Method
 from ._state import copy_state
 from ._targets import TargetSpec, find_targets, output_heads, validate_spec
 
@@ -263,8 +264,8 @@ def last_blocks(model: nn.Module, n: int, blocks: str | None = None) -> list[str
 
 
 def embeddings_and_head(model: nn.Module) -> list[str]:
-    """Freeze everything, then train every nn.Embedding and the output head (a linear named like
-    `lm_head` / `output` / `classifier` / `score`, or tied to an embedding's weight).
+    """Freeze everything, then train every nn.Embedding and the output layer (the module
+    `get_output_embeddings()` names, a linear tied to an embedding's weight, or else the last linear).
 
     Returns:
         The dotted names of the modules made trainable, in model order.
@@ -276,7 +277,7 @@ def embeddings_and_head(model: nn.Module) -> list[str]:
     found = [(n, m) for n, m in model.named_modules() if n and (isinstance(m, nn.Embedding) or n in heads)]
     if not found:
         raise ValueError(f"embeddings_and_head: {type(model).__name__} has no nn.Embedding and no output head "
-                         f"(a linear named like lm_head); modules with parameters: {_parameter_modules(model)}")
+                         f"(no linear); modules with parameters: {_parameter_modules(model)}")
     freeze(model)
     return _set_trainable(found)
 
@@ -380,3 +381,50 @@ def apply_peft_config(model: nn.Module, config: dict, path: str | os.PathLike | 
     for name in names:
         params[name].requires_grad_(True)
     return list(names)
+
+
+# ------------------------------------------------------------------ selective fine-tuning as adapter files
+PEFT_PREFIX = "base_model.model."
+
+
+def is_applied(model: nn.Module) -> bool:
+    """Whether `model` is partly frozen: some parameters train, some do not. Every adapter method leaves a
+    model so too, so adapter files count selective fine-tuning only when no other method is applied."""
+    flags = [p.requires_grad for p in model.parameters()]
+    return any(flags) and not all(flags)
+
+
+def file_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable parameters under PEFT-style file keys (`base_model.model.<parameter name>`).
+
+    Raises:
+        ValueError: nothing is trainable, or everything is (full fine-tuning: save the model instead).
+    """
+    flags = [p.requires_grad for p in model.parameters()]
+    if not any(flags):
+        raise ValueError(f"save_adapter: {type(model).__name__} has no adapter to save and no trainable parameter "
+                         "(apply a method first: tt.lora.apply, tt.ia3.apply, tt.adapter.apply, tt.freeze...)")
+    if all(flags):
+        raise ValueError(f"save_adapter: {type(model).__name__} has no adapter and every parameter is trainable "
+                         "(full fine-tuning): save the model with tt.save_pretrained, or freeze part of it first")
+    return {PEFT_PREFIX + k: v for k, v in state_dict(model).items()}
+
+
+def _load_file_state(model: nn.Module, sd: dict[str, torch.Tensor], strict: bool = True):
+    return load_state_dict(model, {k.removeprefix(PEFT_PREFIX): v for k, v in sd.items()}, strict)
+
+
+def _config_from_file(config: dict, path=None) -> dict:
+    return config  # checked by apply_peft_config, against the model it names parameters of
+
+
+def _load_file(model: nn.Module, cfg, config: dict, tensors: dict[str, torch.Tensor], where, adapter_name) -> None:
+    apply_peft_config(model, config, where)
+    _load_file_state(model, tensors, strict=True)
+
+
+METHOD = Method(
+    peft_type=PEFT_TYPE, name="selective fine-tuning", config_type=FreezeConfig, is_applied=is_applied,
+    peft_config_dict=peft_config_dict, config_from_peft=_config_from_file, apply=apply,
+    state_dict=file_state_dict, load_state_dict=_load_file_state, merged_state=lambda model: {}, load=_load_file,
+)

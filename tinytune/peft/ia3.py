@@ -26,8 +26,10 @@ from ._targets import (ALL_LINEAR, TargetSpec, describe_candidates, find_targets
                        refuse_shared_merge, replace_module, validate_spec)
 from ._state import copy_state
 from ._targets import layers_disabled
-from .lora import _guard_fused_fast_paths  # the nn.TransformerEncoderLayer fast-path guard, shared with LoRA
-from .lora_layers import LORA_LAYER_TYPES, adapter_dtype
+from ._dtype import adapter_dtype
+from ._method import Method, refuse_mixed
+from .lora.base import LORA_LAYER_TYPES
+from .lora.inject import _guard_fused_fast_paths  # the nn.TransformerEncoderLayer fast-path guard, shared with LoRA
 
 __all__ = ["IA3Config", "IA3Linear", "apply", "merge", "unmerge", "merge_and_unload", "disabled", "state_dict",
            "load_state_dict", "ia3_layers", "peft_config_dict", "config_from_peft"]
@@ -139,6 +141,19 @@ class IA3Linear(nn.Module):
                              "use merge_and_unload for a one-way merge")
         self._rescale(torch.mul)
         self.merged = True
+
+    @torch.no_grad()
+    def merged_state(self) -> dict[str, torch.Tensor]:
+        """The plain nn.Linear's state with `ia3_l` folded in (rows and bias, or columns), as `merge` would
+        write it; the layer is unchanged."""
+        state = {k: v.detach() for k, v in self.base.state_dict().items()}
+        if self.merged:
+            return state
+        l = self.ia3_l.float()  # (out, 1) scales rows and the bias; (1, in) scales columns
+        state["weight"] = (state["weight"].float() * l).to(state["weight"].dtype)
+        if state.get("bias") is not None and not self.feedforward:
+            state["bias"] = (state["bias"].float() * l.reshape(state["bias"].shape)).to(state["bias"].dtype)
+        return state
 
     def unmerge(self) -> None:
         """Divide `ia3_l` out again (exact up to rounding; PEFT adds 1e-8 to l, we do not). Safe twice."""
@@ -393,3 +408,32 @@ def config_from_peft(d: dict, path: str | os.PathLike | None = None) -> IA3Confi
     init = fields.get("init_ia3_weights", _check.boolean, none=True, default=None)
     return IA3Config(targets=as_spec(spec("target_modules")), feedforward=as_spec(spec("feedforward_modules")),
                      exclude=as_spec(spec("exclude_modules")), init_ones=True if init is None else init)
+
+
+def is_applied(model: nn.Module) -> bool:
+    """Whether `model` has any (IA)^3 layer."""
+    return any(True for _ in ia3_layers(model))
+
+
+def _check_compatible(model: nn.Module, cfg: IA3Config, where) -> None:
+    for name, layer in ia3_layers(model):
+        wanted = matches(name, layer.base, cfg.feedforward)
+        if layer.feedforward != wanted:
+            refuse_mixed("(IA)3", f"{name!r} feedforward={layer.feedforward}", f"feedforward={wanted} for it", where)
+
+
+def merged_state(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    """{layer path: the plain nn.Linear's state} with every vector folded in (the model is unchanged).
+
+    Raises: ValueError: an unmerged layer's base weight is tied to another module.
+    """
+    layers = list(ia3_layers(model))
+    refuse_shared_merge(model, [(n, layer) for n, layer in layers if not layer.merged], "save_pretrained")
+    return {name: layer.merged_state() for name, layer in layers}
+
+
+METHOD = Method(
+    peft_type=PEFT_TYPE, name="(IA)3", config_type=IA3Config, is_applied=is_applied,
+    peft_config_dict=peft_config_dict, config_from_peft=config_from_peft, apply=apply, state_dict=state_dict,
+    load_state_dict=load_state_dict, check_compatible=_check_compatible, merged_state=merged_state,
+)

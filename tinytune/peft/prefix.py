@@ -36,7 +36,10 @@ import torch
 import torch.nn as nn
 
 from .. import _check
+from ._method import Method
 from ._virtual import (
+    check_virtual_sizes,
+    refuse_other_virtual_tokens,
     VIRTUAL_TOKENS_ATTR, cached_length, call_kwargs, check_not_virtual, config_value, forward_signature,
     load_embeddings, model_device, new_tokens, real_positions, switched_off, trainable_dtype,
 )
@@ -335,3 +338,19 @@ def config_from_peft(d: dict, path: str | os.PathLike | None = None) -> PrefixCo
     if fields.get("modules_to_save", _check.string_list, True, none=True, default=None):
         raise ValueError(f"{where}: modules_to_save={d['modules_to_save']!r} is not supported")
     return PrefixConfig(num_virtual_tokens=fields.get("num_virtual_tokens", _check.integer, 1))
+
+
+def is_applied(model: nn.Module) -> bool:
+    """Whether `model` has prefix tuning."""
+    return isinstance(getattr(model, MODULE_NAME, None), PrefixEncoder)
+
+
+def _check_compatible(model: nn.Module, cfg: PrefixConfig, where) -> None:
+    refuse_other_virtual_tokens("prefix tuning", state_dict(model)[STATE_KEY].shape[0], cfg, where)
+
+
+METHOD = Method(
+    peft_type=PEFT_TYPE, name="prefix tuning", config_type=PrefixConfig, is_applied=is_applied,
+    peft_config_dict=peft_config_dict, config_from_peft=config_from_peft, apply=apply, state_dict=state_dict,
+    load_state_dict=load_state_dict, check_sizes=check_virtual_sizes, check_compatible=_check_compatible,
+)

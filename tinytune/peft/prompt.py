@@ -28,7 +28,10 @@ import torch
 import torch.nn as nn
 
 from .. import _check
+from ._method import Method
 from ._virtual import (
+    check_virtual_sizes,
+    refuse_other_virtual_tokens,
     VIRTUAL_TOKENS_ATTR, cached_length, call_kwargs, check_ids, check_not_virtual, config_value, forward_signature,
     load_embeddings, new_tokens, strip_front, switched_off, trainable_dtype,
 )
@@ -360,3 +363,19 @@ def config_from_peft(d: dict, path: str | os.PathLike | None = None) -> PromptCo
         raise ValueError(f"{where}: prompt_tuning_init={init!r} is not one of {sorted(inits)}")
     return PromptConfig(num_virtual_tokens=fields.get("num_virtual_tokens", _check.integer, 1),
                         init="random" if init == "TEXT" else inits[init])
+
+
+def is_applied(model: nn.Module) -> bool:
+    """Whether `model` has a soft prompt."""
+    return isinstance(getattr(model, MODULE_NAME, None), SoftPrompt)
+
+
+def _check_compatible(model: nn.Module, cfg: PromptConfig, where) -> None:
+    refuse_other_virtual_tokens("prompt tuning", soft_prompt(model).embedding.shape[0], cfg, where)
+
+
+METHOD = Method(
+    peft_type=PEFT_TYPE, name="prompt tuning", config_type=PromptConfig, is_applied=is_applied,
+    peft_config_dict=peft_config_dict, config_from_peft=config_from_peft, apply=apply, state_dict=state_dict,
+    load_state_dict=load_state_dict, check_sizes=check_virtual_sizes, check_compatible=_check_compatible,
+)

@@ -17,23 +17,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops import lora_linear
-from .lora_base import (  # re-exported (see __all__): the names other modules import from here
-    DEFAULT_ADAPTER,
-    INITS,
-    AdapterSpec,
-    _LoRABase,
-    adapter_dtype,
-    check_adapter_name,
-    check_dora,
-    check_hyperparameters,
-    lora_scaling,
-    param_key,
-)
-from .lora_variants import dora_embedding, dora_linear, pissa_factors
+from ...ops import lora_linear
+from .base import LoRALayer, param_key
+from .config import DEFAULT_ADAPTER, LoraSpec
+from .registry import register_layer
+from .variants import dora_embedding, dora_linear, pissa_factors
 
 
-class LoRALinear(_LoRABase):
+class LoRALinear(LoRALayer):
     """`base(x) + scaling * dropout(x) A^T B^T`, computed by the fused op `tinytune.ops.lora_linear`.
 
     Args:
@@ -62,17 +53,21 @@ class LoRALinear(_LoRABase):
                  rslora: bool = False, init: str = "kaiming", dora: bool = False,
                  adapter_name: str = DEFAULT_ADAPTER):
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
-        if type(base).forward is not nn.Linear.forward:
-            raise TypeError(
-                f"LoRALinear cannot wrap {type(base).__name__}: it overrides nn.Linear.forward, and the fused "
-                "op computes x W^T + b directly, which would bypass that forward"
-            )
-        check_hyperparameters(rank, alpha, dropout, init)  # before anything changes
-        check_dora(dora)
+        reason = self.cannot_wrap(base)
+        if reason is not None:
+            raise TypeError(f"LoRALinear cannot wrap {type(base).__name__}: {reason}")
+        spec = LoraSpec(rank, alpha, dropout, rslora, init, dora)  # validated before anything changes
         self._setup(base, adapter_name)
-        self.add_adapter(adapter_name, rank, alpha, dropout, rslora, init, dora)
+        self.add_adapter(adapter_name, spec)
+
+    @classmethod
+    def cannot_wrap(cls, base: nn.Module) -> str | None:
+        if not isinstance(base, nn.Linear):
+            return f"LoRALinear wraps an nn.Linear, got {type(base).__name__}"
+        if type(base).forward is not nn.Linear.forward:
+            return ("it overrides nn.Linear.forward, and the fused op computes x W^T + b directly, which would "
+                    "bypass that forward (register a layer for the type with tt.lora.register_layer)")
+        return None
 
     def _dims(self) -> tuple[int, int]:
         return self.base.in_features, self.base.out_features
@@ -141,7 +136,7 @@ class LoRALinear(_LoRABase):
         return lora_linear(x, self.base.weight, self.base.bias, lora_A, lora_B, spec.scaling, p)
 
 
-class LoRAEmbedding(_LoRABase):
+class LoRAEmbedding(LoRALayer):
     """`base(ids) + scaling * A^T[ids] B^T` for an `nn.Embedding` (PEFT's `lora_embedding_A/B`).
 
     Shapes follow PEFT: `lora_embedding_A` is (r, num_embeddings), `lora_embedding_B` is
@@ -172,12 +167,16 @@ class LoRAEmbedding(_LoRABase):
                  rslora: bool = False, init: str = "kaiming", dora: bool = False,
                  adapter_name: str = DEFAULT_ADAPTER):
         super().__init__()
-        if not isinstance(base, nn.Embedding):
-            raise TypeError(f"LoRAEmbedding wraps an nn.Embedding, got {type(base).__name__}")
-        check_hyperparameters(rank, alpha, dropout, init)
-        check_dora(dora)
+        reason = self.cannot_wrap(base)
+        if reason is not None:
+            raise TypeError(reason)
+        spec = LoraSpec(rank, alpha, dropout, rslora, init, dora)
         self._setup(base, adapter_name)
-        self.add_adapter(adapter_name, rank, alpha, dropout, rslora, init, dora)
+        self.add_adapter(adapter_name, spec)
+
+    @classmethod
+    def cannot_wrap(cls, base: nn.Module) -> str | None:
+        return None if isinstance(base, nn.Embedding) else f"LoRAEmbedding wraps an nn.Embedding, got {type(base).__name__}"
 
     def _dims(self) -> tuple[int, int]:
         return self.base.num_embeddings, self.base.embedding_dim
@@ -214,7 +213,7 @@ class LoRAEmbedding(_LoRABase):
         return out + low_rank.to(out.dtype)
 
 
-LORA_LAYER_TYPES = (LoRALinear, LoRAEmbedding)
+__all__ = ["LoRALinear", "LoRAEmbedding"]
 
-__all__ = ["LoRALinear", "LoRAEmbedding", "LORA_LAYER_TYPES", "AdapterSpec", "DEFAULT_ADAPTER", "INITS", "adapter_dtype",
-           "check_adapter_name", "check_dora", "check_hyperparameters", "lora_scaling", "param_key"]
+register_layer(nn.Linear, LoRALinear, linear=True)
+register_layer(nn.Embedding, LoRAEmbedding)

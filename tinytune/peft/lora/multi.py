@@ -6,9 +6,9 @@
     with tt.lora.adapter_per_row(model, ["default", "french", None]):
         logits = model(ids)                        # row 0: default, row 1: french, row 2: the base
 
-Each LoRA layer holds its adapters side by side (`lora_base`); the functions here keep the
+Each LoRA layer holds its adapters side by side (`base`); the functions here keep the
 layers of one model in step (one active adapter for all of them). `add_adapter` lives in
-`lora.py` beside `apply`, with which it shares the target matching. See docs/multi_adapter.md.
+`inject` beside `apply`, with which it shares the target matching. See docs/multi_adapter.md.
 """
 from __future__ import annotations
 
@@ -19,13 +19,14 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn as nn
 
-from ._targets import replace_module
-from .lora_layers import LORA_LAYER_TYPES, AdapterSpec, LoRAEmbedding, LoRALinear, check_adapter_name
+from .._targets import replace_module
+from .base import LORA_LAYER_TYPES, LoRALayer
+from .config import LoraSpec, check_adapter_name
 
 COMBINATIONS = ("cat", "linear", "svd")
 
 
-def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear | LoRAEmbedding]]:
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALayer]]:
     """The (name, layer) pairs of every LoRA layer in `model`."""
     for name, module in model.named_modules():
         if isinstance(module, LORA_LAYER_TYPES):
@@ -63,7 +64,7 @@ def active_adapter(model: nn.Module) -> str:
     return names.pop()
 
 
-def adapter_layers(model: nn.Module, name: str) -> list[tuple[str, LoRALinear | LoRAEmbedding]]:
+def adapter_layers(model: nn.Module, name: str) -> list[tuple[str, LoRALayer]]:
     """The (name, layer) pairs of the LoRA layers that hold adapter `name`, in model order."""
     return [(path, layer) for path, layer in lora_layers(model) if name in layer.adapters]
 
@@ -83,7 +84,7 @@ def resolve_adapter(model: nn.Module, adapter: str | None, what: str) -> str:
     return adapter
 
 
-def adapter_spec(model: nn.Module, name: str) -> AdapterSpec:
+def adapter_spec(model: nn.Module, name: str) -> LoraSpec:
     """The hyperparameters of adapter `name`, as its first layer holds them."""
     return adapter_layers(model, name)[0][1].adapters[name]
 
@@ -218,7 +219,7 @@ def _svd_factors(factors, weights, rank: int) -> tuple[torch.Tensor, torch.Tenso
     return torch.cat([a, a.new_zeros(pad, a.shape[1])]), torch.cat([b, b.new_zeros(b.shape[0], pad)], dim=1)
 
 
-def _check_weighted(model: nn.Module, names, weights, new_name: str, combination: str) -> list[AdapterSpec]:
+def _check_weighted(model: nn.Module, names, weights, new_name: str, combination: str) -> list[LoraSpec]:
     """Validate `add_weighted_adapter`'s arguments before anything changes; the sources' specs."""
     check_adapter_name(new_name)
     require_lora(model, "add_weighted_adapter")
@@ -291,7 +292,7 @@ def add_weighted_adapter(model: nn.Module, names: Sequence[str], weights: Sequen
             factors = [(layer._factor(layer._A, n).detach(), layer._factor(layer._B, n).detach(),
                         layer.adapters[n].scaling) for n, _ in present]
             a, b = combine_factors(factors, [w for _, w in present], combination, rank)
-            layer.add_adapter(new_name, rank, float(rank), specs[0].dropout)
+            layer.add_adapter(new_name, LoraSpec(rank, float(rank), specs[0].dropout))
             layer._factor(layer._A, new_name).copy_(a)
             layer._factor(layer._B, new_name).copy_(b)
         touched.append(path)

@@ -1,4 +1,4 @@
-"""What LoRA layers share (`_LoRABase`): the named adapters, merging, the mixed-batch forward.
+"""What LoRA layers share (`LoRALayer`): the named adapters, merging, the mixed-batch forward.
 
 `LoRALinear` / `LoRAEmbedding` (in `lora_layers`) wrap an existing `nn.Linear` / `nn.Embedding`
 and add `scaling * B A` beside it. The wrapped module is kept as `.base`, the very object the model had: its weight is shared,
@@ -16,56 +16,12 @@ State changes only through named calls (`merge()` / `unmerge()`, `set_adapter`,
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn as nn
 
-from .lora_variants import dora_fold, dora_unfold, dora_weight_norm
-
-INITS = ("kaiming", "gaussian", "pissa")
-DEFAULT_ADAPTER = "default"  # PEFT's name for the first adapter
-
-
-def check_hyperparameters(rank: int, alpha: float, dropout: float, init: str) -> None:
-    """Raise ValueError naming the bad field (shared by the config and the layers)."""
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise ValueError(f"LoRA rank must be an integer >= 1, got rank={rank!r}")
-    if not _finite_number(alpha) or not alpha > 0:
-        raise ValueError(f"LoRA alpha must be a finite number > 0, got alpha={alpha!r}")
-    if not _finite_number(dropout) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"LoRA dropout must be in [0, 1), got dropout={dropout!r}")
-    if init not in INITS:
-        raise ValueError(f"unknown LoRA init={init!r}; expected one of {', '.join(map(repr, INITS))}")
-
-
-def _finite_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def check_dora(dora) -> None:
-    """Raise ValueError unless `dora` is a bool (a string such as "false" would be truthy)."""
-    if not isinstance(dora, bool):
-        raise ValueError(f"LoRA dora must be True or False, got dora={dora!r}")
-
-
-def check_adapter_name(name) -> None:
-    """Raise ValueError unless `name` can name an adapter: a non-empty str without "." (a
-    parameter name cannot hold one)."""
-    if not isinstance(name, str) or not name or "." in name:
-        raise ValueError(f"an adapter name must be a non-empty string without '.', got {name!r}")
-
-
-def lora_scaling(rank: int, alpha: float, rslora: bool) -> float:
-    """alpha / rank, or alpha / sqrt(rank) for rsLoRA (Kalajdzievski, 2023)."""
-    return alpha / math.sqrt(rank) if rslora else alpha / rank
-
-
-def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
-    """fp32 for half-precision bases (adapters train in fp32), else the base's own dtype."""
-    return torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
-
+from .._dtype import adapter_dtype
+from .config import DEFAULT_ADAPTER, LoraSpec, check_adapter_name
+from .variants import dora_fold, dora_unfold, dora_weight_norm
 
 def param_key(kind: str, adapter: str) -> str:
     """The name under which adapter `adapter`'s parameter `kind` ("lora_A", ...) is registered on
@@ -74,28 +30,22 @@ def param_key(kind: str, adapter: str) -> str:
     return kind if adapter == DEFAULT_ADAPTER else f"{kind}_{adapter}"
 
 
-@dataclass(frozen=True)
-class AdapterSpec:
-    """One named adapter's hyperparameters in a layer (validated by the layer before creation)."""
-
-    rank: int
-    alpha: float
-    dropout: float = 0.0
-    rslora: bool = False
-    init: str = "kaiming"
-    dora: bool = False
-    scaling: float = field(init=False)
-
-    def __post_init__(self):
-        object.__setattr__(self, "scaling", lora_scaling(self.rank, self.alpha, self.rslora))
+# the parameter kind -> the suffix of PEFT's saved key (linears' factors are nn.Linear weights there)
+_FILE_SUFFIX = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_embedding_A": "lora_embedding_A",
+           "lora_embedding_B": "lora_embedding_B", "lora_magnitude_vector": "lora_magnitude_vector"}
 
 
 def _active_field(name: str, doc: str) -> property:
     return property(lambda self: getattr(self._spec(), name), doc=doc)
 
 
-class _LoRABase(nn.Module):
-    """What LoRALinear and LoRAEmbedding share: the named adapters, merge state and the delta."""
+class LoRALayer(nn.Module):
+    """What every LoRA layer shares: the named adapters, merge state, the mixed-batch forward.
+
+    A layer type for a new kind of module subclasses this and defines `_dims` (or `_factor_shapes`),
+    `_reset`, `delta_weight` (the update in the base weight's layout) and `_forward_adapter`; then
+    `tt.lora.register_layer(ModuleType, ThatLayer)` lets `apply` use it (see docs/lora.md).
+    """
 
     _dora_axis = 1  # the weight axis DoRA's norm runs over (1: per output row of a linear)
     _A, _B = "lora_A", "lora_B"  # parameter kinds, PEFT's names (the embedding overrides them)
@@ -109,10 +59,32 @@ class _LoRABase(nn.Module):
     dora = _active_field("dora", "Whether the active adapter is DoRA.")
     scaling = _active_field("scaling", "The active adapter's scaling, alpha / r (or alpha / sqrt(r)).")
 
+    @classmethod
+    def from_spec(cls, base: nn.Module, spec: LoraSpec, adapter_name: str = DEFAULT_ADAPTER) -> "LoRALayer":
+        """A layer wrapping `base` with one adapter `adapter_name` of hyperparameters `spec` (what `apply`
+        calls; the public constructors take the same values as plain arguments).
+
+        Raises:
+            TypeError: `cannot_wrap(base)` gives a reason.
+        """
+        reason = cls.cannot_wrap(base)
+        if reason is not None:
+            raise TypeError(f"{cls.__name__} cannot wrap this {type(base).__name__}: {reason}")
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._setup(base, adapter_name)
+        layer.add_adapter(adapter_name, spec)
+        return layer
+
+    @classmethod
+    def cannot_wrap(cls, base: nn.Module) -> str | None:
+        """Why this layer type cannot wrap `base` (None: it can). Checked before anything changes."""
+        return None
+
     def _setup(self, base: nn.Module, adapter_name: str) -> None:
         check_adapter_name(adapter_name)
         self.base = base
-        self.adapters: dict[str, AdapterSpec] = {}  # name -> hyperparameters, in the order added
+        self.adapters: dict[str, LoraSpec] = {}  # name -> hyperparameters, in the order added
         self.active_adapter = adapter_name
         self.merged = False
         self._disabled = False  # set only by tinytune.lora.disabled()
@@ -127,7 +99,7 @@ class _LoRABase(nn.Module):
         raise NotImplementedError
 
     # ------------------------------------------------------------------- the named adapters
-    def _spec(self, name: str | None = None) -> AdapterSpec:
+    def _spec(self, name: str | None = None) -> LoraSpec:
         name = self.active_adapter if name is None else name
         spec = self.adapters.get(name)
         if spec is None:  # an AttributeError, so hasattr(layer, "lora_A") is False here
@@ -155,38 +127,54 @@ class _LoRABase(nn.Module):
         kinds = (self._A, self._B) + (("lora_magnitude_vector",) if spec.dora else ())
         return {kind: self._factor(kind, name) for kind in kinds}
 
+    def file_tensors(self, name: str | None = None) -> dict[str, nn.Parameter]:
+        """Adapter `name`'s parameters under the ends of PEFT's saved keys ("lora_A.weight", ...), which the
+        file writer prefixes with the layer's path. Layer types whose PEFT keys differ override this."""
+        return {_FILE_SUFFIX[kind]: p for kind, p in self.adapter_parameters(name).items()}
+
     @property
     def lora_magnitude_vector(self) -> nn.Parameter:
         """The active DoRA adapter's magnitude, one per output feature (embedding dim)."""
         return self._factor("lora_magnitude_vector")
 
-    def add_adapter(self, name: str, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
-                    init: str = "kaiming", dora: bool = False) -> None:
-        """Add a new adapter `name` beside the others, initialised so that it computes the base.
+    def add_adapter(self, name: str, spec: LoraSpec) -> None:
+        """Add a new adapter `name` with hyperparameters `spec`, beside the others, initialised so that
+        it computes the base.
 
         The layer's active adapter does not change; the new parameters require grad only when
         `name` is the active adapter (`set_adapter` decides what trains).
 
         Raises:
-            ValueError: a bad name, a name the layer holds already, bad hyperparameters, or PiSSA
-                beside another adapter on a linear layer (PiSSA rewrites the shared base weight).
+            TypeError: `spec` is not a LoraSpec.
+            ValueError: a bad name, a name the layer holds already, or PiSSA beside another adapter
+                on a linear layer (PiSSA rewrites the shared base weight).
         """
         check_adapter_name(name)
+        if not isinstance(spec, LoraSpec):
+            raise TypeError(f"add_adapter expects a tt.lora.LoraSpec, got {type(spec).__name__}")
         if name in self.adapters:
             raise ValueError(f"this {type(self).__name__} already has an adapter {name!r} (it holds {list(self.adapters)})")
-        check_hyperparameters(rank, alpha, dropout, init)
-        check_dora(dora)
-        self._check_pissa_alone(name, init)
-        n_in, n_out = self._dims()
+        self._check_pissa_alone(name, spec.init)
+        self._refuse_spec(spec)
         factory = {"dtype": adapter_dtype(self.base.weight.dtype), "device": self.base.weight.device}
-        params = {self._A: torch.empty(rank, n_in, **factory), self._B: torch.zeros(n_out, rank, **factory)}
-        if dora:  # filled below, once B A is set
-            params["lora_magnitude_vector"] = torch.empty(n_out, **factory)
+        params = {kind: torch.zeros(shape, **factory) for kind, shape in self._factor_shapes(spec).items()}
         for kind, tensor in params.items():
             # straight into _parameters: register_parameter would read the `lora_A` property first
             self._parameters[param_key(kind, name)] = nn.Parameter(tensor, requires_grad=name == self.active_adapter)
-        self.adapters[name] = AdapterSpec(rank, float(alpha), float(dropout), bool(rslora), init, dora)
+        self.adapters[name] = spec
         self._init_adapter(name)
+
+    def _factor_shapes(self, spec: LoraSpec) -> dict[str, tuple[int, ...]]:
+        """{kind: shape} of one adapter's parameters: A (r, n_in), B (n_out, r), DoRA's magnitude (n_out,).
+        Layer types whose factors are not matrices (convolutions) override this."""
+        n_in, n_out = self._dims()
+        shapes = {self._A: (spec.rank, n_in), self._B: (n_out, spec.rank)}
+        if spec.dora:  # filled by _init_adapter, once B A is set
+            shapes["lora_magnitude_vector"] = (n_out,)
+        return shapes
+
+    def _refuse_spec(self, spec: LoraSpec) -> None:
+        """Raise ValueError for hyperparameters this layer type cannot honour (none here)."""
 
     def _check_pissa_alone(self, name: str, init: str) -> None:
         """PiSSA replaces the base weight by a residual that every adapter of the layer would then
@@ -296,6 +284,15 @@ class _LoRABase(nn.Module):
         return weight + delta.to(weight.dtype)
 
     @torch.no_grad()
+    def merged_state(self) -> dict[str, torch.Tensor]:
+        """The state dict of the plain base module with the active adapter folded in (what a merged
+        checkpoint holds at this layer's path); the layer is unchanged. Layer types whose base keeps
+        its weight under another name (nn.MultiheadAttention) override this."""
+        state = {k: v.detach() for k, v in self.base.state_dict().items()}
+        state["weight"] = self.merged_weight()
+        return state
+
+    @torch.no_grad()
     def merge(self) -> None:
         """Fold the active adapter into the base weight; a second call does nothing (nor does a
         layer that lacks the active adapter)."""
@@ -360,3 +357,6 @@ class _LoRABase(nn.Module):
         extra = f", adapters={list(self.adapters)}, active={self.active_adapter!r}" if len(self.adapters) > 1 else ""
         return (f"rank={self.rank}, alpha={self.alpha:g}, scaling={self.scaling:g}, dropout={self.dropout:g}, "
                 f"init={self.init}, dora={self.dora}, merged={self.merged}{extra}")
+
+
+LORA_LAYER_TYPES = (LoRALayer,)  # for isinstance checks: every LoRA layer type subclasses LoRALayer

@@ -1,0 +1,55 @@
+"""LoRA on any `nn.Module`: config, injection, merge, disable, adapter state dicts and files.
+
+    cfg = tt.lora.LoraConfig(rank=8, alpha=16, targets=["q_proj", "v_proj"])
+    names = tt.lora.apply(model, cfg)      # swaps modules in place, freezes everything else
+
+The adapter state dict uses Hugging Face PEFT's key names
+(`base_model.model.<module path>.lora_A.weight`, ...), so files interoperate with `peft`.
+Variants: `dora=True` (DoRA), `init="pissa"` (PiSSA), and `loraplus_param_groups` (LoRA+);
+see docs/lora_variants.md. Several named adapters on one model (`add_adapter`, `set_adapter`,
+`add_weighted_adapter`, `adapter_per_row`, ...): see docs/multi_adapter.md.
+
+The subpackage, by concept: `config` (LoraConfig, the frozen LoraSpec), `base` (what every LoRA
+layer shares), `layers` (nn.Linear, nn.Embedding), `registry` (which module types take LoRA, and
+`register_layer` for user types), `inject` (apply, add_adapter), `merging`, `multi` (named
+adapters), `files` (PEFT's config and key layout), `variants` (DoRA, PiSSA, LoRA+).
+"""
+import torch.nn as nn
+
+from .._method import Method
+from .base import LORA_LAYER_TYPES, LoRALayer
+from .config import DEFAULT_ADAPTER, INITS, LoraConfig, LoraSpec, lora_scaling
+from .files import check_sizes, config_from_peft, load_file, load_state_dict, peft_config_dict, state_dict
+from .inject import adaptable_modules, add_adapter, apply
+from .layers import LoRAEmbedding, LoRALinear
+from .merging import disabled, merge, merge_and_unload, merged_state, unmerge
+from .multi import (
+    active_adapter, adapter_layers, adapter_per_row, add_weighted_adapter, delete_adapter, list_adapters, lora_layers,
+    set_adapter,
+)
+from .registry import register_layer, registered_types
+from .variants import loraplus_param_groups
+
+PEFT_TYPE = "LORA"
+
+__all__ = [
+    "LoraConfig", "LoraSpec", "LoRALayer", "LoRALinear", "LoRAEmbedding", "apply", "merge", "unmerge",
+    "merge_and_unload", "disabled", "state_dict", "load_state_dict", "lora_layers", "lora_scaling", "INITS",
+    "loraplus_param_groups", "add_adapter", "set_adapter", "active_adapter", "list_adapters", "delete_adapter",
+    "add_weighted_adapter", "adapter_per_row", "adapter_layers", "DEFAULT_ADAPTER", "register_layer",
+    "registered_types", "adaptable_modules", "PEFT_TYPE", "is_applied", "peft_config_dict", "config_from_peft",
+    "merged_state", "METHOD",
+]
+
+
+def is_applied(model: nn.Module) -> bool:
+    """Whether `model` has any LoRA layer."""
+    return any(True for _ in lora_layers(model))
+
+
+METHOD = Method(
+    peft_type=PEFT_TYPE, name="LoRA", config_type=LoraConfig, is_applied=is_applied,
+    peft_config_dict=peft_config_dict, config_from_peft=config_from_peft, apply=apply, state_dict=state_dict,
+    load_state_dict=load_state_dict, check_sizes=check_sizes, merged_state=merged_state, load=load_file,
+    named_adapters=True,
+)
