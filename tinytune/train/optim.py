@@ -6,7 +6,7 @@ import math
 import torch
 import torch.nn as nn
 
-from ..peft.loraplus import lora_b_parameters
+from ..peft.lora.variants import lora_b_parameters
 from .config import TrainConfig
 
 
