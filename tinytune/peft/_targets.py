@@ -66,7 +66,8 @@ def shared_weight_users(model: nn.Module, layers: list[tuple[str, nn.Module]]) -
             users.setdefault(id(weight), []).append(name)
     shared = {}
     for name, layer in layers:
-        others = [n for n in users.get(id(layer.base.weight), []) if n not in (name, name + ".base")]
+        weight = getattr(layer.base, "weight", None)  # a custom (quantised) base may keep none
+        others = [n for n in users.get(id(weight), []) if n not in (name, name + ".base")] if weight is not None else []
         if others:
             shared[name] = others
     return shared

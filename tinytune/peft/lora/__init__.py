@@ -21,6 +21,7 @@ from .base import LORA_LAYER_TYPES, LoRALayer
 from .config import DEFAULT_ADAPTER, INITS, LoraConfig, LoraSpec, lora_scaling
 from .files import check_sizes, config_from_peft, load_file, load_state_dict, peft_config_dict, state_dict
 from .inject import adaptable_modules, add_adapter, apply
+from .custom import LoRALinearLike
 from .layers import LoRAEmbedding, LoRALinear
 from .merging import disabled, merge, merge_and_unload, merged_state, unmerge
 from .multi import (
@@ -33,7 +34,7 @@ from .variants import loraplus_param_groups
 PEFT_TYPE = "LORA"
 
 __all__ = [
-    "LoraConfig", "LoraSpec", "LoRALayer", "LoRALinear", "LoRAEmbedding", "apply", "merge", "unmerge",
+    "LoraConfig", "LoraSpec", "LoRALayer", "LoRALinear", "LoRAEmbedding", "LoRALinearLike", "apply", "merge", "unmerge",
     "merge_and_unload", "disabled", "state_dict", "load_state_dict", "lora_layers", "lora_scaling", "INITS",
     "loraplus_param_groups", "add_adapter", "set_adapter", "active_adapter", "list_adapters", "delete_adapter",
     "add_weighted_adapter", "adapter_per_row", "adapter_layers", "DEFAULT_ADAPTER", "register_layer",

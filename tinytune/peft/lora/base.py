@@ -156,13 +156,25 @@ class LoRALayer(nn.Module):
             raise ValueError(f"this {type(self).__name__} already has an adapter {name!r} (it holds {list(self.adapters)})")
         self._check_pissa_alone(name, spec.init)
         self._refuse_spec(spec)
-        factory = {"dtype": adapter_dtype(self.base.weight.dtype), "device": self.base.weight.device}
+        factory = self._factory()
         params = {kind: torch.zeros(shape, **factory) for kind, shape in self._factor_shapes(spec).items()}
         for kind, tensor in params.items():
             # straight into _parameters: register_parameter would read the `lora_A` property first
             self._parameters[param_key(kind, name)] = nn.Parameter(tensor, requires_grad=name == self.active_adapter)
         self.adapters[name] = spec
         self._init_adapter(name)
+
+    def _factory(self) -> dict:
+        """dtype and device of new adapter parameters: the base's floating weight (fp32 for half bases), or for
+        a base without one (a quantised weight) its first floating tensor, else the default dtype."""
+        weight = getattr(self.base, "weight", None)
+        tensors = [weight] if isinstance(weight, torch.Tensor) else []
+        tensors += [*self.base.parameters(), *self.base.buffers()]
+        floating = next((t for t in tensors if t.is_floating_point()), None)
+        if floating is None:
+            device = tensors[0].device if tensors else torch.device("cpu")
+            return {"dtype": torch.get_default_dtype(), "device": device}
+        return {"dtype": adapter_dtype(floating.dtype), "device": floating.device}
 
     def _factor_shapes(self, spec: LoraSpec) -> dict[str, tuple[int, ...]]:
         """{kind: shape} of one adapter's parameters: A (r, n_in), B (n_out, r), DoRA's magnitude (n_out,).
@@ -230,7 +242,7 @@ class LoRALayer(nn.Module):
         groups: dict[str | None, list[int]] = {}
         for row, name in enumerate(names):
             groups.setdefault(name if name in self.adapters else None, []).append(row)
-        device = self.base.weight.device  # made once here, not on every forward
+        device = self._factory()["device"]  # made once here, not on every forward
         self._rows = (len(names), {n: torch.tensor(r, dtype=torch.long, device=device) for n, r in groups.items()})
 
     # ----------------------------------------------------------------------- initialisation
@@ -267,6 +279,17 @@ class LoRALayer(nn.Module):
     def _holds_active(self) -> bool:
         return self.active_adapter in self.adapters
 
+    def cannot_merge(self) -> str | None:
+        """Why the adapter cannot be folded into this layer's base (None: it can). Layer types around a
+        quantised or weightless module override this; `merge`, `merged_weight` and the model-level merges
+        check every layer first, so a refused merge changes nothing."""
+        return None
+
+    def _refuse_merge(self, what: str) -> None:
+        reason = self.cannot_merge()
+        if reason is not None:
+            raise TypeError(f"{what}: {reason}")
+
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
         """The base weight with the active adapter folded in, as `merge` writes it; the layer is unchanged.
@@ -275,6 +298,7 @@ class LoRALayer(nn.Module):
             `W + s B A` (DoRA: `m / ||W + s B A|| * (W + s B A)`) in the base dtype; the base
             weight itself, detached, when the layer is merged already or lacks the active adapter.
         """
+        self._refuse_merge("merged_weight")
         weight = self.base.weight.detach()
         if self.merged or not self._holds_active():
             return weight
@@ -298,6 +322,7 @@ class LoRALayer(nn.Module):
         layer that lacks the active adapter)."""
         if self.merged or not self._holds_active():
             return
+        self._refuse_merge("merge")
         weight = self.base.weight
         if self.dora:
             norm = self.dora_weight_norm()  # from the unmerged weight, as forward sees it

@@ -12,6 +12,14 @@ from .multi import lora_layers, require_lora as _require_lora
 __all__ = ["merge", "unmerge", "merge_and_unload", "disabled", "merged_state"]
 
 
+def _refuse_unmergeable(layers, what: str) -> None:
+    """TypeError naming every layer that cannot be merged, before any layer is."""
+    refused = [(name, layer.cannot_merge()) for name, layer in layers if not layer.merged]
+    refused = [(name, reason) for name, reason in refused if reason is not None]
+    if refused:
+        raise TypeError(f"{what}: {'; '.join(f'{name!r}: {reason}' for name, reason in refused[:4])}")
+
+
 def merge(model: nn.Module) -> nn.Module:
     """Add `scaling * B A` of the ACTIVE adapter into every base weight that has it. Safe to call
     twice. Returns model. While merged, `set_adapter` to another adapter and `adapter_per_row` refuse.
@@ -24,6 +32,7 @@ def merge(model: nn.Module) -> nn.Module:
             embedding): merging would change that module too. Nothing is merged then.
     """
     layers = _require_lora(model, "merge")
+    _refuse_unmergeable(layers, "lora.merge")
     refuse_shared_merge(model, [(n, layer) for n, layer in layers if not layer.merged], "lora.merge")
     for _, layer in layers:
         layer.merge()
@@ -47,6 +56,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         ValueError: a base weight is shared with another module (tied), as for `merge`.
     """
     layers = _require_lora(model, "merge_and_unload")
+    _refuse_unmergeable(layers, "lora.merge_and_unload")
     refuse_shared_merge(model, [(n, layer) for n, layer in layers if not layer.merged], "lora.merge_and_unload")
     for name, layer in layers:
         layer.merge()
@@ -81,5 +91,6 @@ def merged_state(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
         ValueError: an unmerged layer's base weight is tied to another module (as `merge`).
     """
     layers = list(lora_layers(model))
+    _refuse_unmergeable(layers, "save_pretrained")
     refuse_shared_merge(model, [(n, layer) for n, layer in layers if not layer.merged], "save_pretrained")
     return {name: layer.merged_state() for name, layer in layers}
