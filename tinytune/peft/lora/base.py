@@ -1,6 +1,6 @@
 """What LoRA layers share (`LoRALayer`): the named adapters, merging, the mixed-batch forward.
 
-`LoRALinear` / `LoRAEmbedding` (in `lora_layers`) wrap an existing `nn.Linear` / `nn.Embedding`
+`LoRALinear` / `LoRAEmbedding` (in `layers`) wrap an existing `nn.Linear` / `nn.Embedding`
 and add `scaling * B A` beside it. The wrapped module is kept as `.base`, the very object the model had: its weight is shared,
 never copied. A layer holds one or more NAMED adapters side by side (PEFT's multi-adapter model);
 exactly one is active, and `lora_A` (r x in) / `lora_B` (out x r) (plus, with DoRA,
@@ -9,7 +9,7 @@ exactly one is active, and `lora_A` (r x in) / `lora_B` (out x r) (plus, with Do
 the parameter names it always had; another adapter `x` is registered as `lora_A_x`, `lora_B_x`...
 `B` starts at zero so a new adapter computes exactly what the base did. Adapter parameters are
 kept in fp32 when the base is bf16/fp16 (fp64 bases keep fp64, for gradcheck-grade tests). The
-DoRA and PiSSA maths live in `lora_variants`; the model-level multi-adapter calls in `lora_multi`.
+DoRA and PiSSA maths live in `variants`; the model-level multi-adapter calls in `multi`.
 
 State changes only through named calls (`merge()` / `unmerge()`, `set_adapter`,
 `set_row_adapters`, `tinytune.lora.disabled`): nothing happens in `forward`, `train()` or `eval()`.

@@ -3,8 +3,8 @@
 The wrapped module is kept as `.base`, the very object the model had: its weight is shared,
 never copied. The adapter's `lora_A` (r x in) and `lora_B` (out x r) are the only new parameters
 (plus, with DoRA, `lora_magnitude_vector`); `B` starts at zero so the wrapped layer computes
-exactly what the base did. A layer can hold several named adapters (see `lora_base`); these
-attributes are the active one's. The DoRA and PiSSA maths live in `lora_variants`.
+exactly what the base did. A layer can hold several named adapters (see `base`); these
+attributes are the active one's. The DoRA and PiSSA maths live in `variants`.
 
 State changes only through `merge()` / `unmerge()` (and `tinytune.lora.disabled`): nothing
 happens in `forward`, `train()` or `eval()`.
@@ -130,7 +130,7 @@ class LoRALinear(LoRALayer):
             return self.base(x)
         p = spec.dropout if self.training else 0.0
         lora_A, lora_B = self._parameters[param_key("lora_A", name)], self._parameters[param_key("lora_B", name)]
-        if spec.dora:  # plain ops around the fused op; see lora_variants.dora_linear for the cost
+        if spec.dora:  # plain ops around the fused op; see variants.dora_linear for the cost
             return dora_linear(x, self.base.weight, self.base.bias, lora_A, lora_B,
                                self._factor("lora_magnitude_vector", name), self.dora_weight_norm(name), spec.scaling, p)
         return lora_linear(x, self.base.weight, self.base.bias, lora_A, lora_B, spec.scaling, p)
