@@ -19,6 +19,7 @@ import torch.nn as nn
 from .._method import Method
 from .base import LORA_LAYER_TYPES, LoRALayer
 from .config import DEFAULT_ADAPTER, INITS, LoraConfig, LoraSpec, lora_scaling
+from .conv import LoRAConv1D, LoRAConv1d, LoRAConv2d, LoRAConv3d, register_transformers_conv1d
 from .files import check_sizes, config_from_peft, load_file, load_state_dict, peft_config_dict, state_dict
 from .inject import adaptable_modules, add_adapter, apply
 from .custom import LoRALinearLike
@@ -39,7 +40,8 @@ __all__ = [
     "loraplus_param_groups", "add_adapter", "set_adapter", "active_adapter", "list_adapters", "delete_adapter",
     "add_weighted_adapter", "adapter_per_row", "adapter_layers", "DEFAULT_ADAPTER", "register_layer",
     "registered_types", "adaptable_modules", "PEFT_TYPE", "is_applied", "peft_config_dict", "config_from_peft",
-    "merged_state", "METHOD",
+    "merged_state", "METHOD", "LoRAConv1d", "LoRAConv2d", "LoRAConv3d", "LoRAConv1D",
+    "register_transformers_conv1d",
 ]
 
 

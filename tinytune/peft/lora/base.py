@@ -263,7 +263,18 @@ class LoRALayer(nn.Module):
         noisy. Costs a `B A` product and one pass over the base weight (a full-size temporary).
         """
         with torch.autocast(self.base.weight.device.type, enabled=False):
-            return dora_weight_norm(self.base.weight, self.delta_weight(name).detach(), self._dora_axis)
+            mat = self._dora_matrix
+            return dora_weight_norm(mat(self.base.weight), mat(self.delta_weight(name).detach()), self._dora_axis)
+
+    def _dora_matrix(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` (the base weight, or a delta in its layout) as the matrix DoRA's norm and fold work on: `t`
+        itself here; a convolution flattens (out, in, *kernel) to (out, in * kernel volume)."""
+        return t
+
+    def _dora_apply(self, fold, weight: torch.Tensor, delta: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+        """`fold` (`dora_fold` or `dora_unfold`) on the matrices `_dora_matrix` gives, in `weight`'s shape."""
+        mat = self._dora_matrix
+        return fold(mat(weight), mat(delta), self.lora_magnitude_vector, norm, self._dora_axis).view_as(weight)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -304,7 +315,7 @@ class LoRALayer(nn.Module):
             return weight
         delta = self.delta_weight().detach()
         if self.dora:
-            return dora_fold(weight, delta, self.lora_magnitude_vector, self.dora_weight_norm(), self._dora_axis)
+            return self._dora_apply(dora_fold, weight, delta, self.dora_weight_norm())
         return weight + delta.to(weight.dtype)
 
     @torch.no_grad()
@@ -326,7 +337,7 @@ class LoRALayer(nn.Module):
         weight = self.base.weight
         if self.dora:
             norm = self.dora_weight_norm()  # from the unmerged weight, as forward sees it
-            weight.copy_(dora_fold(weight, self.delta_weight(), self.lora_magnitude_vector, norm, self._dora_axis))
+            weight.copy_(self._dora_apply(dora_fold, weight, self.delta_weight(), norm))
             self._dora_merge_norm = norm
         else:
             weight.add_(self.delta_weight().to(weight.dtype))
@@ -340,7 +351,7 @@ class LoRALayer(nn.Module):
         weight = self.base.weight
         if self.dora:
             norm = self._dora_merge_norm
-            weight.copy_(dora_unfold(weight, self.delta_weight(), self.lora_magnitude_vector, norm, self._dora_axis))
+            weight.copy_(self._dora_apply(dora_unfold, weight, self.delta_weight(), norm))
             self._dora_merge_norm = None
         else:
             weight.sub_(self.delta_weight().to(weight.dtype))

@@ -54,6 +54,9 @@ def peft_config_dict(model: nn.Module, adapter: str | None = None) -> dict:
                 f"{spec.init!r}); a PiSSA adapter must be PiSSA throughout (its config says which bases to rewrite)"
             )
     bias_trained = any(k.endswith(".bias") for k in state_dict(model, adapter))
+    # PEFT's fan_in_fan_out: the base stores its weight (in, out), as GPT-2's Conv1D does (PEFT itself
+    # sets it per module on load, so a model mixing Conv1D and nn.Linear loads either way)
+    fan_in_fan_out = any(getattr(layer, "fan_in_fan_out", False) for _, layer in adapter_layers(model, adapter))
     return {
         "peft_type": "LORA",
         "task_type": None,
@@ -62,7 +65,7 @@ def peft_config_dict(model: nn.Module, adapter: str | None = None) -> dict:
         "lora_dropout": first.dropout,
         "target_modules": [name for name, _ in layers],  # exact paths: PEFT matches them as suffixes
         "use_rslora": first.rslora,
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": fan_in_fan_out,
         "bias": "lora_only" if bias_trained else "none",
         "init_lora_weights": _init_lora_weights(first.init),
         "use_dora": first.dora,
@@ -73,7 +76,7 @@ def peft_config_dict(model: nn.Module, adapter: str | None = None) -> dict:
 
 
 _UNSUPPORTED = {  # PEFT config fields whose non-default values this loader cannot honour yet
-    "fan_in_fan_out": (False, None),
+    # (fan_in_fan_out is not one: it only says how the base stores its weight, which each layer knows)
     "rank_pattern": ({}, None),
     "alpha_pattern": ({}, None),
     "layers_to_transform": (None,),
@@ -139,6 +142,7 @@ def config_from_peft(config: dict, path: str | os.PathLike | None = None) -> Lor
         if config.get(field) is None:
             raise ValueError(f"load_adapter: {fields.label} lacks the field {field!r}")
     bias = fields.get("bias", _check.string, _BIASES, none=True, default="none")
+    _flag(fields, "fan_in_fan_out")  # type-checked only: each layer reads its weight's layout from its module
     return LoraConfig(
         rank=fields.get("r", _check.integer, 1),
         alpha=fields.get("lora_alpha", _check.number, 0, low_open=True),
@@ -231,10 +235,12 @@ def load_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], strict: bool 
 # ------------------------------------------------------------------------------ loading a file
 def check_sizes(cfg: LoraConfig, weights: dict[str, torch.Tensor], where: Path) -> None:
     """Every LoRA factor in the file has the config's rank on its rank axis, BEFORE anything is allocated
-    (a hand-edited `r` of a billion must not allocate gigabytes first).
+    (a hand-edited `r` of a billion must not allocate gigabytes first). Factors are matrices (linears,
+    embeddings, Conv1D) or convolution kernels: A (r, in, *kernel), B (out, r, *1s).
 
     Raises:
-        ValueError: no LoRA tensor, or a factor whose rank axis disagrees with `r` (named).
+        ValueError: no LoRA tensor, or a factor whose rank axis disagrees with `r` (named; a convolution's
+            B of r / groups columns is named as PEFT's LoRA on a grouped convolution, which tinytune refuses).
     """
     file = where / "adapter_model.safetensors"
     found = [(k, weights[k].shape) for k in sorted(weights) if "lora_" in k and "magnitude" not in k]
@@ -243,8 +249,11 @@ def check_sizes(cfg: LoraConfig, weights: dict[str, torch.Tensor], where: Path) 
     for key, shape in found:
         axis = 0 if ".lora_A" in key or "lora_embedding_A" in key else 1
         if len(shape) < 2 or shape[axis] != cfg.rank:
+            grouped = axis == 1 and len(shape) > 2 and 0 < shape[1] < cfg.rank and cfg.rank % shape[1] == 0
+            why = (f"; this is PEFT's LoRA on a grouped convolution (groups={cfg.rank // shape[1]}), which tinytune "
+                   "does not adapt: its update could never be merged into the grouped weight") if grouped else ""
             raise ValueError(f"load_adapter: {file} tensor {key!r} has shape {tuple(shape)}, but "
-                             f"{where / CONFIG_NAME} says r={cfg.rank} (expected size {cfg.rank} on axis {axis})")
+                             f"{where / CONFIG_NAME} says r={cfg.rank} (expected size {cfg.rank} on axis {axis}){why}")
 
 
 def _refuse_mixed_lora(model: nn.Module, name: str, cfg: LoraConfig, where: Path) -> None:
