@@ -93,7 +93,7 @@ def test_unsupported_config_fields_are_named(tmp_path):
     tt.save_adapter(model, tmp_path)
     cfg_path = tmp_path / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
-    for field, value in (("use_dora", True), ("fan_in_fan_out", True), ("peft_type", "IA3")):
+    for field, value in (("use_dora", True), ("peft_type", "IA3")):
         bad = dict(cfg, **{field: value})
         cfg_path.write_text(json.dumps(bad))
         (tmp_path / "tinytune_manifest.json").unlink(missing_ok=True)  # hand-edited on purpose: unchecked

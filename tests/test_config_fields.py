@@ -475,9 +475,9 @@ PEFT = _rows(
     ({"init_lora_weights": 3}, _file_field("init_lora_weights", "true, false or the name of an init")),
     ({"init_lora_weights": "loftq"}, r"init_lora_weights='loftq' in .* is not supported"),
     ({"peft_type": "IA3"}, r"peft_type='IA3'; this loader reads 'LORA'"),
-    ({"fan_in_fan_out": True}, r"fan_in_fan_out=True in .* is not supported"),
+    ({"fan_in_fan_out": "yes"}, _file_field("fan_in_fan_out", BOOL)),
     ({"lora_bias": True}, r"lora_bias=True in .* is not supported"),
-    ({"modules_to_save": ["lm_head"]}, r"modules_to_save=\['lm_head'\] in .* is not supported"),
+    ({"modules_to_save": "lm_head"}, _file_field("modules_to_save", "None or a list of strings")),
     ({"__file__": [1]}, r"adapter_config.json \(.*\) must be a JSON object"),
 ) + _rows(
     "ia3-file",
@@ -490,7 +490,7 @@ PEFT = _rows(
     ({"init_ia3_weights": 0}, _file_field("init_ia3_weights", BOOL)),
     ({"fan_in_fan_out": "no"}, _file_field("fan_in_fan_out", BOOL)),
     ({"modules_to_save": "lm_head"}, _file_field("modules_to_save", "None or a list of strings")),
-    ({"modules_to_save": ["lm_head"]}, r"modules_to_save=\['lm_head'\] is not supported"),
+    ({"modules_to_save": [""]}, _file_field("modules_to_save", "None or a list of strings")),
     ({"r": 8}, r"unknown IA3 config fields \['r'\]"),
     ({"peft_type": "LORA"}, r"peft_type='LORA'; expected 'IA3'"),
 ) + _rows(
@@ -524,7 +524,7 @@ PEFT = _rows(
     ({"num_transformer_submodules": True}, _file_field("num_transformer_submodules", INT1)),
     ({"num_transformer_submodules": 2}, r"num_transformer_submodules=2; only 1"),
     ({"modules_to_save": "x"}, _file_field("modules_to_save", "None or a list of strings")),
-    ({"task_type": "SEQ_CLS"}, r"task_type='SEQ_CLS'"),
+    ({"task_type": "SEQ_2_SEQ_LM"}, r"task_type='SEQ_2_SEQ_LM'"),
     ({"r": 8}, r"unknown PREFIX_TUNING config fields \['r'\]"),
 ) + _rows(
     "prompt-file",
@@ -590,7 +590,17 @@ def _cli_rows(kind: str):
 
 
 CLI = _cli_rows("cli-toml") + _cli_rows("cli-json")
-BAD = LLAMA + MISTRAL + GPT2 + MODEL + TRAIN + METHODS + PEFT + CLI
+# modules_to_save (PEFT's field) on every method config that has it, and in every PEFT reader
+_MTS = {"lora": "LoraConfig", "ia3": "IA3Config", "adapter": "AdapterConfig", "prefix": "PrefixConfig",
+        "prompt": "PromptConfig"}
+MODULES_TO_SAVE = sum([_rows(kind, ({"modules_to_save": "score"}, rf"{name}.modules_to_save must be None or a list of "
+                                    r"module names, got 'score' \(str\): write \['score'\]"),
+                             ({"modules_to_save": [""]}, rf"{name}.modules_to_save must be a list of strings"),
+                             ({"modules_to_save": [3]}, rf"{name}.modules_to_save must be a list of strings"))
+                       for kind, name in _MTS.items()], []) + sum(
+    [_rows(f"{kind}-file", ({"modules_to_save": 5}, _file_field("modules_to_save", "None or a list of strings")))
+     for kind in _MTS], [])
+BAD = LLAMA + MISTRAL + GPT2 + MODEL + TRAIN + METHODS + PEFT + CLI + MODULES_TO_SAVE
 
 
 @pytest.mark.parametrize("kind, patch, regex", BAD)
@@ -632,6 +642,10 @@ GOOD = sum([
     _rows("prefix-file", ({}, None), ({"num_transformer_submodules": 1}, None)),
     _rows("prompt-file", ({}, None), ({"prompt_tuning_init": "SAMPLE_VOCAB"}, None)),
     _rows("freeze-file", ({}, None)),
+    sum([_rows(kind, ({"modules_to_save": ["score"]}, None), ({"modules_to_save": ("a", "b.c")}, None),
+               ({"modules_to_save": []}, None)) for kind in _MTS], []),
+    sum([_rows(f"{kind}-file", ({"modules_to_save": ["classifier", "score"]}, None), ({"modules_to_save": []}, None),
+               ({"task_type": "SEQ_CLS", "base_model_name_or_path": "/ckpt"}, None)) for kind in _MTS], []),
     _rows("cli-toml", ({}, None), ({"steps": DROP, "lora.alpha": 8, "train.steps": 2, "targets": ["q_proj"]}, None),
           ({"resume": True, "lr": 1e-3, "rank": 4}, None)),
     _rows("cli-json", ({}, None), ({"batch-size": 2, "template": None, "max_length": None, "resume": "runs/x"}, None)),
@@ -644,11 +658,14 @@ def test_good_values_still_work(kind, patch, _, tmp_path):
     assert result is not None
 
 
-def test_checked_values_arrive_unchanged():
+def test_checked_values_arrive_unchanged(tmp_path):
     hf = tt.models.build("llama-tiny").config.to_hf()
     assert ModelConfig.from_hf({**hf, "pad_token_id": -1}).pad_token_id is None  # older Llama configs: "no pad"
     cfg = lora_config_io.config_from_peft({**PEFT_FILES["lora-file"], "lora_dropout": None, "r": 2, "lora_alpha": 3})
     assert (cfg.rank, cfg.alpha, cfg.dropout, cfg.targets) == (2, 3.0, 0.0, ["q_proj", "v_proj"])
+    for kind, name in _MTS.items():  # a tuple arrives as a list; the file's list as written ([] as None)
+        assert _method_config(kind, {"modules_to_save": ("score",)}).modules_to_save == ["score"], name
+        assert _peft_file(tmp_path, f"{kind}-file", {"modules_to_save": ["a.b"]})[0].modules_to_save == ["a.b"]
     assert TrainConfig(betas=[0.8, 0.9]).betas == (0.8, 0.9)
     assert TrainConfig().to_dict()["keep_checkpoints"] == 3
     assert TrainConfig(keep_checkpoints=None).keep_checkpoints is None

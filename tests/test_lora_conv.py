@@ -394,17 +394,19 @@ def test_conv1d_subclass_with_its_own_forward_is_refused():
 
 def test_conv1d_registration_is_lazy_and_tinytune_never_imports_transformers():
     script = (
-        "import sys, tinytune as tt\n"
+        "import sys, torch.nn as nn, tinytune as tt\n"
         "assert 'transformers' not in sys.modules\n"
+        "assert 'transformers.pytorch_utils.Conv1D' in tt.lora.registered_types()  # by name: nothing imported\n"
         "assert tt.lora.register_transformers_conv1d() is False\n"
         "from transformers.pytorch_utils import Conv1D\n"
-        "assert Conv1D not in tt.lora.registered_types()\n"
+        "assert tt.lora.adaptable_modules(nn.Sequential(Conv1D(4, 3))) == ['0']\n"
         "assert tt.lora.register_transformers_conv1d() is True and Conv1D in tt.lora.registered_types()\n"
     )
     subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
-    script = (  # transformers loaded first: registered when tinytune's LoRA is imported
+    script = (  # transformers loaded first: the same
+        "import torch.nn as nn\n"
         "from transformers.pytorch_utils import Conv1D\n"
         "import tinytune as tt\n"
-        "assert Conv1D in tt.lora.registered_types()\n"
+        "assert tt.lora.adaptable_modules(nn.Sequential(Conv1D(4, 3))) == ['0']\n"
     )
     subprocess.run([sys.executable, "-c", script], check=True, timeout=120)

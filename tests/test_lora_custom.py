@@ -116,3 +116,19 @@ def test_register_layer_checks_its_arguments_and_unregistered_types_are_skipped(
     model = nn.Sequential(nn.Linear(4, 4), NoSizes())
     with pytest.warns(UserWarning, match=r"skipped: '1 \(NoSizes\)'"):
         assert tt.lora.apply(model, tt.lora.LoraConfig(rank=2, targets=["0", "1"])) == ["0"]
+
+
+def test_a_type_registered_by_name_takes_lora_whatever_the_import_order():
+    """GPT-2's Conv1D is registered by name: tinytune imported BEFORE transformers still adapts it."""
+    import subprocess
+    import sys
+
+    code = ("import tinytune as tt, transformers\n"
+            "cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=16)\n"
+            "model = transformers.GPT2Model(cfg)\n"
+            "print(tt.lora.apply(model, tt.lora.LoraConfig(rank=2, targets='all-linear')))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "['h.0.attn.c_attn', 'h.0.attn.c_proj', 'h.0.mlp.c_fc', 'h.0.mlp.c_proj']" in done.stdout
+    with pytest.raises(TypeError, match="expected 'package.module.ClassName'"):
+        tt.lora.register_layer_by_name("Conv1D", tt.lora.LoRALinearLike)

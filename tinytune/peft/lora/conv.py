@@ -14,8 +14,8 @@ weight cannot hold (PEFT adapts them but refuses to merge them; here every layer
 GPT-2's `Conv1D` is a linear layer storing its weight transposed, (in, out), with `forward` x W + b.
 `LoRAConv1D` is `LoRALinear` around it (PEFT's `Linear` with `fan_in_fan_out=True`): the same
 factors and fused op, the update in the base's (in, out) layout. tinytune never imports transformers:
-`register_transformers_conv1d()` registers the layer when transformers' module is loaded already;
-it runs when this module is imported, and can be called again after `import transformers`.
+the layer is registered by the type's name ("transformers.pytorch_utils.Conv1D"), which holds whatever
+the import order (`register_transformers_conv1d()` also registers the type itself once it is loaded).
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from ...ops import lora_linear
 from .base import LoRALayer, param_key
 from .config import DEFAULT_ADAPTER, LoraSpec
 from .layers import LoRALinear
-from .registry import register_layer, registered_types
+from .registry import register_layer, register_layer_by_name, registered_types
 from .variants import dora_linear, pissa_factors
 
 __all__ = ["LoRAConv1d", "LoRAConv2d", "LoRAConv3d", "LoRAConv1D", "register_transformers_conv1d"]
@@ -281,4 +281,5 @@ def register_transformers_conv1d() -> bool:
 register_layer(nn.Conv1d, LoRAConv1d)  # linear=False: PEFT's "all-linear" leaves convolutions out
 register_layer(nn.Conv2d, LoRAConv2d)
 register_layer(nn.Conv3d, LoRAConv3d)
-register_transformers_conv1d()
+# by name, so that it holds whether transformers is imported before or after tinytune (never imported here)
+register_layer_by_name("transformers.pytorch_utils.Conv1D", LoRAConv1D, linear=True)

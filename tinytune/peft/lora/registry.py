@@ -33,6 +33,7 @@ class LayerEntry:
 
 
 _TABLE: dict[type, LayerEntry] = {}
+_BY_NAME: dict[str, LayerEntry] = {}  # "module.QualName" -> entry, for types of packages tinytune never imports
 
 
 def register_layer(module_type: type, layer: type | LayerFactory, *, linear: bool = False) -> None:
@@ -52,30 +53,44 @@ def register_layer(module_type: type, layer: type | LayerFactory, *, linear: boo
     """
     if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
         raise TypeError(f"register_layer: module_type must be an nn.Module subclass, got {module_type!r}")
+    _TABLE[module_type] = _entry(layer, linear, "register_layer")
+
+
+def _entry(layer, linear: bool, where: str) -> LayerEntry:
     if isinstance(layer, type):
         if not issubclass(layer, LoRALayer):
-            raise TypeError(f"register_layer: layer {layer.__name__} must subclass tt.lora.LoRALayer "
+            raise TypeError(f"{where}: layer {layer.__name__} must subclass tt.lora.LoRALayer "
                             "(or be a callable (base, spec, adapter_name) -> LoRALayer)")
-        entry = LayerEntry(layer.from_spec, bool(linear), layer)
-    elif callable(layer):
-        entry = LayerEntry(layer, bool(linear), None)
-    else:
-        raise TypeError(f"register_layer: layer must be a LoRALayer subclass or a callable, got {layer!r}")
-    _TABLE[module_type] = entry
+        return LayerEntry(layer.from_spec, bool(linear), layer)
+    if callable(layer):
+        return LayerEntry(layer, bool(linear), None)
+    raise TypeError(f"{where}: layer must be a LoRALayer subclass or a callable, got {layer!r}")
+
+
+def register_layer_by_name(qualified_name: str, layer: type | LayerFactory, *, linear: bool = False) -> None:
+    """`register_layer` for a type named by its module and qualified name ("transformers.pytorch_utils.Conv1D"),
+    so that tinytune never imports its package: the entry applies once a module of that type is met.
+
+    Raises:
+        TypeError: `layer` as for `register_layer`, or the name is not a dotted string.
+    """
+    if not isinstance(qualified_name, str) or "." not in qualified_name:
+        raise TypeError(f"register_layer_by_name: expected 'package.module.ClassName', got {qualified_name!r}")
+    _BY_NAME[qualified_name] = _entry(layer, linear, "register_layer_by_name")
 
 
 def layer_entry(module: nn.Module) -> LayerEntry | None:
-    """The entry for `module`'s type (the most specific registered base class), or None."""
+    """The entry for `module`'s type (the most specific registered base class, by type or by name), or None."""
     for cls in type(module).__mro__:
-        entry = _TABLE.get(cls)
+        entry = _TABLE.get(cls) or _BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}")
         if entry is not None:
             return entry
     return None
 
 
-def registered_types() -> list[type]:
-    """The module types LoRA can wrap, in registration order."""
-    return list(_TABLE)
+def registered_types() -> list[type | str]:
+    """The module types LoRA can wrap, in registration order (then those registered by name, as names)."""
+    return [*_TABLE, *_BY_NAME]
 
 
 def is_linear_kind(module: nn.Module) -> bool:
