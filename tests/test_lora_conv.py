@@ -410,3 +410,15 @@ def test_conv1d_registration_is_lazy_and_tinytune_never_imports_transformers():
         "assert tt.lora.adaptable_modules(nn.Sequential(Conv1D(4, 3))) == ['0']\n"
     )
     subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+
+
+def test_weighted_combinations_of_conv_adapters_refuse_cat_and_svd_by_name():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 2))
+    tt.lora.apply(model, tt.lora.LoraConfig(rank=2, targets=["0"]))
+    tt.lora.add_adapter(model, "b", tt.lora.LoraConfig(rank=2, targets=["0"]))
+    for combination in ("cat", "svd"):
+        with pytest.raises(ValueError, match=r"layers \['0'\] hold convolution factors; use combination='linear'"):
+            tt.lora.add_weighted_adapter(model, ["default", "b"], [0.5, 0.5], "c", combination=combination)
+    assert tt.lora.list_adapters(model) == ["default", "b"]
+    tt.lora.add_weighted_adapter(model, ["default", "b"], [0.5, 0.5], "c", combination="linear")
+    assert "c" in tt.lora.list_adapters(model)

@@ -242,6 +242,12 @@ def _check_weighted(model: nn.Module, names, weights, new_name: str, combination
             kind = "DoRA" if spec.dora else "PiSSA"
             raise ValueError(f"add_weighted_adapter: adapter {n!r} is {kind}; only plain LoRA adapters combine "
                              "(a DoRA magnitude or a PiSSA residual base does not add up across adapters)")
+    if combination != "linear" and len(names) > 1:
+        shaped = [path for path, layer in lora_layers(model) if any(
+            layer._factor(layer._A, n).dim() != 2 for n in names if n in layer.adapters)]
+        if shaped:
+            raise ValueError(f"add_weighted_adapter: combination={combination!r} concatenates or factorises matrix "
+                             f"factors, but the layers {shaped[:4]} hold convolution factors; use combination='linear'")
     if combination == "linear" and len(names) > 1 and len({s.rank for s in specs}) > 1:
         ranks = {n: s.rank for n, s in zip(names, specs)}
         raise ValueError(f"add_weighted_adapter: combination='linear' needs adapters of one rank, got {ranks}; "
