@@ -81,10 +81,11 @@ def test_applying_twice_raises():
 
 def test_multihead_attention_projection_is_refused_with_reason():
     layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
-    with pytest.raises(TypeError, match=r"self_attn.out_proj.*reads its projection weights directly.*linear1"):
+    with pytest.raises(TypeError, match=r"self_attn.out_proj.*reads its projection weights directly.*"
+                                        r"target the MultiheadAttention 'self_attn' itself.*linear1"):
         tt.lora.apply(layer, tt.lora.LoraConfig(targets=["out_proj"]))
     names = tt.lora.apply(layer, tt.lora.LoraConfig(targets="all-linear"))
-    assert names == ["linear1", "linear2"]  # all-linear leaves MHA's out_proj alone
+    assert names == ["self_attn", "linear1", "linear2"]  # the MHA as a unit, not its out_proj on its own
 
 
 def test_model_without_lora():

@@ -10,9 +10,10 @@ see docs/lora_variants.md. Several named adapters on one model (`add_adapter`, `
 `add_weighted_adapter`, `adapter_per_row`, ...): see docs/multi_adapter.md.
 
 The subpackage, by concept: `config` (LoraConfig, the frozen LoraSpec), `base` (what every LoRA
-layer shares), `layers` (nn.Linear, nn.Embedding), `registry` (which module types take LoRA, and
-`register_layer` for user types), `inject` (apply, add_adapter), `merging`, `multi` (named
-adapters), `files` (PEFT's config and key layout), `variants` (DoRA, PiSSA, LoRA+).
+layer shares), `layers` (nn.Linear, nn.Embedding), `mha` (nn.MultiheadAttention), `registry` (which
+module types take LoRA, and `register_layer` for user types), `inject` (apply, add_adapter),
+`merging`, `multi` (named adapters), `files` (PEFT's config and key layout), `variants` (DoRA,
+PiSSA, LoRA+).
 """
 import torch.nn as nn
 
@@ -24,6 +25,7 @@ from .files import check_sizes, config_from_peft, load_file, load_state_dict, pe
 from .inject import adaptable_modules, add_adapter, apply
 from .custom import LoRALinearLike
 from .layers import LoRAEmbedding, LoRALinear
+from .mha import LoRAMultiheadAttention
 from .merging import disabled, merge, merge_and_unload, merged_state, unmerge
 from .multi import (
     active_adapter, adapter_layers, adapter_per_row, add_weighted_adapter, delete_adapter, list_adapters, lora_layers,
@@ -35,7 +37,8 @@ from .variants import loraplus_param_groups
 PEFT_TYPE = "LORA"
 
 __all__ = [
-    "LoraConfig", "LoraSpec", "LoRALayer", "LoRALinear", "LoRAEmbedding", "LoRALinearLike", "apply", "merge", "unmerge",
+    "LoraConfig", "LoraSpec", "LoRALayer", "LoRALinear", "LoRAEmbedding", "LoRALinearLike",
+    "LoRAMultiheadAttention", "apply", "merge", "unmerge",
     "merge_and_unload", "disabled", "state_dict", "load_state_dict", "lora_layers", "lora_scaling", "INITS",
     "loraplus_param_groups", "add_adapter", "set_adapter", "active_adapter", "list_adapters", "delete_adapter",
     "add_weighted_adapter", "adapter_per_row", "adapter_layers", "DEFAULT_ADAPTER", "register_layer",

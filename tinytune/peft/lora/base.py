@@ -124,8 +124,14 @@ class LoRALayer(nn.Module):
         keys: "lora_A"/"lora_B" (embeddings: "lora_embedding_A"/"lora_embedding_B"), and
         "lora_magnitude_vector" for DoRA. Raises AttributeError when the layer lacks the adapter."""
         spec = self._spec(name)
-        kinds = (self._A, self._B) + (("lora_magnitude_vector",) if spec.dora else ())
+        kinds = tuple(kind for pair in self._factor_pairs() for kind in pair)
+        kinds += ("lora_magnitude_vector",) if spec.dora else ()
         return {kind: self._factor(kind, name) for kind in kinds}
+
+    def _factor_pairs(self) -> tuple[tuple[str, str], ...]:
+        """The (A kind, B kind) pairs one adapter holds: one pair here; a layer adapting several weights
+        at once (nn.MultiheadAttention: in_proj and out_proj) has one per weight."""
+        return ((self._A, self._B),)
 
     def file_tensors(self, name: str | None = None) -> dict[str, nn.Parameter]:
         """Adapter `name`'s parameters under the ends of PEFT's saved keys ("lora_A.weight", ...), which the

@@ -14,7 +14,7 @@ import warnings
 import torch
 import torch.nn as nn
 
-from .._targets import ALL_LINEAR, find_targets, get_parent, replace_module
+from .._targets import ALL_LINEAR, find_targets, get_parent, output_heads, replace_module
 from .base import LORA_LAYER_TYPES, LoRALayer
 from .config import DEFAULT_ADAPTER, LoraConfig, check_adapter_name
 from .multi import active_adapter, list_adapters
@@ -34,10 +34,38 @@ def _already_adapted(model: nn.Module, name: str, module: nn.Module) -> str | No
 def _blocked(model: nn.Module, name: str, module: nn.Module) -> str | None:
     """Why LoRA cannot adapt the module called `name` (None: it can)."""
     parent, _ = get_parent(model, name)
-    if isinstance(parent, nn.MultiheadAttention) and layer_entry(parent) is None:
-        return ("nn.MultiheadAttention reads its projection weights directly (in_proj_weight, out_proj.weight) "
-                "instead of calling the module, so an adapter here would be silently ignored")
+    if isinstance(parent, nn.MultiheadAttention):
+        return _mha_child_reason(model, name.rpartition(".")[0], parent)
     return cannot_wrap(module)
+
+
+def _mha_child_reason(model: nn.Module, parent_name: str, mha: nn.MultiheadAttention) -> str:
+    """Why a child of an nn.MultiheadAttention (its out_proj) takes no LoRA of its own: the MHA is the unit."""
+    owner = parent_name
+    if owner.rpartition(".")[2] == "base" and isinstance(get_parent(model, owner)[0], LORA_LAYER_TYPES):
+        owner = owner.rpartition(".")[0]  # the .base of a LoRA layer: name the layer
+    why = ("nn.MultiheadAttention reads its projection weights directly (in_proj_weight, out_proj.weight) instead "
+           "of calling this module, so an adapter here would be silently ignored; ")
+    reason = cannot_wrap(mha)
+    if reason is not None:
+        return why + f"and LoRA cannot adapt the MultiheadAttention {owner!r} itself: {reason}"
+    return why + (f"target the MultiheadAttention {owner!r} itself: LoRA then adapts in_proj and out_proj "
+                  "together, as PEFT does")
+
+
+def _find(model: nn.Module, cfg: LoraConfig, modules: list[tuple[str, nn.Module]] | None = None):
+    """find_targets with LoRA's linear kinds (registered types with linear=True, nn.MultiheadAttention among
+    them). "all-linear" is resolved here: the output heads are found among the linear layers proper, an
+    MHA's out_proj standing for the MHA (which has no in/out_features: taken as the model's first
+    linear, it would hide the model's width from `output_heads`, and an MHA is never an output head)."""
+    modules = list(model.named_modules()) if modules is None else modules
+    if ALL_LINEAR not in (cfg.targets, cfg.exclude):
+        return find_targets(model, cfg.targets, cfg.exclude, modules=modules, is_linear=is_linear_kind)
+    heads = output_heads(model, modules, lambda m: is_linear_kind(m) and not isinstance(m, nn.MultiheadAttention))
+
+    def resolve(spec):
+        return (lambda n, m: is_linear_kind(m) and n not in heads) if spec == ALL_LINEAR else spec
+    return find_targets(model, resolve(cfg.targets), resolve(cfg.exclude), modules=modules, is_linear=is_linear_kind)
 
 
 def adaptable_modules(model: nn.Module) -> list[str]:
@@ -73,8 +101,11 @@ def _select(model: nn.Module, cfg: LoraConfig, found: list[tuple[str, nn.Module]
         raise ValueError(f"{what}: LoRA targets {cfg.targets!r} (exclude={cfg.exclude!r}) matched no module of "
                          f"{type(model).__name__}; modules LoRA can adapt: {_describe(adaptable_modules(model))}")
     if skipped and cfg.targets != ALL_LINEAR:
+        # a child of an nn.MultiheadAttention is a likely mistake (the user meant the attention): say why
+        mha = [f"{n!r}: {r}" for n, _, r in skipped if isinstance(get_parent(model, n)[0], nn.MultiheadAttention)]
         warnings.warn(f"{what}: LoRA targets {cfg.targets!r} also matched modules LoRA cannot adapt, which were "
-                      f"skipped: {_describe([f'{n} ({type(m).__name__})' for n, m, _ in skipped])}", stacklevel=3)
+                      f"skipped: {_describe([f'{n} ({type(m).__name__})' for n, m, _ in skipped])}"
+                      + (f". {mha[0]}" if mha else ""), stacklevel=3)
     return keep
 
 
@@ -159,7 +190,7 @@ def apply(model: nn.Module, cfg: LoraConfig, adapter_name: str = DEFAULT_ADAPTER
     if not isinstance(cfg, LoraConfig):
         raise TypeError(f"apply expects a tt.lora.LoraConfig, got {type(cfg).__name__}")
     check_adapter_name(adapter_name)
-    found = _select(model, cfg, find_targets(model, cfg.targets, cfg.exclude, is_linear=is_linear_kind), "apply")
+    found = _select(model, cfg, _find(model, cfg), "apply")
     if cfg.init == "pissa":
         _check_pissa(model, found, cfg.rank)
     layers = [(name, _wrap(module, cfg, adapter_name)) for name, module in found]  # before the model changes
@@ -222,7 +253,7 @@ def add_adapter(model: nn.Module, name: str, cfg: LoraConfig) -> list[str]:
     if name in existing:
         raise ValueError(f"add_adapter: the model already has an adapter named {name!r} (adapters: {existing}); "
                          "pick another name or delete_adapter it first")
-    found = find_targets(model, cfg.targets, cfg.exclude, modules=_lora_view(model), is_linear=is_linear_kind)
+    found = _find(model, cfg, _lora_view(model))
     found = [(n, model.get_submodule(n)) for n, _ in found]  # back from the view to the real modules
     found = _select(model, cfg, found, f"add_adapter({name!r})")
     _check_add(model, name, cfg, found)
