@@ -404,3 +404,31 @@ def test_vit_all_linear_trains_saves_loads_and_merges(tmp_path):
     # path reads the raw weights of PEFT's layers (PEFT sets no guard), and PEFT computes the base model
     theirs = peft.PeftModel.from_pretrained(plain, str(tmp_path)).train()
     torch.testing.assert_close(theirs(images), _like_peft(model).train()(images), rtol=0, atol=PEFT_ATOL)
+
+
+def test_weighted_adapter_and_loraplus_cover_both_factor_pairs():
+    """add_weighted_adapter combines in_proj AND out_proj factors; LoRA+ finds both B factors."""
+    class Wrap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, x):
+            return self.attn(x, x, x)[0]
+
+    torch.manual_seed(0)
+    model = Wrap()
+    tt.lora.apply(model, tt.lora.LoraConfig(rank=2, targets=["attn"]))
+    with torch.no_grad():
+        for p in model.attn.parameters():
+            if p.requires_grad:
+                p.normal_()
+    tt.lora.add_weighted_adapter(model, ["default"], [1.0], "copy")
+    x = torch.randn(2, 3, 8)
+    with torch.no_grad():
+        expected = model(x)
+        tt.lora.set_adapter(model, "copy")
+        torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+    b_factors = {id(p) for group in tt.lora.loraplus_param_groups(model, lr=1e-3, lr_ratio=16) if group["lr"] > 1e-3
+                 for p in group["params"]}
+    assert {id(model.attn.lora_B), id(model.attn.lora_out_B)} <= b_factors

@@ -295,11 +295,14 @@ def add_weighted_adapter(model: nn.Module, names: Sequence[str], weights: Sequen
         if not present:
             continue
         with torch.no_grad():
-            factors = [(layer._factor(layer._A, n).detach(), layer._factor(layer._B, n).detach(),
-                        layer.adapters[n].scaling) for n, _ in present]
-            a, b = combine_factors(factors, [w for _, w in present], combination, rank)
+            combined = []
+            for kind_a, kind_b in layer._factor_pairs():  # one pair per adapted weight (MHA: in_proj, out_proj)
+                factors = [(layer._factor(kind_a, n).detach(), layer._factor(kind_b, n).detach(),
+                            layer.adapters[n].scaling) for n, _ in present]
+                combined.append(combine_factors(factors, [w for _, w in present], combination, rank))
             layer.add_adapter(new_name, LoraSpec(rank, float(rank), specs[0].dropout))
-            layer._factor(layer._A, new_name).copy_(a)
-            layer._factor(layer._B, new_name).copy_(b)
+            for (kind_a, kind_b), (a, b) in zip(layer._factor_pairs(), combined):
+                layer._factor(kind_a, new_name).copy_(a)
+                layer._factor(kind_b, new_name).copy_(b)
         touched.append(path)
     return touched

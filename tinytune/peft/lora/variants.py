@@ -164,7 +164,7 @@ def lora_b_parameters(model: nn.Module) -> list[nn.Parameter]:
     out = []
     for module in model.modules():
         if isinstance(module, LoRALayer):
-            out.extend(module._factor(module._B, name) for name in module.adapters)
+            out.extend(module._factor(kind_b, name) for name in module.adapters for _, kind_b in module._factor_pairs())
     return out
 
 
