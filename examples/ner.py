@@ -83,8 +83,8 @@ def main(argv=None):
     print(f"{len(train)} training and {len(test)} test sentences, e.g. {test_records[0]}")
 
     model = TokenClassifier(tt.models.build("llama-tiny", vocab_size=tok.vocab_size), num_labels=len(TAGS))
-    tt.lora.apply(model, tt.lora.LoraConfig(rank=8, alpha=16, targets="all-linear"))  # leaves `classifier` out
-    model.classifier.requires_grad_(True)  # apply froze everything else: the new head must train too
+    # LoRA on the body; the head (`classifier`) declares itself, so it trains whole and save_adapter keeps it
+    tt.lora.apply(model, tt.lora.LoraConfig(rank=8, alpha=16, targets="all-linear"))
     print(tt.count_parameters(model), "\n")
 
     before = entity_scores(model, test, TAGS)

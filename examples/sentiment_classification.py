@@ -76,8 +76,8 @@ def main(argv=None):
     print(f"{len(train)} training and {len(test)} test sentences, e.g. {test_records[0]}")
 
     clf = SequenceClassifier(tt.models.build("llama-tiny", vocab_size=tok.vocab_size), num_labels=len(LABELS))
-    tt.lora.apply(clf, tt.lora.LoraConfig(rank=8, alpha=16, targets="all-linear"))  # leaves `score` out
-    clf.score.requires_grad_(True)  # apply froze everything else: the new head must train too
+    # LoRA on the body; the head (`score`) declares itself, so it trains whole and save_adapter keeps it
+    tt.lora.apply(clf, tt.lora.LoraConfig(rank=8, alpha=16, targets="all-linear"))
     print(tt.count_parameters(clf), "\n")
 
     acc, f1 = scores(clf, test)

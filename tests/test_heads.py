@@ -79,9 +79,8 @@ def test_head_errors_name_the_value():
 
 def test_lora_on_a_head_trains_adapters_and_the_head():
     clf = SequenceClassifier(_decoder(), 2)
-    names = tt.lora.apply(clf, tt.lora.LoraConfig(rank=2, targets="all-linear", exclude=["score"]))
-    assert "score" not in names and not clf.score.weight.requires_grad
-    clf.score.requires_grad_(True)
+    names = tt.lora.apply(clf, tt.lora.LoraConfig(rank=2, targets="all-linear"))
+    assert "score" not in names and clf.score.weight.requires_grad  # the head declares itself: trained whole
     trainable = {n for n, p in clf.named_parameters() if p.requires_grad}
     assert "score.weight" in trainable and all("lora" in n or n == "score.weight" for n in trainable)
     assert tt.count_parameters(clf).trainable == sum(p.numel() for p in clf.parameters() if p.requires_grad)

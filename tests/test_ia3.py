@@ -274,8 +274,9 @@ def test_peft_config_dict_and_config_from_peft():
         ia3.config_from_peft({**d, "r": 8})
     with pytest.raises(ValueError, match="'target_modules' is missing"):
         ia3.config_from_peft({**d, "target_modules": None})
-    with pytest.raises(ValueError, match=r"modules_to_save=\['lm_head'\]"):
-        ia3.config_from_peft({**d, "modules_to_save": ["lm_head"]})
+    assert ia3.config_from_peft({**d, "modules_to_save": ["lm_head"]}).modules_to_save == ["lm_head"]
+    with pytest.raises(ValueError, match=r"field 'modules_to_save' must be None or a list of strings"):
+        ia3.config_from_peft({**d, "modules_to_save": "lm_head"})
     with pytest.raises(ValueError, match="targets is a callable"):
         ia3.peft_config_dict(ia3.IA3Config(targets=lambda n, m: True, feedforward=None))
     with pytest.raises(TypeError, match="got str"):

@@ -263,7 +263,7 @@ def test_peft_config_round_trip_and_errors():
     assert prefix.config_from_peft(json.loads(json.dumps(d))) == prefix.PrefixConfig(num_virtual_tokens=P)
     for bad, match in [({"peft_type": "PROMPT_TUNING"}, "expected 'PREFIX_TUNING'"),
                        ({"r": 8}, r"unknown PREFIX_TUNING config fields \['r'\]"),
-                       ({"task_type": "SEQ_CLS"}, "task_type='SEQ_CLS'"),
+                       ({"task_type": "SEQ_2_SEQ_LM"}, "task_type='SEQ_2_SEQ_LM'"),
                        ({"num_transformer_submodules": 2}, "num_transformer_submodules=2")]:
         with pytest.raises(ValueError, match=match):
             prefix.config_from_peft({**d, **bad})

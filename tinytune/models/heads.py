@@ -1,9 +1,12 @@
 """Classification heads on the decoder body: one label per text, or one label per token.
 
     clf = SequenceClassifier(tt.models.build("llama-tiny"), num_labels=2)
-    tt.lora.apply(clf, tt.lora.LoraConfig(targets="all-linear"))   # "all-linear" leaves `score` out
-    clf.score.requires_grad_(True)                                  # apply froze it: train the head too
+    tt.lora.apply(clf, tt.lora.LoraConfig(targets="all-linear"))   # LoRA on the body; `score` trains whole
     logits = clf(input_ids, attention_mask=mask)                    # (B, num_labels)
+
+Each head declares itself to the PEFT methods (`peft_modules_to_save`, `peft_task_type`): applying any
+method keeps the new head trainable, and `tt.save_adapter` saves it with the adapter as PEFT's
+`modules_to_save` (`base_model.model.score.weight`) under task_type "SEQ_CLS" / "TOKEN_CLS".
 
 A head registers the decoder's body as `model` and its own linear as `score` (sequence) or
 `classifier` (tokens), so parameter names are Hugging Face's `LlamaForSequenceClassification` ones
@@ -106,6 +109,11 @@ class _DecoderHead(nn.Module):
                                  "apply prompt or prefix tuning to the decoder before building the head")
 
     @property
+    def name_or_path(self) -> str | None:
+        """The checkpoint the decoder was loaded from (None when built from a config)."""
+        return self.decoder.name_or_path
+
+    @property
     def decoder(self) -> CausalLM:
         """The wrapped `CausalLM` (its body is this head's `model`)."""
         return self._decoder[0]
@@ -145,6 +153,9 @@ class SequenceClassifier(_DecoderHead):
         ValueError: num_labels < 1.
     """
 
+    peft_task_type = "SEQ_CLS"
+    peft_modules_to_save = ("score",)  # trained whole with any PEFT method, saved with the adapter
+
     def __init__(self, decoder: CausalLM, num_labels: int):
         super().__init__(decoder, "SequenceClassifier")
         self.num_labels = num_labels
@@ -176,6 +187,9 @@ class TokenClassifier(_DecoderHead):
         TypeError: `decoder` is not a `CausalLM`.
         ValueError: num_labels < 1.
     """
+
+    peft_task_type = "TOKEN_CLS"
+    peft_modules_to_save = ("classifier",)  # trained whole with any PEFT method, saved with the adapter
 
     def __init__(self, decoder: CausalLM, num_labels: int):
         super().__init__(decoder, "TokenClassifier")

@@ -161,6 +161,7 @@ def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", allow_pic
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.reset_buffers(device)
+    model.name_or_path = str(path)  # adapter files record it (PEFT's base_model_name_or_path)
     return model.eval()
 
 

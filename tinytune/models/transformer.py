@@ -138,9 +138,17 @@ class CausalLM(nn.Module):
             cost one min/max read and are skipped under torch.compile (see `values_checkable`).
     """
 
+    # What adapter files record of the model (read by tinytune.peft, which does not import models):
+    # PEFT's task type, and the modules trained whole beside any method (none for a language model).
+    peft_task_type = "CAUSAL_LM"
+    peft_modules_to_save: tuple[str, ...] = ()
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
+        # the checkpoint directory it was loaded from (`load_pretrained` sets it, as transformers does);
+        # None for a model built from a config. Adapter files record it as `base_model_name_or_path`.
+        self.name_or_path: str | None = None
         self.model = DecoderModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:

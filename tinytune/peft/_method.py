@@ -41,6 +41,13 @@ class Method:
         load: `(model, config, config dict, tensors, directory, adapter_name) -> None`, when loading is
             more than apply-then-load_state_dict (LoRA's named adapters, selective fine-tuning).
         named_adapters: whether `peft_config_dict` / `state_dict` take an adapter name (LoRA).
+        module_prefix: what the file's keys of modules_to_save start with: PEFT's "base_model.model."
+            (prompt learning methods: "base_model.", their PeftModel wraps the model directly).
+        saves_trainable: the method's file holds every trainable parameter itself (selective
+            fine-tuning), so modules_to_save are neither written separately nor checked for.
+        owned: `(model) -> tensors`, trainable parameters of the method that `state_dict` does not hold as
+            they are (LoRA's inactive adapters, prefix tuning's MLP), so save_adapter does not take them
+            for parameters a user unfroze by hand (None: `state_dict` holds them all).
     """
 
     peft_type: str
@@ -57,6 +64,9 @@ class Method:
     merged_state: Optional[Callable[[nn.Module], dict]] = None
     load: Optional[Callable[..., None]] = None
     named_adapters: bool = False
+    module_prefix: str = "base_model.model."
+    saves_trainable: bool = False
+    owned: Optional[Callable[[nn.Module], Any]] = None
 
     def load_file(self, model: nn.Module, cfg, config: dict, tensors: Tensors, where: Path,
                   adapter_name: str | None = None) -> None:

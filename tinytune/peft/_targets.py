@@ -6,6 +6,9 @@ Matching rules (the same for `targets` and `exclude`, see ../shared/API.md):
 - "all-linear": every linear layer (`nn.Linear`; a method may count more types as linear, such as
   LoRA's registered types) except the model's output layer (see `output_heads`);
 - a callable `(name, module) -> bool`.
+
+A module marked as a module to save (`modules_to_save`) and everything inside it never matches: it is
+trained whole, so an adapter inside it would be saved twice and loaded once (PEFT excludes them too).
 """
 from __future__ import annotations
 
@@ -15,6 +18,8 @@ import re
 from typing import Callable, Iterable, Union
 
 import torch.nn as nn
+
+from .modules_to_save import inside, marked
 
 TargetSpec = Union[str, Iterable[str], Callable[[str, nn.Module], bool], None]
 
@@ -125,15 +130,19 @@ def validate_spec(spec: TargetSpec, field: str) -> None:
 
 def find_targets(model: nn.Module, targets: TargetSpec, exclude: TargetSpec = None,
                  modules: list[tuple[str, nn.Module]] | None = None,
-                 is_linear: LinearKind = _is_linear) -> list[tuple[str, nn.Module]]:
+                 is_linear: LinearKind = _is_linear, skip_saved: bool = True) -> list[tuple[str, nn.Module]]:
     """The (name, module) pairs that match `targets` and not `exclude`, in model order.
 
     `modules`: the (name, module) pairs to match (default: `model.named_modules()`); LoRA passes
     a view in which an adapted layer stands for its base, to add further adapters. `is_linear`: which
-    modules "all-linear" counts (default: nn.Linear).
+    modules "all-linear" counts (default: nn.Linear). `skip_saved`: leave out the modules marked as
+    modules to save and what lies inside them (see the module docstring).
     """
     modules = list(model.named_modules()) if modules is None else modules
     heads = output_heads(model, modules, is_linear) if ALL_LINEAR in (targets, exclude) else set()
+    saved = marked(model) if skip_saved else ()
+    if saved:  # after finding the heads: which linear is the output layer does not change
+        modules = [(name, module) for name, module in modules if not inside(name, saved)]
     found = []
     for name, module in modules:
         if not name:

@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 
 VIRTUAL_TOKENS_ATTR = "num_virtual_tokens"
+# PEFT task types whose files these methods read: decoders, with or without a classification head
+TASK_TYPES = (None, "CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS")
 CACHE_NAMES = ("cache", "past_key_values")
 _NOT_STRIPPED = ("attentions", "cache", "past_key_values", "loss")
 

@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from .. import _check
 from ._method import Method, refuse_mixed
+from .modules_to_save import applies, check_names, read_field
 from ._state import copy_state
 from ._targets import TargetSpec, find_targets, get_parent, layers_disabled, replace_module, validate_spec
 from .adapter_layers import ACTIVATIONS, PLACEMENTS, AdapterLayer, BottleneckAdapter, check_layer_args
@@ -66,6 +67,8 @@ class AdapterConfig:
         dropout: dropout after the activation, in training mode, in [0, 1).
         hidden_size: d; None infers it per module from its nn.Linear layers (see `apply`).
         exclude: modules to leave alone, by the same rules as `targets`.
+        modules_to_save: modules trained whole and saved with the adapters (PEFT's field; names equal
+            or a dotted suffix); see tinytune/peft/modules_to_save.py.
     """
 
     bottleneck: int | None = _NotGiven(64)
@@ -77,8 +80,10 @@ class AdapterConfig:
     dropout: float = 0.0
     hidden_size: int | None = None
     exclude: TargetSpec = None
+    modules_to_save: list[str] | None = None
 
     def __post_init__(self):
+        self.modules_to_save = check_names(self.modules_to_save, "AdapterConfig.modules_to_save")
         if isinstance(self.bottleneck, _NotGiven) and self.reduction_factor is not None:
             self.bottleneck = None  # only the reduction factor was given: b comes from each module's d
         if self.bottleneck is None and self.reduction_factor is None:
@@ -207,12 +212,14 @@ def _no_op_hook(module, args):
     return None
 
 
+@applies
 def apply(model: nn.Module, cfg: AdapterConfig) -> list[str]:
     """Wrap every module of `model` that the config picks in an `AdapterLayer`, in place.
 
     The hidden size of each wrapped module is `cfg.hidden_size`, or inferred: the out_features of
     its last nn.Linear (registration order); "parallel" also needs its first nn.Linear's in_features
-    to be the same. Every parameter that is not an adapter parameter is frozen. Nothing is changed
+    to be the same. Every parameter that is not an adapter parameter is frozen (but `cfg.modules_to_save`
+    and a head the model declares, trained whole). Nothing is changed
     unless every match can be wrapped. Call it once per model.
 
     Returns:
@@ -327,13 +334,14 @@ def peft_config_dict(cfg: AdapterConfig, target_modules: list[str] | None = None
         "bottleneck_size": None if cfg.bottleneck is None else int(cfg.bottleneck),
         "reduction_factor": cfg.reduction_factor, "placement": cfg.placement, "activation": cfg.activation,
         "scaling": cfg.scaling, "dropout": cfg.dropout, "hidden_size": cfg.hidden_size,
+        "modules_to_save": cfg.modules_to_save,  # save_adapter writes the model's (modules_to_save.saved_paths)
     }
 
 
 _PEFT_FIELDS = {  # PeftConfig's own fields plus what `peft_config_dict` writes; anything else is refused
     "peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
     "target_modules", "exclude_modules", "bottleneck_size", "reduction_factor", "placement", "activation", "scaling",
-    "dropout", "hidden_size",
+    "dropout", "hidden_size", "modules_to_save",
 }
 
 
@@ -372,7 +380,8 @@ def config_from_peft(config: dict, path: str | os.PathLike | None = None) -> Ada
     }
     values = {ours: fields.get(key, check, *args, none=True, default=None, **kw)
               for key, (ours, check, args, kw) in read.items()}
-    return AdapterConfig(**{ours: value for ours, value in values.items() if value is not None})
+    return AdapterConfig(**{ours: value for ours, value in values.items() if value is not None},
+                         modules_to_save=read_field(fields))
 
 
 def is_applied(model: nn.Module) -> bool:

@@ -23,6 +23,7 @@ from .. import _check
 from ._method import Method
 from ._state import copy_state
 from ._targets import TargetSpec, find_targets, output_heads, validate_spec
+from .modules_to_save import applies
 
 __all__ = [
     "FreezeConfig", "MODES", "freeze", "unfreeze", "bitfit", "norms_only", "last_blocks", "embeddings_and_head",
@@ -123,7 +124,7 @@ def _match(model: nn.Module, targets: TargetSpec, exclude: TargetSpec, what: str
         raise ValueError(f"{what}: targets is None; give module names, a regex, 'all-linear' or a callable")
     validate_spec(targets, f"{what} targets")
     validate_spec(exclude, f"{what} exclude")
-    found = find_targets(model, targets, exclude)
+    found = find_targets(model, targets, exclude, skip_saved=False)  # a module to save may be unfrozen too
     owners = _owners(found)
     if not owners:
         why = (f"matched only modules without parameters ({[n for n, _ in found][:8]})" if found
@@ -282,8 +283,11 @@ def embeddings_and_head(model: nn.Module) -> list[str]:
     return _set_trainable(found)
 
 
+@applies(mark=False)  # a head the model declares trains too; the file holds it with the rest
 def apply(model: nn.Module, cfg: FreezeConfig) -> list[str]:
-    """Freeze everything in `model`, then make trainable what `cfg.mode` selects.
+    """Freeze everything in `model`, then make trainable what `cfg.mode` selects (and a classification
+    head the model declares, `peft_modules_to_save`: a new head must train). FreezeConfig has no
+    `modules_to_save`: every trainable parameter is saved already.
 
     Returns:
         What the mode's function returns: bias parameter names for "bitfit", module names otherwise.
@@ -427,4 +431,5 @@ METHOD = Method(
     peft_type=PEFT_TYPE, name="selective fine-tuning", config_type=FreezeConfig, is_applied=is_applied,
     peft_config_dict=peft_config_dict, config_from_peft=_config_from_file, apply=apply,
     state_dict=file_state_dict, load_state_dict=_load_file_state, merged_state=lambda model: {}, load=_load_file,
+    saves_trainable=True,
 )

@@ -28,6 +28,7 @@ from ._state import copy_state
 from ._targets import layers_disabled
 from ._dtype import adapter_dtype
 from ._method import Method, refuse_mixed
+from .modules_to_save import applies, check_names, read_field
 from .lora.base import LORA_LAYER_TYPES
 from .lora.inject import _guard_fused_fast_paths  # the nn.TransformerEncoderLayer fast-path guard, shared with LoRA
 
@@ -50,14 +51,18 @@ class IA3Config:
         exclude: modules to leave alone, by the same rules.
         init_ones: start every vector at 1, so the model equals its base (PEFT's `init_ia3_weights`);
             False draws N(0, 1) as PEFT does (discouraged).
+        modules_to_save: modules trained whole and saved with the vectors (PEFT's field; names equal
+            or a dotted suffix); see tinytune/peft/modules_to_save.py.
     """
 
     targets: TargetSpec = ("k_proj", "v_proj", "down_proj")
     feedforward: TargetSpec = ("down_proj",)
     exclude: TargetSpec = None
     init_ones: bool = True
+    modules_to_save: list[str] | None = None
 
     def __post_init__(self):
+        self.modules_to_save = check_names(self.modules_to_save, "IA3Config.modules_to_save")
         for field in ("targets", "feedforward", "exclude"):
             if isinstance(getattr(self, field), (tuple, set, frozenset)):
                 setattr(self, field, list(getattr(self, field)))
@@ -187,11 +192,12 @@ def _check_target(model: nn.Module, name: str, module: nn.Module) -> None:
                         "(IA)^3 here supports nn.Linear")
 
 
+@applies
 def apply(model: nn.Module, cfg: IA3Config) -> list[str]:
     """Wrap every module of `model` that `cfg.targets` matches in an `IA3Linear`, in place.
 
-    Every other parameter is frozen; only the `ia3_l` vectors train. Nothing is changed unless
-    every match can be wrapped.
+    Every other parameter is frozen; only the `ia3_l` vectors train (and `cfg.modules_to_save`, or a
+    head the model declares). Nothing is changed unless every match can be wrapped.
 
     Returns:
         The dotted names of the wrapped modules, in model order.
@@ -353,17 +359,18 @@ def peft_config_dict(model_or_cfg: nn.Module | IA3Config) -> dict:
         cfg = model_or_cfg
         targets, exclude = _spec_for_json(cfg.targets, "targets"), _spec_for_json(cfg.exclude, "exclude")
         feedforward = _spec_for_json(cfg.feedforward, "feedforward")
-        init = cfg.init_ones
+        init, saved = cfg.init_ones, cfg.modules_to_save
     elif isinstance(model_or_cfg, nn.Module):
         layers = _require_ia3(model_or_cfg, "peft_config_dict")
-        targets, exclude, init = [n for n, _ in layers], None, True
+        targets, exclude, init, saved = [n for n, _ in layers], None, True, None  # save_adapter writes the model's
         feedforward = _feedforward_paths(targets, [n for n, layer in layers if layer.feedforward])
     else:
         raise TypeError(f"peft_config_dict expects a model or an ia3.IA3Config, got {type(model_or_cfg).__name__}")
     return {
         "peft_type": PEFT_TYPE, "task_type": None, "target_modules": targets,
         "feedforward_modules": [] if feedforward is None else feedforward,  # PEFT reads None as "look it up"
-        "exclude_modules": exclude, "fan_in_fan_out": False, "init_ia3_weights": init, "modules_to_save": None,
+        "exclude_modules": exclude, "fan_in_fan_out": False, "init_ia3_weights": init,
+        "modules_to_save": saved,
         "inference_mode": True, "base_model_name_or_path": None, "revision": None, "auto_mapping": None,
     }
 
@@ -387,7 +394,7 @@ def config_from_peft(d: dict, path: str | os.PathLike | None = None) -> IA3Confi
 
     Raises:
         ValueError: peft_type is not "IA3"; an unknown field; `target_modules` missing (tinytune
-            keeps no per-architecture defaults); non-empty `modules_to_save`; a field of the wrong type
+            keeps no per-architecture defaults); a field of the wrong type
             (`_check.FieldError`, also a TypeError). Each names the file and the field.
     """
     fields = _check.Fields(d, "adapter_config.json", None if path is None else Path(path) / "adapter_config.json")
@@ -400,14 +407,13 @@ def config_from_peft(d: dict, path: str | os.PathLike | None = None) -> IA3Confi
     if d.get("target_modules") is None:
         raise ValueError(f"{where}: the field 'target_modules' is missing or null; tinytune has no "
                          "per-architecture default, so the adapter must name its modules")
-    if fields.get("modules_to_save", _check.string_list, True, none=True, default=None):
-        raise ValueError(f"{where}: modules_to_save={d['modules_to_save']!r} is not supported")
     fields.get("fan_in_fan_out", _check.boolean, none=True, default=None)  # either way (see above), but a bool
     spec = lambda key: fields.get(key, _check.string_or_list, none=True, default=None)  # noqa: E731
     as_spec = lambda v: v if v is None or isinstance(v, str) else sorted(v)  # noqa: E731 (sets from PEFT)
     init = fields.get("init_ia3_weights", _check.boolean, none=True, default=None)
     return IA3Config(targets=as_spec(spec("target_modules")), feedforward=as_spec(spec("feedforward_modules")),
-                     exclude=as_spec(spec("exclude_modules")), init_ones=True if init is None else init)
+                     exclude=as_spec(spec("exclude_modules")), init_ones=True if init is None else init,
+                     modules_to_save=read_field(fields))
 
 
 def is_applied(model: nn.Module) -> bool:

@@ -8,8 +8,10 @@ size the config implies is checked against the file's tensors before the method 
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -20,7 +22,7 @@ from .. import _check
 from .._files import contained_file, parse_json, parse_safetensors
 from .._manifest import read_verified
 from .._transaction import describe_missing, directory_transaction
-from . import _rollback, lora
+from . import _rollback, lora, modules_to_save as mts
 from ._targets import find_targets
 from .methods import METHODS, by_peft_type, methods_to_save
 
@@ -30,9 +32,56 @@ PEFT_PREFIX = "base_model.model."
 _OWNED = (WEIGHTS_NAME, "adapter_model.bin", CONFIG_NAME)  # what an adapter save supersedes (never carried over)
 
 
+def unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The module a `torch.compile`d model (`OptimizedModule`) wraps, else `model`: its keys carry
+    `_orig_mod.`, which no adapter file may hold. (Dynamo is only looked up when imported already:
+    without it nothing can have been compiled, and importing it would cost a second.)"""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    optimized = getattr(eval_frame, "OptimizedModule", None)
+    while optimized is not None and isinstance(model, optimized):
+        model = model._orig_mod
+    return model
+
+
+def _metadata(model: nn.Module) -> dict:
+    """What the model says of itself for adapter_config.json: PEFT's `task_type` from its explicit
+    `peft_task_type` ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS"; absent: the method's value stays), and
+    `base_model_name_or_path` from `name_or_path` (set by `load_pretrained`, as transformers does)."""
+    out = {}
+    task = getattr(model, "peft_task_type", None)
+    if task is not None:
+        out["task_type"] = _check.string(task, f"{type(model).__name__}.peft_task_type")
+    name = getattr(model, "name_or_path", None)
+    out["base_model_name_or_path"] = os.fspath(name) if isinstance(name, (str, os.PathLike)) and name else None
+    return out
+
+
+def _with_modules_to_save(model: nn.Module, method, config: dict, tensors: dict) -> tuple[dict, dict]:
+    """Add the modules to save (tensors and `modules_to_save`) after checking that the file loses no
+    trainable parameter and holds no adapter inside a saved module."""
+    paths = mts.saved_paths(model)
+    prefix = method.module_prefix
+    nested = sorted(k for k in tensors if any(k.startswith(f"{prefix}{p}.") for p in paths))
+    if nested:
+        raise ValueError(f"save_adapter: {method.name} tensors {nested[:4]} lie inside modules_to_save {paths}; a "
+                         "module trained whole cannot also hold an adapter (apply the method before marking it)")
+    extra = mts.state_dict(model, paths, prefix)
+    owned = list(method.owned(model)) if method.owned is not None else []
+    lost = mts.unsaved_trainable(model, [*tensors.values(), *extra.values(), *owned])
+    if lost:
+        modules = sorted({n.rpartition(".")[0] or n for n in lost})
+        raise ValueError(
+            f"save_adapter: parameters {lost[:8]}{' ...' if len(lost) > 8 else ''} of {type(model).__name__} are "
+            f"trainable but belong neither to {method.name} nor to modules_to_save, so the adapter file would "
+            f"silently lose what they learned. Save their modules with it: "
+            f"tinytune.peft.modules_to_save.add(model, {modules[:4]}) (or modules_to_save=[...] in the method's "
+            "config), or freeze them (requires_grad_(False)) if they were not meant to train")
+    return {**config, mts.FIELD: paths or None}, {**tensors, **extra}
+
+
 def _adapter_files(model: nn.Module, adapter_name: str | None) -> tuple[dict, dict[str, torch.Tensor]]:
     """(adapter_config.json dict, tensors by PEFT key) for the one method on `model` (LoRA: the adapter
-    `adapter_name`, default the active one)."""
+    `adapter_name`, default the active one), with the modules to save and the model's metadata."""
     methods = methods_to_save(model)
     if len(methods) > 1:
         raise ValueError(f"save_adapter: {type(model).__name__} carries several methods {[m.peft_type for m in methods]}; "
@@ -42,8 +91,12 @@ def _adapter_files(model: nn.Module, adapter_name: str | None) -> tuple[dict, di
         raise ValueError(f"save_adapter: adapter={adapter_name!r} names a LoRA adapter, but {type(model).__name__} "
                          f"carries {method.peft_type}; named adapters are a LoRA feature")
     if method.named_adapters:
-        return method.peft_config_dict(model, adapter_name), method.state_dict(model, adapter_name)
-    return method.peft_config_dict(model), method.state_dict(model)
+        config, tensors = method.peft_config_dict(model, adapter_name), method.state_dict(model, adapter_name)
+    else:
+        config, tensors = method.peft_config_dict(model), method.state_dict(model)
+    if not method.saves_trainable:
+        config, tensors = _with_modules_to_save(model, method, config, tensors)
+    return {**config, **_metadata(model)}, tensors
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None = None) -> Path:
@@ -56,11 +109,19 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None 
     holds one adapter: with several LoRA adapters, `adapter` picks which (default: the active one),
     and the files carry no adapter name (as PEFT's). Returns the path.
 
+    Modules trained whole (`modules_to_save` of the method's config, a classification head the model
+    declares) are written beside the method under their plain paths (`base_model.model.score.weight`,
+    PEFT's layout) and listed in the config's `modules_to_save`. The config also records the model's
+    `task_type` and `base_model_name_or_path` (see docs/classification.md). A `torch.compile`d model
+    writes the same files as the model it wraps.
+
     Raises:
         ValueError: the model has no adapter (or several methods), no LoRA adapter `adapter` (or
-            `adapter` is given for another method), or the adapter's layers differ in rank/alpha/dropout.
+            `adapter` is given for another method), the adapter's layers differ in rank/alpha/dropout,
+            or a trainable parameter belongs neither to the method nor to a module to save (named:
+            the file would lose it).
     """
-    config, tensors = _adapter_files(model, adapter)
+    config, tensors = _adapter_files(unwrap_compiled(model), adapter)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
     path = Path(path)
@@ -118,12 +179,18 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
     Without it the weights go into the active adapter (or "default", created when there is no LoRA).
     When loading fails, the model is left as it was (the method is taken off again, flags restored).
 
+    The config's `modules_to_save` that match modules of `model` (a name matching none is skipped: PEFT
+    writes its task defaults, ["classifier", "score"]) are marked, made trainable and loaded strictly
+    from the file's tensors under their paths, whose shapes are checked before anything is applied. A
+    `torch.compile`d model is loaded into the module it wraps (and returned as given).
+
     Raises:
         FileNotFoundError: a file is missing (a pickled `adapter_model.bin` is refused).
         ValueError: a damaged or mismatched file (`IntegrityError`, naming it), an unknown peft_type,
             an unsupported or ill-typed config field, a size the tensors contradict, a missing,
             unexpected or mis-shaped key (named in the message), hyperparameters that differ from the
-            method already on the model, or `adapter_name` for a method other than LoRA.
+            method already on the model, `adapter_name` for a method other than LoRA, or a module to
+            save whose tensors are missing, unexpected or mis-shaped in the file (named).
     """
     path = Path(path)
     if not path.is_dir():
@@ -139,15 +206,36 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
         raise ValueError(f"load_adapter: adapter_name={adapter_name!r} is for LoRA adapters, but {path / CONFIG_NAME} "
                          f"has peft_type={kind!r}")
     weights = parse_safetensors(data.pop(WEIGHTS_NAME), weights_file, "load_adapter")
+    target = unwrap_compiled(model)
+    cfg, paths = _file_modules_to_save(target, method, cfg)
+    weights, saved = mts.split(weights, paths, method.module_prefix)
     if method.check_sizes is not None:
         method.check_sizes(cfg, weights, path)
-    snap = _rollback.snapshot(model, _weights_pissa_may_rewrite(model, cfg))
+    mts.check_state(target, paths, saved, method.module_prefix, weights_file)  # before anything is applied
+    snap = _rollback.snapshot(target, _weights_pissa_may_rewrite(target, cfg))
     try:
-        method.load_file(model, cfg, config, weights, path, adapter_name)
+        if not method.saves_trainable:
+            mts.attach(target, paths)  # marked first: the method's targets leave these modules out
+        method.load_file(target, cfg, config, weights, path, adapter_name)
+        if not method.saves_trainable:
+            mts.attach(target, mts.resolve(target, mts.declared(target), "load_adapter", strict=False))
+            mts.load_state(target, paths, saved, method.module_prefix, weights_file)
     except BaseException:
         _rollback.restore(snap)  # a failed load leaves the model as it was
         raise
     return model
+
+
+def _file_modules_to_save(model: nn.Module, method, cfg):
+    """(the config without its modules_to_save, the module paths they match on `model`). A name that
+    matches nothing is dropped: PEFT writes its task defaults, ["classifier", "score"], of which a model
+    has one; the file's tensors are still all loaded strictly (a stray key is an unexpected one)."""
+    names = getattr(cfg, mts.FIELD, None)
+    if method.saves_trainable or not names:
+        return cfg, []
+    cfg = copy.copy(cfg)  # apply must not resolve the file's names again, strictly
+    setattr(cfg, mts.FIELD, None)
+    return cfg, mts.resolve(model, names, "load_adapter", strict=False)
 
 
 def _weights_pissa_may_rewrite(model: nn.Module, cfg) -> list[torch.Tensor]:

@@ -37,8 +37,9 @@ import torch.nn as nn
 
 from .. import _check
 from ._method import Method
+from .modules_to_save import applies, check_names, read_field
 from ._virtual import (
-    check_virtual_sizes,
+    TASK_TYPES, check_virtual_sizes,
     refuse_other_virtual_tokens,
     VIRTUAL_TOKENS_ATTR, cached_length, call_kwargs, check_not_virtual, config_value, forward_signature,
     load_embeddings, model_device, new_tokens, real_positions, switched_off, trainable_dtype,
@@ -71,12 +72,16 @@ class PrefixConfig:
         num_virtual_tokens: P >= 1, the prefix length in every layer.
         reparam_hidden: None for plain learned prefixes (N(0, 1) at init, as PEFT), or h >= 1 for the
             MLP reparameterisation (PEFT's `prefix_projection=True`, `encoder_hidden_size=h`).
+        modules_to_save: modules trained whole and saved with the prefixes (PEFT's field; names equal
+            or a dotted suffix); see tinytune/peft/modules_to_save.py.
     """
 
     num_virtual_tokens: int = 20
     reparam_hidden: int | None = None
+    modules_to_save: list[str] | None = None
 
     def __post_init__(self):
+        self.modules_to_save = check_names(self.modules_to_save, "PrefixConfig.modules_to_save")
         _check_positive(self.num_virtual_tokens, "num_virtual_tokens")
         _check_positive(self.reparam_hidden, "reparam_hidden", allow_none=True)
 
@@ -184,6 +189,7 @@ class PrefixEncoder(nn.Module):
                 f"head_dim={d.head_dim}, reparam_hidden={self.cfg.reparam_hidden}, folded={self.folded}")
 
 
+@applies
 def apply(model: nn.Module, cfg: PrefixConfig) -> list[str]:
     """Give `model` trainable per-layer prefixes, in place, and freeze every other parameter.
 
@@ -317,8 +323,8 @@ def config_from_peft(d: dict, path: str | os.PathLike | None = None) -> PrefixCo
         path: the adapter DIRECTORY it was read from, named in error messages (None: just the file name).
 
     Raises:
-        ValueError: peft_type is not "PREFIX_TUNING"; task_type other than "CAUSAL_LM"; an unknown
-            field; num_transformer_submodules other than 1; non-empty modules_to_save; a field of the
+        ValueError: peft_type is not "PREFIX_TUNING"; a task_type not in `TASK_TYPES`; an unknown
+            field; num_transformer_submodules other than 1; a field of the
             wrong type or out of range (`_check.FieldError`, also a TypeError). Each names the file and
             the field.
     """
@@ -330,14 +336,14 @@ def config_from_peft(d: dict, path: str | os.PathLike | None = None) -> PrefixCo
     if unknown:
         raise ValueError(f"{where}: unknown PREFIX_TUNING config fields {unknown}; "
                          f"known: {sorted(_PEFT_FIELDS)}")
-    if d.get("task_type") not in (None, "CAUSAL_LM"):
-        raise ValueError(f"{where}: task_type={d['task_type']!r}; tinytune's prefix tuning is for CAUSAL_LM")
+    if d.get("task_type") not in TASK_TYPES:
+        raise ValueError(f"{where}: task_type={d['task_type']!r}; tinytune's prefix tuning is for decoders: "
+                         f"one of {list(TASK_TYPES)}")
     if fields.get("num_transformer_submodules", _check.integer, 1, none=True, default=None) not in (None, 1):
         raise ValueError(f"{where}: num_transformer_submodules={d['num_transformer_submodules']!r}; "
                          "only 1 (decoder-only models) is supported")
-    if fields.get("modules_to_save", _check.string_list, True, none=True, default=None):
-        raise ValueError(f"{where}: modules_to_save={d['modules_to_save']!r} is not supported")
-    return PrefixConfig(num_virtual_tokens=fields.get("num_virtual_tokens", _check.integer, 1))
+    return PrefixConfig(num_virtual_tokens=fields.get("num_virtual_tokens", _check.integer, 1),
+                        modules_to_save=read_field(fields))
 
 
 def is_applied(model: nn.Module) -> bool:
@@ -353,4 +359,6 @@ METHOD = Method(
     peft_type=PEFT_TYPE, name="prefix tuning", config_type=PrefixConfig, is_applied=is_applied,
     peft_config_dict=peft_config_dict, config_from_peft=config_from_peft, apply=apply, state_dict=state_dict,
     load_state_dict=load_state_dict, check_sizes=check_virtual_sizes, check_compatible=_check_compatible,
+    # PEFT's PeftModel wraps the model itself for prompt learning: a module to save is `base_model.<path>`
+    module_prefix="base_model.", owned=lambda model: list(prefix_encoder(model).parameters()),
 )

@@ -29,8 +29,9 @@ import torch.nn as nn
 
 from .. import _check
 from ._method import Method
+from .modules_to_save import applies, check_names, read_field
 from ._virtual import (
-    check_virtual_sizes,
+    TASK_TYPES, check_virtual_sizes,
     refuse_other_virtual_tokens,
     VIRTUAL_TOKENS_ATTR, cached_length, call_kwargs, check_ids, check_not_virtual, config_value, forward_signature,
     load_embeddings, new_tokens, strip_front, switched_off, trainable_dtype,
@@ -61,14 +62,18 @@ class PromptConfig:
             when `init_text` is given, else "random".
         init_text: the text for init="text" (needs `apply(..., tokenizer=...)`).
         tokenizer_name_or_path: recorded in adapter_config.json; PEFT accepts a TEXT init only with it.
+        modules_to_save: modules trained whole and saved with the prompt (PEFT's field; names equal
+            or a dotted suffix); see tinytune/peft/modules_to_save.py.
     """
 
     num_virtual_tokens: int = 20
     init: str | None = None
     init_text: str | None = None
     tokenizer_name_or_path: str | None = None
+    modules_to_save: list[str] | None = None
 
     def __post_init__(self):
+        self.modules_to_save = check_names(self.modules_to_save, "PromptConfig.modules_to_save")
         _check.optional(_check.string, self.tokenizer_name_or_path, "PromptConfig.tokenizer_name_or_path",
                         name="tokenizer_name_or_path")
         P = self.num_virtual_tokens
@@ -212,6 +217,7 @@ def _initial_prompt(cfg: PromptConfig, embed: nn.Module, tokenizer, dtype: torch
     return embed(ids.to(weight.device)).to(dtype)
 
 
+@applies
 def apply(model: nn.Module, cfg: PromptConfig, tokenizer=None) -> list[str]:
     """Give `model` a trainable soft prompt, in place, and freeze every other parameter.
 
@@ -337,8 +343,8 @@ def config_from_peft(d: dict, path: str | os.PathLike | None = None) -> PromptCo
         path: the adapter DIRECTORY it was read from, named in error messages (None: just the file name).
 
     Raises:
-        ValueError: peft_type is not "PROMPT_TUNING"; task_type other than "CAUSAL_LM"; an unknown
-            field; num_transformer_submodules other than 1; non-empty modules_to_save; an unknown
+        ValueError: peft_type is not "PROMPT_TUNING"; a task_type not in `TASK_TYPES`; an unknown
+            field; num_transformer_submodules other than 1; an unknown
             prompt_tuning_init; a field of the wrong type or out of range (`_check.FieldError`, also a
             TypeError). Each names the file and the field.
     """
@@ -350,19 +356,18 @@ def config_from_peft(d: dict, path: str | os.PathLike | None = None) -> PromptCo
     if unknown:
         raise ValueError(f"{where}: unknown PROMPT_TUNING config fields {unknown}; "
                          f"known: {sorted(_PEFT_FIELDS)}")
-    if d.get("task_type") not in (None, "CAUSAL_LM"):
-        raise ValueError(f"{where}: task_type={d['task_type']!r}; tinytune's prompt tuning is for CAUSAL_LM")
+    if d.get("task_type") not in TASK_TYPES:
+        raise ValueError(f"{where}: task_type={d['task_type']!r}; tinytune's prompt tuning is for decoders: "
+                         f"one of {list(TASK_TYPES)}")
     if fields.get("num_transformer_submodules", _check.integer, 1, none=True, default=None) not in (None, 1):
         raise ValueError(f"{where}: num_transformer_submodules={d['num_transformer_submodules']!r}; "
                          "only 1 (decoder-only models) is supported")
-    if fields.get("modules_to_save", _check.string_list, True, none=True, default=None):
-        raise ValueError(f"{where}: modules_to_save={d['modules_to_save']!r} is not supported")
     inits = {v: k for k, v in _PEFT_INITS.items()}
     init = (fields.get("prompt_tuning_init", _check.string, none=True, default=None) or "RANDOM").upper()
     if init not in inits:
         raise ValueError(f"{where}: prompt_tuning_init={init!r} is not one of {sorted(inits)}")
     return PromptConfig(num_virtual_tokens=fields.get("num_virtual_tokens", _check.integer, 1),
-                        init="random" if init == "TEXT" else inits[init])
+                        init="random" if init == "TEXT" else inits[init], modules_to_save=read_field(fields))
 
 
 def is_applied(model: nn.Module) -> bool:
@@ -378,4 +383,6 @@ METHOD = Method(
     peft_type=PEFT_TYPE, name="prompt tuning", config_type=PromptConfig, is_applied=is_applied,
     peft_config_dict=peft_config_dict, config_from_peft=config_from_peft, apply=apply, state_dict=state_dict,
     load_state_dict=load_state_dict, check_sizes=check_virtual_sizes, check_compatible=_check_compatible,
+    # PEFT's PeftModel wraps the model itself for prompt learning: a module to save is `base_model.<path>`
+    module_prefix="base_model.",
 )

@@ -17,12 +17,15 @@ PiSSA, LoRA+).
 """
 import torch.nn as nn
 
+from .. import modules_to_save as _modules_to_save
 from .._method import Method
 from .base import LORA_LAYER_TYPES, LoRALayer
 from .config import DEFAULT_ADAPTER, INITS, LoraConfig, LoraSpec, lora_scaling
 from .conv import LoRAConv1D, LoRAConv1d, LoRAConv2d, LoRAConv3d, register_transformers_conv1d
 from .files import check_sizes, config_from_peft, load_file, load_state_dict, peft_config_dict, state_dict
-from .inject import adaptable_modules, add_adapter, apply
+from .inject import adaptable_modules
+from .inject import add_adapter as _add_adapter
+from .inject import apply as _apply
 from .custom import LoRALinearLike
 from .layers import LoRAEmbedding, LoRALinear
 from .mha import LoRAMultiheadAttention
@@ -48,6 +51,16 @@ __all__ = [
 ]
 
 
+# the public verbs mark `cfg.modules_to_save` (and a head the model declares) around the injection
+apply = _modules_to_save.applies(_apply)
+add_adapter = _modules_to_save.applies(_add_adapter, cfg_arg=2)
+
+
+def _owned(model: nn.Module) -> list:
+    """Every adapter's factors (a file holds one adapter; the others are not a user's stray parameters)."""
+    return [p for _, layer in lora_layers(model) for p in layer.parameters(recurse=False)]
+
+
 def is_applied(model: nn.Module) -> bool:
     """Whether `model` has any LoRA layer."""
     return any(True for _ in lora_layers(model))
@@ -57,5 +70,5 @@ METHOD = Method(
     peft_type=PEFT_TYPE, name="LoRA", config_type=LoraConfig, is_applied=is_applied,
     peft_config_dict=peft_config_dict, config_from_peft=config_from_peft, apply=apply, state_dict=state_dict,
     load_state_dict=load_state_dict, check_sizes=check_sizes, merged_state=merged_state, load=load_file,
-    named_adapters=True,
+    named_adapters=True, owned=_owned,
 )

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from ... import _check
 from .._targets import TargetSpec, validate_spec
+from ..modules_to_save import check_names
 
 INITS = ("kaiming", "gaussian", "pissa")
 DEFAULT_ADAPTER = "default"  # PEFT's name for the first adapter
@@ -89,10 +90,14 @@ class LoraConfig:
         train_bias: also train the biases of the adapted layers (PEFT's bias="lora_only").
         dora: DoRA, weight-decomposed LoRA: one extra trainable magnitude per output feature
             (per embedding dim for embeddings), saved as PEFT's `lora_magnitude_vector`.
+        modules_to_save: modules trained whole beside the adapter and saved with it (PEFT's field): a
+            list of names (equal, or a dotted suffix); LoRA is never put inside them. A classifier's
+            head is added by the model itself (see tinytune/peft/modules_to_save.py). They are shared
+            by every LoRA adapter on the model (PEFT keeps one copy per adapter).
 
     Raises:
-        ValueError: a bad rank, alpha, dropout, init, dora, rslora, train_bias, targets or exclude (naming
-            the field; `_check.FieldError`, also a TypeError, for a wrong type or range).
+        ValueError: a bad rank, alpha, dropout, init, dora, rslora, train_bias, targets, exclude or
+            modules_to_save (naming the field; `_check.FieldError`, also a TypeError, for a wrong type or range).
     """
 
     rank: int = 8
@@ -104,9 +109,11 @@ class LoraConfig:
     init: str = "kaiming"
     train_bias: bool = False
     dora: bool = False
+    modules_to_save: list[str] | None = None
 
     def __post_init__(self):
         _check.integer(self.rank, "LoraConfig.rank", 1, name="rank")
+        self.modules_to_save = check_names(self.modules_to_save, "LoraConfig.modules_to_save")
         _check.number(self.alpha, "LoraConfig.alpha", 0, low_open=True, name="alpha")  # inf: NaN outputs
         _check.number(self.dropout, "LoraConfig.dropout", 0, 1, high_open=True, name="dropout")
         for name in ("rslora", "train_bias"):

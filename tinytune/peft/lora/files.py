@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from ... import _check
 from .._method import refuse_mixed
+from ..modules_to_save import read_field
 from .._state import copy_state
 from .config import DEFAULT_ADAPTER, LoraConfig
 from .inject import add_adapter, apply
@@ -69,7 +70,7 @@ def peft_config_dict(model: nn.Module, adapter: str | None = None) -> dict:
         "bias": "lora_only" if bias_trained else "none",
         "init_lora_weights": _init_lora_weights(first.init),
         "use_dora": first.dora,
-        "modules_to_save": None,
+        "modules_to_save": None,  # save_adapter writes the model's (modules_to_save.saved_paths)
         "inference_mode": True,
         "base_model_name_or_path": None,
     }
@@ -80,7 +81,6 @@ _UNSUPPORTED = {  # PEFT config fields whose non-default values this loader cann
     "rank_pattern": ({}, None),
     "alpha_pattern": ({}, None),
     "layers_to_transform": (None,),
-    "modules_to_save": (None, []),
     # each of these changes what the adapter computes or which tensors the file holds
     "lora_bias": (False, None),
     "use_qalora": (False, None),
@@ -153,6 +153,7 @@ def config_from_peft(config: dict, path: str | os.PathLike | None = None) -> Lor
         init=_init_from_peft(fields),
         train_bias=bias == "lora_only",
         dora=_flag(fields, "use_dora"),
+        modules_to_save=read_field(fields),
     )
 
 
