@@ -132,3 +132,12 @@ def test_a_type_registered_by_name_takes_lora_whatever_the_import_order():
     assert "['h.0.attn.c_attn', 'h.0.attn.c_proj', 'h.0.mlp.c_fc', 'h.0.mlp.c_proj']" in done.stdout
     with pytest.raises(TypeError, match="expected 'package.module.ClassName'"):
         tt.lora.register_layer_by_name("Conv1D", tt.lora.LoRALinearLike)
+
+
+def test_layers_made_inside_an_eval_model_are_in_eval_mode():
+    """apply() on a model in eval(): no adapter dropout until the user calls train()."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.Conv1d(8, 8, 1), nn.Linear(8, 8)).eval()
+    tt.lora.apply(model, tt.lora.LoraConfig(rank=2, dropout=0.5, targets=["0", "1"]))
+    assert not any(m.training for m in model.modules())
+    model.train()
+    assert all(layer.training for _, layer in tt.lora.lora_layers(model))

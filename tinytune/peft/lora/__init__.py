@@ -34,7 +34,7 @@ from .multi import (
     active_adapter, adapter_layers, adapter_per_row, add_weighted_adapter, delete_adapter, list_adapters, lora_layers,
     set_adapter,
 )
-from .registry import register_layer, registered_types
+from .registry import register_layer, register_layer_by_name, registered_types
 from .variants import loraplus_param_groups
 
 PEFT_TYPE = "LORA"
@@ -45,7 +45,7 @@ __all__ = [
     "merge_and_unload", "disabled", "state_dict", "load_state_dict", "lora_layers", "lora_scaling", "INITS",
     "loraplus_param_groups", "add_adapter", "set_adapter", "active_adapter", "list_adapters", "delete_adapter",
     "add_weighted_adapter", "adapter_per_row", "adapter_layers", "DEFAULT_ADAPTER", "register_layer",
-    "registered_types", "adaptable_modules", "PEFT_TYPE", "is_applied", "peft_config_dict", "config_from_peft",
+    "registered_types", "register_layer_by_name", "adaptable_modules", "PEFT_TYPE", "is_applied", "peft_config_dict", "config_from_peft",
     "merged_state", "METHOD", "LoRAConv1d", "LoRAConv2d", "LoRAConv3d", "LoRAConv1D",
     "register_transformers_conv1d",
 ]

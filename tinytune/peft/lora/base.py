@@ -93,6 +93,7 @@ class LoRALayer(nn.Module):
         # merged weight); None whenever the layer is not merged. Not saved in state dicts.
         self.register_buffer("_dora_merge_norm", None, persistent=False)
         base.requires_grad_(False)  # the base is frozen; apply(train_bias=True) re-enables its bias
+        self.train(base.training)  # a layer made inside an eval() model stays in eval (no adapter dropout)
 
     def _dims(self) -> tuple[int, int]:
         """(n_in, n_out): A is (r, n_in), B is (n_out, r), the magnitude (n_out,)."""
