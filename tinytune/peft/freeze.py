@@ -7,11 +7,11 @@
 
 Nothing is wrapped or swapped: the only state is each parameter's `requires_grad`. The "state dict"
 of the method is therefore the trainable parameters themselves, under their model names.
+Finding norm layers and the block list (`is_norm`, `find_blocks`, re-exported here) is in `freeze_parts`.
 """
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -23,6 +23,7 @@ from .. import _check
 from ._method import Method
 from ._state import copy_state
 from ._targets import TargetSpec, find_targets, output_heads, validate_spec
+from .freeze_parts import find_blocks, is_norm
 from .modules_to_save import applies
 
 __all__ = [
@@ -32,16 +33,6 @@ __all__ = [
 
 MODES = ("bitfit", "norms", "last_blocks", "embeddings", "targets")
 PEFT_TYPE = "FREEZE"  # not a peft.PeftType: PEFT has no selective fine-tuning method
-
-# Norm layers whose class names do not end in "Norm" (BatchNorm1d, ...) plus the common ones, by type.
-_NORM_TYPES = tuple(
-    t for t in (
-        nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, getattr(nn, "RMSNorm", None),
-        nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
-        nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
-    ) if t is not None
-)
-_NORM_NAME = re.compile(r"Norm(\d[dD])?$")  # LlamaRMSNorm, T5LayerNorm, LazyBatchNorm2d, ...
 
 
 @dataclass
@@ -177,12 +168,6 @@ def bitfit(model: nn.Module) -> list[str]:
     return [n for n, _ in biases]
 
 
-def is_norm(module: nn.Module) -> bool:
-    """Returns: whether `module` is a normalisation layer: a torch norm type (LayerNorm, GroupNorm,
-    RMSNorm, BatchNorm*, InstanceNorm*, ...) or a class named like `...Norm` / `...Norm2d`."""
-    return isinstance(module, _NORM_TYPES) or _NORM_NAME.search(type(module).__name__) is not None
-
-
 def norms_only(model: nn.Module) -> list[str]:
     """Freeze everything, then train the normalisation layers (LayerNorm, RMSNorm, GroupNorm, ...).
 
@@ -198,42 +183,6 @@ def norms_only(model: nn.Module) -> list[str]:
                          f"modules with parameters that exist: {_parameter_modules(model)}")
     freeze(model)
     return _set_trainable(found)
-
-
-def _block_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
-    """Non-empty nn.ModuleLists whose entries all have one type, outermost only (so a per-block
-    list of experts or heads never wins over the list of blocks that holds it)."""
-    lists = [(n, m) for n, m in model.named_modules()
-             if isinstance(m, nn.ModuleList) and len(m) and len({type(b) for b in m}) == 1]
-    return [(n, m) for n, m in lists if not any(n.startswith(other + ".") for other, _ in lists if other and other != n)]
-
-
-def find_blocks(model: nn.Module, blocks: str | None = None) -> tuple[str, nn.Module]:
-    """The model's list of blocks: the dotted name `blocks`, or the longest outermost nn.ModuleList
-    of identical-type modules (ties: the one with more parameters, then the first).
-
-    Returns:
-        (dotted name, the nn.ModuleList / nn.Sequential).
-
-    Raises:
-        ValueError: `blocks` names no module, or no candidate list exists (message lists the lists found).
-        TypeError: `blocks` names a module that is not an nn.ModuleList / nn.Sequential.
-    """
-    candidates = _block_lists(model)
-    if blocks is None:
-        if not candidates:
-            raise ValueError(f"last_blocks: {type(model).__name__} has no nn.ModuleList of identical blocks; "
-                             "pass blocks='<dotted name of the block list>'")
-        return max(candidates, key=lambda c: (len(c[1]), sum(p.numel() for p in c[1].parameters())))
-    try:
-        found = model.get_submodule(blocks)
-    except AttributeError:
-        raise ValueError(f"last_blocks: blocks={blocks!r} names no module of {type(model).__name__}; block lists "
-                         f"that exist: {[n for n, _ in candidates] or '(none)'}") from None
-    if not isinstance(found, (nn.ModuleList, nn.Sequential)):
-        raise TypeError(f"last_blocks: blocks={blocks!r} is a {type(found).__name__}; expected an nn.ModuleList "
-                        "or nn.Sequential of blocks")
-    return blocks, found
 
 
 def last_blocks(model: nn.Module, n: int, blocks: str | None = None) -> list[str]:

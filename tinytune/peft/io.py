@@ -160,6 +160,36 @@ def _method_config(kind, config: dict, path: Path):
     return method, method.config_from_peft(config, path)
 
 
+def _read_files(path: Path, adapter_name: str | None):
+    """(method, its config, the parsed adapter_config.json, the tensors, the weights file) of the adapter
+    directory `path`: both files read once, verified against the manifest, parsed and typed."""
+    if not path.is_dir():
+        raise FileNotFoundError(f"load_adapter: {path} is not a directory (expected a PEFT adapter directory)"
+                                + describe_missing(path))
+    weights_file, config_file = _weights_file(path), _config_file(path)
+    # both files as read, checked against the manifest: never new weights beside an old config
+    data = read_verified(path, [CONFIG_NAME, WEIGHTS_NAME], "load_adapter")
+    config = _check.mapping(parse_json(data[CONFIG_NAME], config_file, "load_adapter"), f"load_adapter: {config_file}")
+    kind = config.get("peft_type")
+    method, cfg = _method_config(kind, config, path)
+    if adapter_name is not None and not method.named_adapters:
+        raise ValueError(f"load_adapter: adapter_name={adapter_name!r} is for LoRA adapters, but {path / CONFIG_NAME} "
+                         f"has peft_type={kind!r}")
+    weights = parse_safetensors(data.pop(WEIGHTS_NAME), weights_file, "load_adapter")
+    return method, cfg, config, weights, weights_file
+
+
+def _checked_split(model: nn.Module, method, cfg, weights: dict, path: Path, weights_file: Path):
+    """(cfg without its modules_to_save, their paths on `model`, the method's tensors, the saved modules'
+    tensors), every size checked against `cfg` and `model` before anything is applied."""
+    cfg, paths = _file_modules_to_save(model, method, cfg)
+    weights, saved = mts.split(weights, paths, method.module_prefix)
+    if method.check_sizes is not None:
+        method.check_sizes(cfg, weights, path)
+    mts.check_state(model, paths, saved, method.module_prefix, weights_file)
+    return cfg, paths, weights, saved
+
+
 def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None) -> nn.Module:
     """Load an adapter directory written by `save_adapter` or by HF PEFT into `model`.
 
@@ -193,25 +223,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
             save whose tensors are missing, unexpected or mis-shaped in the file (named).
     """
     path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"load_adapter: {path} is not a directory (expected a PEFT adapter directory)"
-                                + describe_missing(path))
-    weights_file, config_file = _weights_file(path), _config_file(path)
-    # both files as read, checked against the manifest: never new weights beside an old config
-    data = read_verified(path, [CONFIG_NAME, WEIGHTS_NAME], "load_adapter")
-    config = _check.mapping(parse_json(data[CONFIG_NAME], config_file, "load_adapter"), f"load_adapter: {config_file}")
-    kind = config.get("peft_type")
-    method, cfg = _method_config(kind, config, path)
-    if adapter_name is not None and not method.named_adapters:
-        raise ValueError(f"load_adapter: adapter_name={adapter_name!r} is for LoRA adapters, but {path / CONFIG_NAME} "
-                         f"has peft_type={kind!r}")
-    weights = parse_safetensors(data.pop(WEIGHTS_NAME), weights_file, "load_adapter")
+    method, cfg, config, weights, weights_file = _read_files(path, adapter_name)
     target = unwrap_compiled(model)
-    cfg, paths = _file_modules_to_save(target, method, cfg)
-    weights, saved = mts.split(weights, paths, method.module_prefix)
-    if method.check_sizes is not None:
-        method.check_sizes(cfg, weights, path)
-    mts.check_state(target, paths, saved, method.module_prefix, weights_file)  # before anything is applied
+    cfg, paths, weights, saved = _checked_split(target, method, cfg, weights, path, weights_file)
     snap = _rollback.snapshot(target, _weights_pissa_may_rewrite(target, cfg))
     try:
         if not method.saves_trainable:

@@ -12,8 +12,8 @@ see docs/lora_variants.md. Several named adapters on one model (`add_adapter`, `
 The subpackage, by concept: `config` (LoraConfig, the frozen LoraSpec), `base` (what every LoRA
 layer shares), `layers` (nn.Linear, nn.Embedding), `mha` (nn.MultiheadAttention), `registry` (which
 module types take LoRA, and `register_layer` for user types), `inject` (apply, add_adapter),
-`merging`, `multi` (named adapters), `files` (PEFT's config and key layout), `variants` (DoRA,
-PiSSA, LoRA+).
+`merging`, `multi` (named adapters), `rows` (mixed-adapter batches), `files` (PEFT's config and key
+layout), `variants` (DoRA, PiSSA, LoRA+).
 """
 import torch.nn as nn
 

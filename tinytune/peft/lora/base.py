@@ -1,4 +1,4 @@
-"""What LoRA layers share (`LoRALayer`): the named adapters, merging, the mixed-batch forward.
+"""What LoRA layers share (`LoRALayer`): the named adapters, merging, the forward (mixed batches: `rows`).
 
 `LoRALinear` / `LoRAEmbedding` (in `layers`) wrap an existing `nn.Linear` / `nn.Embedding`
 and add `scaling * B A` beside it. The wrapped module is kept as `.base`, the very object the model had: its weight is shared,
@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from .._dtype import adapter_dtype
 from .config import DEFAULT_ADAPTER, LoraSpec, check_adapter_name
+from .rows import RowAdapters
 from .variants import dora_fold, dora_unfold, dora_weight_norm
 
 def param_key(kind: str, adapter: str) -> str:
@@ -39,8 +40,8 @@ def _active_field(name: str, doc: str) -> property:
     return property(lambda self: getattr(self._spec(), name), doc=doc)
 
 
-class LoRALayer(nn.Module):
-    """What every LoRA layer shares: the named adapters, merge state, the mixed-batch forward.
+class LoRALayer(RowAdapters, nn.Module):
+    """What every LoRA layer shares: the named adapters, merge state, the mixed-batch forward (`RowAdapters`).
 
     A layer type for a new kind of module subclasses this and defines `_dims` (or `_factor_shapes`),
     `_reset`, `delta_weight` (the update in the base weight's layout) and `_forward_adapter`; then
@@ -236,22 +237,6 @@ class LoRALayer(nn.Module):
             for param in self.adapter_parameters(other).values():
                 param.requires_grad_(other == name)
 
-    def set_row_adapters(self, names: list[str | None] | None) -> None:
-        """Give row i of every following input the adapter `names[i]` (None, or an adapter this
-        layer lacks: the base), until called with None. Used by `tt.lora.adapter_per_row`.
-
-        Rows are the first dimension of this layer's input; rows that share an adapter run
-        together, through the same code as a single-adapter forward.
-        """
-        if names is None:
-            self._rows = None
-            return
-        groups: dict[str | None, list[int]] = {}
-        for row, name in enumerate(names):
-            groups.setdefault(name if name in self.adapters else None, []).append(row)
-        device = self._factory()["device"]  # made once here, not on every forward
-        self._rows = (len(names), {n: torch.tensor(r, dtype=torch.long, device=device) for n, r in groups.items()})
-
     # ----------------------------------------------------------------------- initialisation
     @torch.no_grad()
     def _init_adapter(self, name: str) -> None:
@@ -375,24 +360,6 @@ class LoRALayer(nn.Module):
     def _forward_adapter(self, x: torch.Tensor, name: str | None) -> torch.Tensor:
         """The layer's output under adapter `name` (None, or one it lacks: the base)."""
         raise NotImplementedError
-
-    def _forward_rows(self, x: torch.Tensor) -> torch.Tensor:
-        """Mixed batch: each group of rows through its own adapter, written back in place (autograd
-        follows index_select / index_copy_, so gradients reach each group's adapter)."""
-        rows, groups = self._rows
-        if x.shape[0] != rows:
-            raise ValueError(f"adapter_per_row gave {rows} adapters (one per row), but this {type(self).__name__}'s "
-                             f"input has shape {tuple(x.shape)}: rows are the first dimension of each adapted "
-                             "layer's input (batch-first models)")
-        if len(groups) == 1:  # one adapter for the whole batch: no gather
-            return self._forward_adapter(x, next(iter(groups)))
-        out = None
-        for name, index in groups.items():
-            y = self._forward_adapter(x.index_select(0, index), name)  # (rows of the group, ..., d_out)
-            if out is None:
-                out = y.new_empty((rows, *y.shape[1:]))
-            out.index_copy_(0, index, y.to(out.dtype))
-        return out
 
     def extra_repr(self) -> str:
         if not self._holds_active():
