@@ -16,6 +16,8 @@ State changes only through named calls (`merge()` / `unmerge()`, `set_adapter`,
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -23,6 +25,14 @@ from .._dtype import adapter_dtype
 from .config import DEFAULT_ADAPTER, LoraSpec, check_adapter_name
 from .rows import RowAdapters
 from .variants import dora_fold, dora_unfold, dora_weight_norm
+
+def init_lora_A(lora_A: torch.Tensor, spec: LoraSpec) -> None:
+    """A's init, as PEFT: kaiming-uniform (a = sqrt(5), as nn.Linear) for "kaiming", N(0, 1/r) for "gaussian"."""
+    if spec.init == "gaussian":
+        nn.init.normal_(lora_A, std=1.0 / spec.rank)
+    else:
+        nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
+
 
 def param_key(kind: str, adapter: str) -> str:
     """The name under which adapter `adapter`'s parameter `kind` ("lora_A", ...) is registered on
@@ -68,14 +78,19 @@ class LoRALayer(RowAdapters, nn.Module):
         Raises:
             TypeError: `cannot_wrap(base)` gives a reason.
         """
-        reason = cls.cannot_wrap(base)
-        if reason is not None:
-            raise TypeError(f"{cls.__name__} cannot wrap this {type(base).__name__}: {reason}")
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        layer._setup(base, adapter_name)
-        layer.add_adapter(adapter_name, spec)
+        layer._wrap(base, spec, adapter_name)
         return layer
+
+    def _wrap(self, base: nn.Module, spec: LoraSpec, adapter_name: str) -> None:
+        """Take `base` with a first adapter: what every constructor does once `nn.Module.__init__` ran.
+        Raises TypeError (`cannot_wrap`'s reason) before anything changes."""
+        reason = self.cannot_wrap(base)
+        if reason is not None:
+            raise TypeError(f"{type(self).__name__} cannot wrap {type(base).__name__}: {reason}")
+        self._setup(base, adapter_name)
+        self.add_adapter(adapter_name, spec)
 
     @classmethod
     def cannot_wrap(cls, base: nn.Module) -> str | None:

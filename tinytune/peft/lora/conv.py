@@ -19,7 +19,6 @@ the import order (`register_transformers_conv1d()` also registers the type itsel
 """
 from __future__ import annotations
 
-import math
 import sys
 
 import torch
@@ -27,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...ops import lora_linear
-from .base import LoRALayer, param_key
+from .base import LoRALayer, init_lora_A, param_key
 from .config import DEFAULT_ADAPTER, LoraSpec
 from .layers import LoRALinear
 from .registry import register_layer, register_layer_by_name, registered_types
@@ -61,12 +60,7 @@ class _LoRAConvNd(LoRALayer):
     def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
                  init: str = "kaiming", dora: bool = False, adapter_name: str = DEFAULT_ADAPTER):
         super().__init__()
-        reason = self.cannot_wrap(base)
-        if reason is not None:
-            raise TypeError(f"{type(self).__name__} cannot wrap {type(base).__name__}: {reason}")
-        spec = LoraSpec(rank, alpha, dropout, rslora, init, dora)
-        self._setup(base, adapter_name)
-        self.add_adapter(adapter_name, spec)
+        self._wrap(base, LoraSpec(rank, alpha, dropout, rslora, init, dora), adapter_name)
 
     @classmethod
     def cannot_wrap(cls, base: nn.Module) -> str | None:
@@ -111,11 +105,7 @@ class _LoRAConvNd(LoRALayer):
     @torch.no_grad()
     def _reset(self, name: str) -> None:
         spec = self.adapters[name]
-        lora_A = self._factor("lora_A", name)
-        if spec.init == "kaiming":  # fan_in = in * kernel volume, as for the conv weight PEFT initialises
-            nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
-        else:
-            nn.init.normal_(lora_A, std=1.0 / spec.rank)
+        init_lora_A(self._factor("lora_A", name), spec)  # fan_in = in * kernel volume, as PEFT's conv A
         nn.init.zeros_(self._factor("lora_B", name))
         self._reset_magnitude(name)
 
@@ -206,12 +196,7 @@ class LoRAConv1D(LoRALinear):
     def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
                  init: str = "kaiming", dora: bool = False, adapter_name: str = DEFAULT_ADAPTER):
         LoRALayer.__init__(self)
-        reason = self.cannot_wrap(base)
-        if reason is not None:
-            raise TypeError(f"LoRAConv1D cannot wrap {type(base).__name__}: {reason}")
-        spec = LoraSpec(rank, alpha, dropout, rslora, init, dora)
-        self._setup(base, adapter_name)
-        self.add_adapter(adapter_name, spec)
+        self._wrap(base, LoraSpec(rank, alpha, dropout, rslora, init, dora), adapter_name)
 
     @classmethod
     def cannot_wrap(cls, base: nn.Module) -> str | None:

@@ -13,13 +13,12 @@ the weight itself and are refused (use LoRALinear for nn.Linear).
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import LoRALayer, param_key
+from .base import LoRALayer, init_lora_A, param_key
 from .config import LoraSpec
 
 __all__ = ["LoRALinearLike"]
@@ -60,11 +59,7 @@ class LoRALinearLike(LoRALayer):
     @torch.no_grad()
     def _reset(self, name: str) -> None:
         spec = self.adapters[name]
-        lora_A = self._factor("lora_A", name)
-        if spec.init == "kaiming":
-            nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
-        else:
-            nn.init.normal_(lora_A, std=1.0 / spec.rank)
+        init_lora_A(self._factor("lora_A", name), spec)
         nn.init.zeros_(self._factor("lora_B", name))
 
     def delta_weight(self, name: str | None = None) -> torch.Tensor:

@@ -11,14 +11,13 @@ happens in `forward`, `train()` or `eval()`.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ...ops import lora_linear
-from .base import LoRALayer, param_key
+from .base import LoRALayer, init_lora_A, param_key
 from .config import DEFAULT_ADAPTER, LoraSpec
 from .registry import register_layer
 from .variants import dora_embedding, dora_linear, pissa_factors
@@ -53,12 +52,7 @@ class LoRALinear(LoRALayer):
                  rslora: bool = False, init: str = "kaiming", dora: bool = False,
                  adapter_name: str = DEFAULT_ADAPTER):
         super().__init__()
-        reason = self.cannot_wrap(base)
-        if reason is not None:
-            raise TypeError(f"LoRALinear cannot wrap {type(base).__name__}: {reason}")
-        spec = LoraSpec(rank, alpha, dropout, rslora, init, dora)  # validated before anything changes
-        self._setup(base, adapter_name)
-        self.add_adapter(adapter_name, spec)
+        self._wrap(base, LoraSpec(rank, alpha, dropout, rslora, init, dora), adapter_name)
 
     @classmethod
     def cannot_wrap(cls, base: nn.Module) -> str | None:
@@ -103,11 +97,7 @@ class LoRALinear(LoRALayer):
             raise RuntimeError("reset_lora_parameters: this LoRALinear was initialised with init='pissa', so its base "
                                "weight already holds the residual W - s B A; re-initialising would remove the principal "
                                "part twice (merge_and_unload first, then apply LoRA again)")
-        lora_A = self._factor("lora_A", name)
-        if spec.init == "kaiming":
-            nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
-        else:
-            nn.init.normal_(lora_A, std=1.0 / spec.rank)
+        init_lora_A(self._factor("lora_A", name), spec)
         nn.init.zeros_(self._factor("lora_B", name))
         self._reset_magnitude(name)
 
@@ -167,12 +157,7 @@ class LoRAEmbedding(LoRALayer):
                  rslora: bool = False, init: str = "kaiming", dora: bool = False,
                  adapter_name: str = DEFAULT_ADAPTER):
         super().__init__()
-        reason = self.cannot_wrap(base)
-        if reason is not None:
-            raise TypeError(reason)
-        spec = LoraSpec(rank, alpha, dropout, rslora, init, dora)
-        self._setup(base, adapter_name)
-        self.add_adapter(adapter_name, spec)
+        self._wrap(base, LoraSpec(rank, alpha, dropout, rslora, init, dora), adapter_name)
 
     @classmethod
     def cannot_wrap(cls, base: nn.Module) -> str | None:
