@@ -1,7 +1,7 @@
 """Hot kernels, written on torch alone. Knows nothing of modules or PEFT methods."""
 from .cross_entropy import LinearCrossEntropyFunction, linear_cross_entropy
-from .dropout_mask import MaskStream, PackedMask, keep_mask, quantised_probability
-from .lora_matmul import LoRALinearFunction, lora_linear, lora_linear_reference
+from .dropout_mask import MaskStream, PackedMask, keep_mask, quantised_probability, traceable_keep_mask
+from .lora_matmul import LoRALinearFunction, lora_linear, lora_linear_reference, lora_linear_traceable
 from .memory import saved_bytes, saved_storages
 
 __all__ = [
@@ -13,7 +13,9 @@ __all__ = [
     "linear_cross_entropy",
     "lora_linear",
     "lora_linear_reference",
+    "lora_linear_traceable",
     "quantised_probability",
     "saved_bytes",
     "saved_storages",
+    "traceable_keep_mask",
 ]

@@ -6,6 +6,10 @@ gradient: with N = 2048 tokens and V = 8192 that is 64 MiB each in fp32. Here fo
 chunks and, since the loss is a scalar, turns each chunk's `softmax - onehot` straight into its rows of
 the gradient with respect to `hidden` (N, d): that is all backward keeps, and backward only scales it.
 Peak extra memory: one chunk of logits; no logits are recomputed.
+
+`torch.compile` traces it as it is, with no twin: dynamo inlines the autograd Function and unrolls the
+chunk loop into the surrounding graph, and the compiled step still keeps only grad_hidden's chunks (and
+grad_weight), never logits (checked in tests/test_compile.py).
 """
 from __future__ import annotations
 
