@@ -87,6 +87,20 @@ def test_eval_forward_is_one_graph(dora):
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
 
+def test_padded_batch_with_a_2d_attention_mask_is_one_graph_and_equals_eager():
+    """A padded batch (what `fit` feeds): the mask's all-ones shortcut must not break the graph."""
+    model = lora_model(dropout=0.0, train=False)
+    ids = ids_batch()
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0  # left padding in row 0
+    with torch.no_grad():
+        explained = dynamo.explain(lambda i, m: model(i, attention_mask=m))(ids, mask)
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+        compiled = torch.compile(lambda i, m: model(i, attention_mask=m), backend="aot_eager", fullgraph=True)
+        for m in (mask, torch.ones_like(ids)):  # padded, and all ones (the eager shortcut's case)
+            torch.testing.assert_close(compiled(ids, m), model(ids, attention_mask=m), rtol=1e-5, atol=1e-5)
+
+
 def test_chunked_cross_entropy_alone_is_one_graph():
     hidden = torch.randn(2, 16, 8, requires_grad=True)
     weight, labels = torch.randn(32, 8), torch.randint(0, 32, (2, 16))

@@ -87,7 +87,9 @@ def build_attention_mask(attention_mask, past: int, T: int, window: int | None, 
     itself, so rows of padding queries never become all-False (SDPA would return NaN there).
     """
     S = past + T
-    no_padding = attention_mask is None or bool(attention_mask.all())
+    # the all-ones shortcut reads the mask on the host, a graph break under torch.compile: there the full
+    # mask is built instead (the same attention, computed with an explicit mask)
+    no_padding = attention_mask is None or (not torch.compiler.is_compiling() and bool(attention_mask.all()))
     if no_padding and prefix_len == 0 and (window is None or S <= window) and (past == 0 or T == 1):
         return None
     q_pos = torch.arange(past, S, device=device)[:, None]  # (T, 1)
