@@ -186,3 +186,18 @@ def layers_disabled(layers):
     finally:
         for layer, was in zip(layers, previous):
             layer._disabled = was
+
+
+def guard_fused_fast_paths(model: nn.Module, name: str, layer: nn.Module) -> None:
+    """Keep nn.TransformerEncoder/DecoderLayer's inference fast path, which reads the weights directly, from
+    skipping `layer` (swapped in at `name`): the path is off while any submodule has a forward hook, so
+    `layer` gets a no-op one when a transformer layer holds it. Shared by every method that swaps modules."""
+    parts = name.split(".")
+    for depth in range(len(parts)):
+        if isinstance(model.get_submodule(".".join(parts[:depth])), (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+            layer.register_forward_pre_hook(_no_op_hook)
+            return
+
+
+def _no_op_hook(module, args):
+    return None

@@ -26,7 +26,7 @@ from .. import _check
 from ._method import Method, refuse_mixed
 from .modules_to_save import applies, read_field
 from ._state import copy_state
-from ._targets import find_targets, get_parent, layers_disabled, replace_module
+from ._targets import find_targets, get_parent, guard_fused_fast_paths, layers_disabled, replace_module
 from .adapter_config import AdapterConfig
 from .adapter_layers import ACTIVATIONS, PLACEMENTS, AdapterLayer, BottleneckAdapter
 
@@ -114,19 +114,6 @@ def _describe_names(model: nn.Module, limit: int = 16) -> str:
     return (", ".join(map(repr, parts[:limit])) + more) if parts else "(none)"
 
 
-def _guard_fused_fast_paths(model: nn.Module, name: str, layer: nn.Module) -> None:
-    """nn.TransformerEncoder/DecoderLayer's inference fast path reads weights directly and would skip
-    the adapter; it is off while any submodule has a forward hook, so add a no-op one."""
-    parts = name.split(".")
-    for depth in range(len(parts)):
-        if isinstance(model.get_submodule(".".join(parts[:depth])), (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
-            layer.register_forward_pre_hook(_no_op_hook)
-            return
-
-
-def _no_op_hook(module, args):
-    return None
-
 
 @applies
 def apply(model: nn.Module, cfg: AdapterConfig) -> list[str]:
@@ -171,7 +158,7 @@ def apply(model: nn.Module, cfg: AdapterConfig) -> list[str]:
         layer = AdapterLayer(module, hidden, bottleneck, cfg.placement, cfg.activation, cfg.scaling, cfg.dropout)
         layer.config = cfg
         replace_module(model, name, layer)
-        _guard_fused_fast_paths(model, name, layer)
+        guard_fused_fast_paths(model, name, layer)
     return names
 
 

@@ -28,12 +28,11 @@ from .. import _check
 from ._targets import (ALL_LINEAR, TargetSpec, describe_candidates, find_targets, get_parent, matches, output_heads,
                        refuse_shared_merge, replace_module, validate_spec)
 from ._state import copy_state
-from ._targets import layers_disabled
+from ._targets import guard_fused_fast_paths, layers_disabled
 from ._method import Method, refuse_mixed
 from .ia3_linear import IA3Linear
 from .modules_to_save import applies, check_names, read_field
 from .lora.base import LORA_LAYER_TYPES
-from .lora.inject import _guard_fused_fast_paths  # the nn.TransformerEncoderLayer fast-path guard, shared with LoRA
 
 __all__ = ["IA3Config", "IA3Linear", "apply", "merge", "unmerge", "merge_and_unload", "disabled", "state_dict",
            "load_state_dict", "ia3_layers", "peft_config_dict", "config_from_peft"]
@@ -134,7 +133,7 @@ def apply(model: nn.Module, cfg: IA3Config) -> list[str]:
     for (name, module), ff in zip(found, feedforward):
         layer = IA3Linear(module, ff, cfg.init_ones)
         replace_module(model, name, layer)
-        _guard_fused_fast_paths(model, name, layer)
+        guard_fused_fast_paths(model, name, layer)
     return [name for name, _ in found]
 
 

@@ -14,7 +14,7 @@ import warnings
 import torch
 import torch.nn as nn
 
-from .._targets import ALL_LINEAR, find_targets, get_parent, output_heads, replace_module
+from .._targets import ALL_LINEAR, find_targets, get_parent, guard_fused_fast_paths, output_heads, replace_module
 from .base import LORA_LAYER_TYPES, LoRALayer
 from .config import DEFAULT_ADAPTER, LoraConfig, check_adapter_name
 from .multi import active_adapter, list_adapters
@@ -113,20 +113,6 @@ def _wrap(module: nn.Module, cfg: LoraConfig, adapter_name: str) -> LoRALayer:
     return layer_entry(module).make(module, cfg.spec, adapter_name)
 
 
-def _guard_fused_fast_paths(model: nn.Module, name: str, layer: nn.Module) -> None:
-    """nn.TransformerEncoderLayer's inference fast path reads linear1/linear2 weights directly and
-    would skip the adapter; it is disabled while any submodule has a forward hook, so add a no-op one."""
-    parts = name.split(".")
-    for depth in range(len(parts)):
-        ancestor = model.get_submodule(".".join(parts[:depth]))
-        if isinstance(ancestor, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
-            layer.register_forward_pre_hook(_no_op_hook)
-            return
-
-
-def _no_op_hook(module, args):
-    return None
-
 
 def _check_pissa(model: nn.Module, found: list[tuple[str, nn.Module]], rank: int) -> None:
     """PiSSA rewrites each adapted linear weight in place: refuse, before anything changes, a rank
@@ -199,7 +185,7 @@ def apply(model: nn.Module, cfg: LoraConfig, adapter_name: str = DEFAULT_ADAPTER
         if cfg.train_bias and getattr(module, "bias", None) is not None:
             module.bias.requires_grad_(True)
         replace_module(model, name, layer)
-        _guard_fused_fast_paths(model, name, layer)
+        guard_fused_fast_paths(model, name, layer)
     return [name for name, _ in found]
 
 
@@ -265,5 +251,5 @@ def add_adapter(model: nn.Module, name: str, cfg: LoraConfig) -> list[str]:
             continue
         new[path].set_adapter(active)  # computes its base until `name` is set active; `name` frozen
         replace_module(model, path, new[path])
-        _guard_fused_fast_paths(model, path, new[path])
+        guard_fused_fast_paths(model, path, new[path])
     return [n for n, _ in found]
