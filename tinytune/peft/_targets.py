@@ -189,14 +189,20 @@ def layers_disabled(layers):
 
 
 def guard_fused_fast_paths(model: nn.Module, name: str, layer: nn.Module) -> None:
-    """Keep nn.TransformerEncoder/DecoderLayer's inference fast path, which reads the weights directly, from
-    skipping `layer` (swapped in at `name`): the path is off while any submodule has a forward hook, so
-    `layer` gets a no-op one when a transformer layer holds it. Shared by every method that swaps modules."""
+    """Keep torch's fused transformer paths, which read the weights directly, from skipping `layer`
+    (swapped in at `name`). nn.TransformerEncoder/DecoderLayer's fast path is off while any submodule has
+    a forward hook, so `layer` gets a no-op one; nn.TransformerEncoder's nested-tensor path (eval with a
+    padding mask) would feed nested tensors to the adapters, so its `use_nested_tensor` is turned off.
+    Shared by every method that swaps modules."""
     parts = name.split(".")
+    hooked = False
     for depth in range(len(parts)):
-        if isinstance(model.get_submodule(".".join(parts[:depth])), (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+        ancestor = model.get_submodule(".".join(parts[:depth]))
+        if isinstance(ancestor, nn.TransformerEncoder):
+            ancestor.use_nested_tensor = False
+        if not hooked and isinstance(ancestor, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
             layer.register_forward_pre_hook(_no_op_hook)
-            return
+            hooked = True
 
 
 def _no_op_hook(module, args):

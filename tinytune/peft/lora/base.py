@@ -20,6 +20,7 @@ import math
 
 import torch
 import torch.nn as nn
+from torch.nn.utils import parametrize
 
 from .._dtype import adapter_dtype
 from .config import DEFAULT_ADAPTER, LoraSpec, check_adapter_name
@@ -301,6 +302,10 @@ class LoRALayer(RowAdapters, nn.Module):
         """Why the adapter cannot be folded into this layer's base (None: it can). Layer types around a
         quantised or weightless module override this; `merge`, `merged_weight` and the model-level merges
         check every layer first, so a refused merge changes nothing."""
+        if parametrize.is_parametrized(self.base):  # weight_norm & co: `weight` is recomputed on each access
+            return (f"the {type(self.base).__name__}'s weights are parametrized ({', '.join(self.base.parametrizations)}), "
+                    "so writing the update into `weight` would be lost; keep the adapter unmerged, or call "
+                    "torch.nn.utils.parametrize.remove_parametrizations on the base first")
         return None
 
     def _refuse_merge(self, what: str) -> None:

@@ -20,6 +20,7 @@ the import order (`register_transformers_conv1d()` also registers the type itsel
 from __future__ import annotations
 
 import sys
+import warnings
 
 import torch
 import torch.nn as nn
@@ -61,6 +62,16 @@ class _LoRAConvNd(LoRALayer):
                  init: str = "kaiming", dora: bool = False, adapter_name: str = DEFAULT_ADAPTER):
         super().__init__()
         self._wrap(base, LoraSpec(rank, alpha, dropout, rslora, init, dora), adapter_name)
+
+    def _wrap(self, base: nn.Module, spec: LoraSpec, adapter_name: str) -> None:
+        super()._wrap(base, spec, adapter_name)
+        dilated = any(d != 1 for d in base.dilation)
+        if dilated or base.padding_mode != "zeros":
+            what = ", ".join(x for x, on in ((f"dilation={base.dilation}", dilated),
+                                             (f"padding_mode={base.padding_mode!r}", base.padding_mode != "zeros")) if on)
+            warnings.warn(f"LoRA on this nn.{self._conv_type.__name__} ({what}): tinytune's A uses the base's {what}, so "
+                          "merged equals unmerged; PEFT's A ignores it, so an adapter file of this layer gives different "
+                          "outputs in PEFT (peft 0.21)", stacklevel=4)
 
     @classmethod
     def cannot_wrap(cls, base: nn.Module) -> str | None:

@@ -76,6 +76,9 @@ class LoRALinearLike(LoRALayer):
         return out + (low_rank * spec.scaling).to(out.dtype)
 
     def cannot_merge(self) -> str | None:
+        reason = super().cannot_merge()
+        if reason is not None:
+            return reason
         weight = getattr(self.base, "weight", None)
         shape = (self.base.out_features, self.base.in_features)
         if isinstance(weight, torch.Tensor) and weight.is_floating_point() and tuple(weight.shape) == shape:

@@ -9,12 +9,15 @@ with a warning naming them, as PEFT does, and is an error only when nothing adap
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
 import torch.nn as nn
 
 from .._targets import ALL_LINEAR, find_targets, get_parent, guard_fused_fast_paths, output_heads, replace_module
+from .._rollback import restore, snapshot
+from ..modules_to_save import marked as saved_modules
 from .base import LORA_LAYER_TYPES, LoRALayer
 from .config import DEFAULT_ADAPTER, LoraConfig, check_adapter_name
 from .multi import active_adapter, list_adapters
@@ -98,19 +101,39 @@ def _select(model: nn.Module, cfg: LoraConfig, found: list[tuple[str, nn.Module]
             details = "; ".join(f"{n!r} ({type(m).__name__}): {r}" for n, m, r in skipped[:8])
             raise TypeError(f"{what}: LoRA targets {cfg.targets!r} (exclude={cfg.exclude!r}) matched only modules "
                             f"LoRA cannot adapt: {details}. Modules that would work: {_describe(adaptable_modules(model))}")
+        saved = tuple(getattr(cfg, "modules_to_save", None) or ()) + saved_modules(model)
+        note = (f" (modules in modules_to_save {sorted(set(saved))} and everything inside them are trained whole "
+                "and never targeted)") if saved else ""
         raise ValueError(f"{what}: LoRA targets {cfg.targets!r} (exclude={cfg.exclude!r}) matched no module of "
-                         f"{type(model).__name__}; modules LoRA can adapt: {_describe(adaptable_modules(model))}")
+                         f"{type(model).__name__}{note}; modules LoRA can adapt: {_describe(adaptable_modules(model))}")
     if skipped and cfg.targets != ALL_LINEAR:
-        # a child of an nn.MultiheadAttention is a likely mistake (the user meant the attention): say why
-        mha = [f"{n!r}: {r}" for n, _, r in skipped if isinstance(get_parent(model, n)[0], nn.MultiheadAttention)]
+        reasons = "; ".join(f"{n!r} ({type(m).__name__}): {r}" for n, m, r in skipped[:4])
+        more = f"; ... and {len(skipped) - 4} more" if len(skipped) > 4 else ""
         warnings.warn(f"{what}: LoRA targets {cfg.targets!r} also matched modules LoRA cannot adapt, which were "
-                      f"skipped: {_describe([f'{n} ({type(m).__name__})' for n, m, _ in skipped])}"
-                      + (f". {mha[0]}" if mha else ""), stacklevel=3)
+                      f"skipped: {_describe([f'{n} ({type(m).__name__})' for n, m, _ in skipped])}. Why: {reasons}{more}",
+                      stacklevel=4)  # _select, apply, the modules_to_save wrapper, the caller
     return keep
 
 
 def _wrap(module: nn.Module, cfg: LoraConfig, adapter_name: str) -> LoRALayer:
-    return layer_entry(module).make(module, cfg.spec, adapter_name)
+    layer = layer_entry(module).make(module, cfg.spec, adapter_name)
+    if not isinstance(layer, LoRALayer):  # a user's factory: never swap in something that is not a LoRA layer
+        raise TypeError(f"the layer registered for {type(module).__name__} returned a {type(layer).__name__}, not a "
+                        "tt.lora.LoRALayer; fix the factory given to tt.lora.register_layer")
+    return layer
+
+
+@contextlib.contextmanager
+def _all_or_nothing(model: nn.Module, found: list[tuple[str, nn.Module]], cfg: LoraConfig):
+    """Within: layers are built and swapped in; if anything raises, the model is put back as it was
+    (modules, flags, and the weights PiSSA may already have rewritten into residuals)."""
+    weights = [m.weight for _, m in found if cfg.init == "pissa" and isinstance(getattr(m, "weight", None), torch.Tensor)]
+    snap = snapshot(model, weights)
+    try:
+        yield
+    except BaseException:
+        restore(snap)
+        raise
 
 
 
@@ -179,13 +202,14 @@ def apply(model: nn.Module, cfg: LoraConfig, adapter_name: str = DEFAULT_ADAPTER
     found = _select(model, cfg, _find(model, cfg), "apply")
     if cfg.init == "pissa":
         _check_pissa(model, found, cfg.rank)
-    layers = [(name, _wrap(module, cfg, adapter_name)) for name, module in found]  # before the model changes
-    model.requires_grad_(False)
-    for (name, module), (_, layer) in zip(found, layers):
-        if cfg.train_bias and getattr(module, "bias", None) is not None:
-            module.bias.requires_grad_(True)
-        replace_module(model, name, layer)
-        guard_fused_fast_paths(model, name, layer)
+    with _all_or_nothing(model, found, cfg):
+        layers = [(name, _wrap(module, cfg, adapter_name)) for name, module in found]
+        model.requires_grad_(False)
+        for (name, module), (_, layer) in zip(found, layers):
+            if cfg.train_bias and getattr(module, "bias", None) is not None:
+                module.bias.requires_grad_(True)
+            replace_module(model, name, layer)
+            guard_fused_fast_paths(model, name, layer)
     return [name for name, _ in found]
 
 
@@ -244,12 +268,13 @@ def add_adapter(model: nn.Module, name: str, cfg: LoraConfig) -> list[str]:
     found = _select(model, cfg, found, f"add_adapter({name!r})")
     _check_add(model, name, cfg, found)
     active = active_adapter(model)
-    new = {path: _wrap(module, cfg, name) for path, module in found if not isinstance(module, LORA_LAYER_TYPES)}
-    for path, module in found:
-        if path not in new:
-            module.add_adapter(name, cfg.spec)
-            continue
-        new[path].set_adapter(active)  # computes its base until `name` is set active; `name` frozen
-        replace_module(model, path, new[path])
-        guard_fused_fast_paths(model, path, new[path])
+    with _all_or_nothing(model, found, cfg):
+        new = {path: _wrap(module, cfg, name) for path, module in found if not isinstance(module, LORA_LAYER_TYPES)}
+        for path, module in found:
+            if path not in new:
+                module.add_adapter(name, cfg.spec)
+                continue
+            new[path].set_adapter(active)  # computes its base until `name` is set active; `name` frozen
+            replace_module(model, path, new[path])
+            guard_fused_fast_paths(model, path, new[path])
     return [n for n, _ in found]
