@@ -26,12 +26,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ...ops import lora_linear
 from .base import LoRALayer, init_lora_A, param_key
 from .config import DEFAULT_ADAPTER, LoraSpec
 from .layers import LoRALinear
 from .registry import register_layer, register_layer_by_name, registered_types
-from .variants import dora_linear, pissa_factors
+from .variants import pissa_factors
 
 __all__ = ["LoRAConv1d", "LoRAConv2d", "LoRAConv3d", "LoRAConv1D", "register_transformers_conv1d"]
 
@@ -245,17 +244,8 @@ class LoRAConv1D(LoRALinear):
     def delta_weight(self, name: str | None = None) -> torch.Tensor:
         return super().delta_weight(name).t()  # (in, out)
 
-    def _forward_adapter(self, x: torch.Tensor, name: str | None) -> torch.Tensor:
-        spec = self.adapters.get(name)
-        if spec is None:
-            return self.base(x)
-        p = spec.dropout if self.training else 0.0
-        lora_A, lora_B = self._parameters[param_key("lora_A", name)], self._parameters[param_key("lora_B", name)]
-        weight = self.base.weight.t()  # (out, in), a view: the fused op computes x (W^T)^T + b = Conv1D's x W + b
-        if spec.dora:
-            return dora_linear(x, weight, self.base.bias, lora_A, lora_B, self._factor("lora_magnitude_vector", name),
-                               self.dora_weight_norm(name), spec.scaling, p)
-        return lora_linear(x, weight, self.base.bias, lora_A, lora_B, spec.scaling, p)
+    def _linear_weight(self) -> torch.Tensor:
+        return self.base.weight.t()  # (out, in), a view: the fused op computes x (W^T)^T + b = Conv1D's x W + b
 
 
 def register_transformers_conv1d() -> bool:

@@ -120,10 +120,15 @@ class LoRALinear(LoRALayer):
             return self.base(x)
         p = spec.dropout if self.training else 0.0
         lora_A, lora_B = self._parameters[param_key("lora_A", name)], self._parameters[param_key("lora_B", name)]
+        weight = self._linear_weight()
         if spec.dora:  # plain ops around the fused op; see variants.dora_linear for the cost
-            return dora_linear(x, self.base.weight, self.base.bias, lora_A, lora_B,
+            return dora_linear(x, weight, self.base.bias, lora_A, lora_B,
                                self._factor("lora_magnitude_vector", name), self.dora_weight_norm(name), spec.scaling, p)
-        return lora_linear(x, self.base.weight, self.base.bias, lora_A, lora_B, spec.scaling, p)
+        return lora_linear(x, weight, self.base.bias, lora_A, lora_B, spec.scaling, p)
+
+    def _linear_weight(self) -> torch.Tensor:
+        """The base weight as the fused op takes it, (out, in) (a transposed base returns a view)."""
+        return self.base.weight
 
 
 class LoRAEmbedding(LoRALayer):
