@@ -89,3 +89,24 @@ def test_dilated_or_padded_convs_warn_that_peft_computes_them_differently():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a plain conv is silent
         tt.lora.apply(nn.Sequential(nn.Conv2d(3, 4, 3)), tt.lora.LoraConfig(rank=2, targets=["0"]))
+
+
+def test_a_head_tensor_of_an_integer_dtype_is_refused_on_load(tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    tt.lora.apply(model, tt.lora.LoraConfig(rank=2, targets=["0"], modules_to_save=["2"]))
+    tt.save_adapter(model, tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    key = next(k for k in tensors if k.endswith("2.weight"))
+    tensors[key] = tensors[key].to(torch.int64)
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    (tmp_path / "tinytune_manifest.json").unlink()  # hand-edited on purpose
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"]
+    fresh = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    flags = _flags(fresh)
+    with pytest.raises(ValueError, match=r"mistyped keys: .*2\.weight: file torch.int64 vs model torch.float32"):
+        tt.load_adapter(fresh, tmp_path)
+    assert _flags(fresh) == flags and type(fresh[0]) is nn.Linear

@@ -200,12 +200,16 @@ def check_state(model: nn.Module, paths: list[str], tensors: dict[str, torch.Ten
 
     Raises: ValueError naming the file and every missing, unexpected or mis-shaped key.
     """
-    expected = {k: tuple(v.shape) for k, v in _entries(model, paths, prefix).items()}
+    entries = _entries(model, paths, prefix)
+    expected = {k: tuple(v.shape) for k, v in entries.items()}
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     shapes = [f"{k}: file {tuple(tensors[k].shape)} vs model {s}" for k, s in expected.items()
               if k in tensors and tuple(tensors[k].shape) != s]
+    # a float16 head loads into a float32 model (cast); integers or bools into floats would be a damaged file
+    kinds = [f"{k}: file {tensors[k].dtype} vs model {v.dtype}" for k, v in entries.items()
+             if k in tensors and tensors[k].is_floating_point() != v.is_floating_point()]
     problems = [f"{label}: {keys}" for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
-                                                      ("mis-shaped keys", shapes)) if keys]
+                                                      ("mis-shaped keys", shapes), ("mistyped keys", kinds)) if keys]
     if problems:
         raise ValueError(f"load_adapter: the modules_to_save {paths} in {file} do not fit the model; "
                          + "; ".join(problems))
