@@ -1,9 +1,11 @@
-"""Data for fine-tuning: JSONL loaders (text, pairs, instructions, chats, classification, NER) with bad-record
-reports, prompt templates, batching (padding, length grouping, packing with per-example masks) and metrics."""
+"""Data for fine-tuning: JSONL loaders (text, pairs, instructions, chats, classification, NER, preferences) with
+bad-record reports, prompt templates, batching (padding, length grouping, packing with per-example masks) and
+metrics."""
 from .collate import Collator, LengthGroupedSampler, pack_examples, pad_batch, segment_mask
 from .datasets import load_chats, load_instructions, load_pairs, load_text
 from .encoding import IGNORE, encode_segments
 from .metrics import EntityScores, accuracy, bio_spans, entity_scores, macro_f1, word_predictions
+from .preferences import load_preferences, preference_sequences
 from .records import BadRecord, Examples, RecordError, build_examples
 from .tasks import discover_labels, load_classification, load_ner
 from .templates import (ALPACA, CHATML, LLAMA3, TEMPLATES, ChatTemplate, InstructionTemplate, Segment,
@@ -13,6 +15,6 @@ __all__ = [
     "ALPACA", "BadRecord", "CHATML", "ChatTemplate", "Collator", "EntityScores", "Examples", "IGNORE",
     "InstructionTemplate", "LLAMA3", "LengthGroupedSampler", "RecordError", "Segment", "TEMPLATES", "accuracy",
     "bio_spans", "build_examples", "discover_labels", "encode_segments", "entity_scores", "get_template",
-    "load_chats", "load_classification", "load_instructions", "load_ner", "load_pairs", "load_text", "macro_f1",
-    "pack_examples", "pad_batch", "segment_mask", "word_predictions",
+    "load_chats", "load_classification", "load_instructions", "load_ner", "load_pairs", "load_preferences",
+    "load_text", "macro_f1", "pack_examples", "pad_batch", "preference_sequences", "segment_mask", "word_predictions",
 ]
