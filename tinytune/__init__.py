@@ -4,7 +4,7 @@
     tt.lora.apply(model, tt.lora.LoraConfig(rank=8, alpha=16, targets="all-linear"))
     print(tt.count_parameters(model))
 """
-from . import data, lora, models, ops, peft, train
+from . import data, lora, models, ops, peft, rlhf, train
 from ._check import FieldError
 from ._manifest import IntegrityError
 from ._transaction import SaveError
@@ -34,6 +34,7 @@ __all__ = [
     "peft",
     "prefix",
     "prompt",
+    "rlhf",
     "save_adapter",
     "save_pretrained",
     "seed_everything",

@@ -3,14 +3,17 @@ from .cross_entropy import LinearCrossEntropyFunction, linear_cross_entropy
 from .dropout_mask import MaskStream, PackedMask, keep_mask, quantised_probability, traceable_keep_mask
 from .lora_matmul import LoRALinearFunction, lora_linear, lora_linear_reference, lora_linear_traceable
 from .memory import saved_bytes, saved_storages
+from .token_logprobs import LinearTokenLogprobsFunction, linear_token_logprobs
 
 __all__ = [
     "LinearCrossEntropyFunction",
+    "LinearTokenLogprobsFunction",
     "LoRALinearFunction",
     "MaskStream",
     "PackedMask",
     "keep_mask",
     "linear_cross_entropy",
+    "linear_token_logprobs",
     "lora_linear",
     "lora_linear_reference",
     "lora_linear_traceable",

@@ -31,6 +31,17 @@ def _chunk_logits(h: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> torch
     return h.to(dtype) @ w.T
 
 
+def _check_head_args(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int,
+                     name: str) -> None:
+    """Raise ValueError unless chunk_size is an int >= 1 and hidden (..., d), weight (V, d) and the
+    targets (...) called `name` (with hidden's leading dims) fit together."""
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1] or tuple(targets.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"expected hidden (..., d), weight (V, d), {name} (...) with hidden's leading dims; got "
+                         f"hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}, {name} {tuple(targets.shape)}")
+
+
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """Summed cross-entropy of `hidden @ weight.T` over the rows whose label is not ignored.
 
@@ -114,11 +125,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     """
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
-    if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1] or tuple(labels.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(f"expected hidden (..., d), weight (V, d), labels (...) with hidden's leading dims; got "
-                         f"hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}, labels {tuple(labels.shape)}")
+    _check_head_args(hidden, weight, labels, chunk_size, "labels")
     dtype = _compute_dtype(hidden, weight)
     flat_h, flat_y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)  # (N, d), (N,)
     total = LinearCrossEntropyFunction.apply(flat_h, weight, flat_y, ignore_index, chunk_size, dtype,
