@@ -1,39 +1,20 @@
 """tinytune.data.load_preferences: pairs, rankings as one group, chat prompts, margins, every bad-row kind."""
-import json
 import re
 
 import pytest
-from tokenizers import Tokenizer as BackendTokenizer
-from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 import tinytune as tt
 import tinytune.data as data
 from tinytune.data import IGNORE
 from tinytune.models import Tokenizer
 
-SPECIAL = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>",
-           "<|end_header_id|>", "<|eot_id|>"]
-PAD, BOS, EOS = 0, 1, 2
+from text_fixtures import BOS, EOS, PAD, bpe_tokenizer, write_jsonl
 CORPUS = ["the cat sat on the mat", "hello world, how are you?", "Paris is the capital of France"]
 
 
 @pytest.fixture(scope="module")
 def tok():
-    """A byte-level BPE trained on CORPUS, adding BOS like Llama (as in test_data.py)."""
-    backend = BackendTokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIAL, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    backend.train_from_iterator(CORPUS, trainer)
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
-    return Tokenizer(backend, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
-
-
-def write_jsonl(path, rows):
-    """Rows are dicts (dumped) or raw strings (written as is, for broken lines)."""
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return path
+    return bpe_tokenizer(CORPUS, vocab_size=300)
 
 
 def enc(tok, text):

@@ -1,0 +1,29 @@
+"""Shared by the data tests: a tiny byte-level BPE tokenizer trained on a corpus, and JSONL writing."""
+import json
+
+from tokenizers import Tokenizer as BackendTokenizer
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+from tinytune.models import Tokenizer
+
+SPECIAL = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>",
+           "<|end_header_id|>", "<|eot_id|>"]
+PAD, BOS, EOS = 0, 1, 2
+
+
+def bpe_tokenizer(corpus: list[str], vocab_size: int) -> Tokenizer:
+    """A byte-level BPE trained on `corpus`, adding BOS like Llama; no unknown tokens possible."""
+    backend = BackendTokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(corpus, trainer)
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
+    return Tokenizer(backend, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
+
+
+def write_jsonl(path, rows):
+    """Rows are dicts (dumped) or raw strings (written as is, for broken lines)."""
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
