@@ -29,7 +29,7 @@ from .methods import METHODS, by_peft_type, methods_to_save
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
-_OWNED = (WEIGHTS_NAME, "adapter_model.bin", CONFIG_NAME)  # what an adapter save supersedes (never carried over)
+OWNED = (WEIGHTS_NAME, "adapter_model.bin", CONFIG_NAME)  # what an adapter save supersedes (never carried over)
 
 
 def unwrap_compiled(model: nn.Module) -> nn.Module:
@@ -121,16 +121,27 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None 
             or a trainable parameter belongs neither to the method nor to a module to save (named:
             the file would lose it).
     """
-    config, tensors = _adapter_files(unwrap_compiled(model), adapter)
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
     path = Path(path)
     # one transaction: the old adapter stays whole until the new one is complete on disk; a stale
     # adapter_model.bin of an older save is dropped with it (it would contradict the new weights)
-    with directory_transaction(path, owned=_OWNED, what="save_adapter") as staging:
-        save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
-        (staging / CONFIG_NAME).write_text(text)
+    with directory_transaction(path, owned=OWNED, what="save_adapter") as staging:
+        write_adapter_files(model, staging, adapter)
     return path
+
+
+def write_adapter_files(model: nn.Module, staging: Path, adapter: str | None = None) -> None:
+    """Write `save_adapter`'s two files into `staging`, the directory of a transaction the caller holds
+    (`directory_transaction(path, owned=OWNED + ...)`), so that a save that puts more beside the adapter
+    (a reward model's statistics) commits it all at once. Everything is checked before the first write.
+
+    Raises:
+        ValueError: as `save_adapter`.
+    """
+    config, tensors = _adapter_files(unwrap_compiled(model), adapter)
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    save_file(tensors, str(Path(staging) / WEIGHTS_NAME), metadata={"format": "pt"})
+    (Path(staging) / CONFIG_NAME).write_text(text)
 
 
 def _config_file(path: Path) -> Path:

@@ -1,14 +1,21 @@
-"""Preference learning: per-token log-probs, Bradley-Terry reward losses, DPO and its variants.
+"""Preference learning: per-token log-probs, Bradley-Terry reward losses, the reward model, DPO and its variants.
 
 Imports peft, models, data, train and ops; nothing below imports it. See docs/rlhf.md.
 """
+from .data import preference_batch
 from .logprobs import token_logprobs
 from .losses import LOSS_TYPES, dpo_loss, grouped_reward_loss, reward_loss
+from .reward_model import RewardModel, load_reward_model, pairwise_metrics, save_reward_model
 
 __all__ = [
     "LOSS_TYPES",
+    "RewardModel",
     "dpo_loss",
     "grouped_reward_loss",
+    "load_reward_model",
+    "pairwise_metrics",
+    "preference_batch",
     "reward_loss",
+    "save_reward_model",
     "token_logprobs",
 ]
