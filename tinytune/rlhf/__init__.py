@@ -3,6 +3,8 @@
 Imports peft, models, data, train and ops; nothing below imports it. See docs/rlhf.md.
 """
 from .data import preference_batch
+from .dpo_step import (adapters_disabled, completion_lengths, completion_logprobs, completion_mask, dpo_batch_loss,
+                       reference_logprobs)
 from .logprobs import token_logprobs
 from .losses import LOSS_TYPES, dpo_loss, grouped_reward_loss, reward_loss
 from .reward_model import RewardModel, load_reward_model, pairwise_metrics, save_reward_model
@@ -10,11 +12,17 @@ from .reward_model import RewardModel, load_reward_model, pairwise_metrics, save
 __all__ = [
     "LOSS_TYPES",
     "RewardModel",
+    "adapters_disabled",
+    "completion_lengths",
+    "completion_logprobs",
+    "completion_mask",
+    "dpo_batch_loss",
     "dpo_loss",
     "grouped_reward_loss",
     "load_reward_model",
     "pairwise_metrics",
     "preference_batch",
+    "reference_logprobs",
     "reward_loss",
     "save_reward_model",
     "token_logprobs",

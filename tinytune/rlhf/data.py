@@ -20,9 +20,10 @@ def preference_batch(examples, pad_id: int, padding_side: str = "right") -> dict
         padding_side: "right" or "left".
 
     Returns:
-        {"input_ids", "attention_mask": (N, T) long; "chosen", "rejected": (P,) long row indices; "group":
-        (P,) long, each pair's example `group`; "margin": (P,) float (a pair without one gets 0.0), or None when
-        no pair has a margin}.
+        {"input_ids", "attention_mask": (N, T) long; "labels": (N, T) long, the completion's ids on its
+        tokens and -100 on the prompt and padding (what DPO scores); "chosen", "rejected": (P,) long row
+        indices; "group": (P,) long, each pair's example `group`; "margin": (P,) float (a pair without one
+        gets 0.0), or None when no pair has a margin}.
 
     Raises:
         ValueError: no examples, an example without pairs or with a pair index outside its completions (named),
@@ -40,14 +41,14 @@ def preference_batch(examples, pad_id: int, padding_side: str = "right") -> dict
             raise ValueError(f"preference_batch: example {e} (group {example.get('group')!r}) has pairs {pairs[:4]} "
                              f"and {len(example['margin'])} margins for {k} completions; expected >= 1 pair of "
                              f"indices in [0, {k}) and one margin per pair")
-        rows += [{"input_ids": s["input_ids"]} for s in preference_sequences(example)]
+        rows += preference_sequences(example)  # input_ids, and labels: -100 on the prompt
         chosen += [offset + i for i, _ in pairs]
         rejected += [offset + j for _, j in pairs]
         group += [example["group"]] * len(pairs)
         margin += example["margin"]
     batch = pad_batch(rows, pad_id, padding_side=padding_side)
     has_margin = any(m is not None for m in margin)
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": batch["labels"],
             "chosen": torch.tensor(chosen, dtype=torch.long), "rejected": torch.tensor(rejected, dtype=torch.long),
             "group": torch.tensor(group, dtype=torch.long),
             "margin": torch.tensor([0.0 if m is None else float(m) for m in margin]) if has_margin else None}
