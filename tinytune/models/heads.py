@@ -134,6 +134,15 @@ class _DecoderHead(nn.Module):
         self.decoder.set_gradient_checkpointing(enabled)
 
 
+def last_hidden(decoder: CausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """The decoder's final hidden state at each row's last real token (by the attention mask, so a pad id
+    equal to EOS is harmless), (B, d): what sequence heads read."""
+    h = hidden_states(decoder, input_ids, attention_mask)  # (B, T, d)
+    B, T, _ = h.shape
+    last = last_token_index(attention_mask, B, T, h.device)  # (B,)
+    return h[torch.arange(B, device=h.device), last]  # (B, d)
+
+
 class SequenceClassifier(_DecoderHead):
     """A text classifier: a linear `score` on the hidden state of each row's last real token.
 
@@ -163,11 +172,7 @@ class SequenceClassifier(_DecoderHead):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         self._check_methods()
-        h = hidden_states(self.decoder, input_ids, attention_mask)  # (B, T, d)
-        B, T, _ = h.shape
-        last = last_token_index(attention_mask, B, T, h.device)  # (B,)
-        pooled = h[torch.arange(B, device=h.device), last]  # (B, d)
-        return self.score(pooled)  # (B, num_labels)
+        return self.score(last_hidden(self.decoder, input_ids, attention_mask))  # (B, num_labels)
 
 
 class TokenClassifier(_DecoderHead):

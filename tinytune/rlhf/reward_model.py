@@ -25,7 +25,7 @@ from .. import _check
 from .._files import parse_json
 from .._manifest import MANIFEST, IntegrityError, read_verified
 from .._transaction import directory_transaction
-from ..models.heads import _DecoderHead, _new_linear, hidden_states, last_token_index
+from ..models.heads import _DecoderHead, _new_linear, last_hidden
 from ..models.transformer import CausalLM
 from ..peft import io as adapter_io
 
@@ -68,11 +68,7 @@ class RewardModel(_DecoderHead):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         self._check_methods()
-        h = hidden_states(self.decoder, input_ids, attention_mask)  # (B, T, d)
-        B, T, _ = h.shape
-        last = last_token_index(attention_mask, B, T, h.device)  # (B,)
-        pooled = h[torch.arange(B, device=h.device), last]  # (B, d)
-        return self.score(pooled).squeeze(-1).float()  # (B,)
+        return self.score(last_hidden(self.decoder, input_ids, attention_mask)).squeeze(-1).float()  # (B,)
 
     @torch.no_grad()
     def calibrate(self, scores: torch.Tensor) -> tuple[float, float]:
