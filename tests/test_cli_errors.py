@@ -13,7 +13,7 @@ import torch
 
 import tinytune as tt
 from tinytune.cli import commands, main, resume_command
-from tinytune.cli.demo_data import char_tokenizer
+from text_fixtures import write_cli_inputs
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 ENV.pop("TINYTUNE_TRACEBACK", None)
@@ -23,12 +23,7 @@ ENV.pop("TINYTUNE_TRACEBACK", None)
 def root(tmp_path_factory):
     """A one-layer llama-tiny checkpoint with the demo's character tokenizer, its tokenizer alone, and data."""
     root = tmp_path_factory.mktemp("cli_errors")
-    tok = char_tokenizer()
-    tt.save_pretrained(tt.models.build("llama-tiny", vocab_size=tok.vocab_size, num_layers=1), root / "ckpt",
-                       tokenizer=tok)
-    tok.save(root / "tok")
-    records = [{"instruction": "Reverse.", "input": w, "output": w[::-1]} for w in ["abc", "hello", "xyz", "tiny"]]
-    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    write_cli_inputs(root).save(root / "tok")
     (root / "a_file").write_text("not a directory\n")
     return root
 

@@ -1,6 +1,5 @@
 """`tt.seed_everything`, and seeds that make runs bit-identical on the CPU: LoRA init, `fit`, the CLI."""
 import io
-import json
 import os
 import random
 import subprocess
@@ -13,7 +12,7 @@ import torch
 
 import tinytune as tt
 from tinytune.cli import main
-from tinytune.cli.demo_data import char_tokenizer
+from text_fixtures import write_cli_inputs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -141,11 +140,7 @@ def test_two_fits_with_the_same_seed_are_bit_identical():
 def checkpoint(tmp_path_factory):
     """A one-layer llama-tiny checkpoint with the demo's character tokenizer, and a small instruction file."""
     root = tmp_path_factory.mktemp("seeding")
-    tok = char_tokenizer()
-    tt.save_pretrained(tt.models.build("llama-tiny", vocab_size=tok.vocab_size, num_layers=1), root / "ckpt",
-                       tokenizer=tok)
-    records = [{"instruction": "Reverse.", "input": w, "output": w[::-1]} for w in ["abc", "hello", "xyz", "tiny"]]
-    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    write_cli_inputs(root)
     return root
 
 
@@ -177,4 +172,4 @@ def test_cli_same_seed_gives_a_byte_identical_adapter(checkpoint, tmp_path, caps
 def test_cli_refuses_a_seed_out_of_range_before_loading(seed, tmp_path, capsys):
     code = main(["finetune", "no-such-checkpoint", "no-such.jsonl", "--seed", seed, "--out", str(tmp_path / "x")])
     err = capsys.readouterr().err
-    assert code == 2 and f"--seed must be an int in [0, 2**32 - 1]" in err and f"got {seed}" in err
+    assert code == 2 and "--seed must be an int in [0, 2**32 - 1]" in err and f"got {seed}" in err

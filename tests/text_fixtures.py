@@ -27,3 +27,17 @@ def write_jsonl(path, rows):
     """Rows are dicts (dumped) or raw strings (written as is, for broken lines)."""
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     return path
+
+
+def write_cli_inputs(root):
+    """A one-layer llama-tiny checkpoint (`root/ckpt`) with the demo's character tokenizer, and a small
+    instruction file (`root/data.jsonl`): what the command-line tests train on. Returns the tokenizer."""
+    import tinytune as tt
+    from tinytune.cli.demo_data import char_tokenizer
+
+    tok = char_tokenizer()
+    tt.save_pretrained(tt.models.build("llama-tiny", vocab_size=tok.vocab_size, num_layers=1), root / "ckpt",
+                       tokenizer=tok)
+    records = [{"instruction": "Reverse.", "input": w, "output": w[::-1]} for w in ["abc", "hello", "xyz", "tiny"]]
+    write_jsonl(root / "data.jsonl", records)
+    return tok
