@@ -8,9 +8,24 @@ from .dpo_step import (adapters_disabled, completion_lengths, completion_logprob
 from .logprobs import token_logprobs
 from .losses import LOSS_TYPES, dpo_loss, grouped_reward_loss, reward_loss
 from .reward_model import RewardModel, load_reward_model, pairwise_metrics, save_reward_model
+from .tasks import check_preference_example, collate_preferences, dpo_task, reward_task
+from .trainers import (DPOConfig, RewardConfig, dpo, evaluate_reward_model, precompute_reference, preference_accuracy,
+                       score_completions, train_reward_model)
 
 __all__ = [
+    "DPOConfig",
     "LOSS_TYPES",
+    "RewardConfig",
+    "check_preference_example",
+    "collate_preferences",
+    "dpo",
+    "dpo_task",
+    "evaluate_reward_model",
+    "precompute_reference",
+    "preference_accuracy",
+    "reward_task",
+    "score_completions",
+    "train_reward_model",
     "RewardModel",
     "adapters_disabled",
     "completion_lengths",

@@ -84,7 +84,7 @@ def grouped_reward_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, group_
     return (sums / counts).mean()
 
 
-def _check_dpo_args(beta, loss_type, label_smoothing, lengths_given: bool) -> None:
+def check_dpo_args(beta, loss_type, label_smoothing, lengths_given: bool) -> None:
     """ValueError for beta <= 0, an unknown loss_type, or a smoothing / lengths that loss_type ignores."""
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0:
         raise ValueError(f"beta must be a number > 0, got {beta!r}")
@@ -142,7 +142,7 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
             missing for "simpo", or inputs that are not floating (B,) tensors of one shape.
     """
     lengths_given = chosen_lengths is not None or rejected_lengths is not None
-    _check_dpo_args(beta, loss_type, label_smoothing, lengths_given)
+    check_dpo_args(beta, loss_type, label_smoothing, lengths_given)
     pc = _vector("policy_chosen", policy_chosen)
     pr = _vector("policy_rejected", policy_rejected, pc)
     if lengths_given:

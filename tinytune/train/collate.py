@@ -13,7 +13,8 @@ import torch
 from ..data.collate import pad_batch
 
 
-def _check_example(example, index: int, where: str, task: str = "causal_lm") -> None:
+def check_lm_example(example, index: int, where: str, task: str = "causal_lm") -> None:
+    """Check one example of a built-in task (ValueError naming `where[index]`)."""
     target = "label" if task == "classification" else "labels"
     if not isinstance(example, dict) or "input_ids" not in example or target not in example:
         keys = sorted(example) if isinstance(example, dict) else type(example).__name__
@@ -31,20 +32,24 @@ def _check_example(example, index: int, where: str, task: str = "causal_lm") -> 
                          "(they must be equally long and not empty)")
 
 
-def check_data(data, where: str, task: str = "causal_lm") -> int:
-    """The number of examples in `data`, after checking each one for `task` (a `TrainConfig.task`).
+def check_data(data, where: str, task="causal_lm") -> int:
+    """The number of examples in `data`, after checking each one for `task` (a `TrainConfig.task`: a
+    built-in name or a `tt.train.Task`, whose `check_example` is used).
 
     Raises:
-        ValueError: `data` is not a sequence or is empty, or an example is not a dict with equally long,
-            non-empty `input_ids` and `labels` (for "classification": non-empty `input_ids` and an int
-            `label` >= 0); the message names `where[index]`.
+        ValueError: `data` is not a sequence or is empty, or an example does not fit the task: for the
+            built-in tasks a dict with equally long, non-empty `input_ids` and `labels` (for
+            "classification": non-empty `input_ids` and an int `label` >= 0); the message names `where[index]`.
     """
+    from .tasks import resolve_task  # (tasks imports this module)
+
+    check = resolve_task(task).check_example
     if not isinstance(data, Sequence) and not (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
         raise ValueError(f"{where} must be a sequence of examples (len and indexing), got {type(data).__name__}")
     if len(data) == 0:
         raise ValueError(f"{where} is empty")
     for i in range(len(data)):
-        _check_example(data[i], i, where, task)
+        check(data[i], i, where)
     return len(data)
 
 

@@ -6,14 +6,18 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .. import _check
 from ..seeding import MAX_SEED
 
+if TYPE_CHECKING:
+    from .tasks import Task
+
 DTYPES = ("fp32", "bf16", "fp16")
 SCHEDULES = ("constant", "linear", "cosine")
 DEVICES = ("cpu", "cuda")
-TASKS = ("causal_lm", "classification", "token_classification")  # the losses of `losses.py`
+TASKS = ("causal_lm", "classification", "token_classification")  # the built-in losses (`losses.py`, `tasks.py`)
 
 
 def _positive_int(name: str, value, allow_zero: bool = False, allow_none: bool = False) -> None:
@@ -66,7 +70,8 @@ class TrainConfig:
         pad_token_id: the id written into padded `input_ids` positions (they are masked anyway).
         task: the loss: "causal_lm" (next-token cross-entropy over `labels`), "classification"
             (cross-entropy of (B, num_labels) logits against each example's int `label`) or
-            "token_classification" (cross-entropy of (B, T, num_labels) logits against `labels`, no shift).
+            "token_classification" (cross-entropy of (B, T, num_labels) logits against `labels`, no shift);
+            or a `tt.train.Task` (any objective on the same loop: `tt.rlhf.reward_task()`, `tt.rlhf.dpo_task()`).
         loraplus_lr_ratio: LoRA+ (Hayou et al., 2024): the LoRA B factors (`lora_B`,
             `lora_embedding_B`) train at `lr * loraplus_lr_ratio`, every other parameter at `lr`
             (the schedule scales both); None: one learning rate. Needs a model with LoRA layers.
@@ -102,7 +107,7 @@ class TrainConfig:
     device: str = "cpu"
     resume: str | Path | bool | None = None
     pad_token_id: int = 0
-    task: str = "causal_lm"
+    task: str | Task = "causal_lm"
     loraplus_lr_ratio: float | None = None
     keep_checkpoints: int | None = 3
 
@@ -165,7 +170,11 @@ class TrainConfig:
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("base_dtype", self.base_dtype, (None, "bf16"))
         _choice("device", self.device, DEVICES)
-        _choice("task", self.task, TASKS)
+        from .tasks import Task  # (tasks imports forward, which imports this module)
+
+        if not isinstance(self.task, Task) and self.task not in TASKS:
+            raise ValueError(f"TrainConfig.task={self.task!r} is not one of {list(TASKS)} or a tt.train.Task "
+                             "(e.g. tt.rlhf.reward_task(), tt.rlhf.dpo_task())")
         if self.dtype == "fp16" and self.device != "cuda":
             raise ValueError(
                 f"TrainConfig.dtype='fp16' needs device='cuda' (fp16 autocast with a gradient scaler); "
@@ -176,7 +185,9 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         """A JSON-ready dict of the fields (paths as strings)."""
-        out = dataclasses.asdict(self)
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # (asdict would copy a Task)
+        if not isinstance(out["task"], str):
+            out["task"] = out["task"].describe()
         for key in ("out_dir", "resume"):
             if isinstance(out[key], Path):
                 out[key] = str(out[key])

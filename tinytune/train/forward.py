@@ -1,21 +1,16 @@
-"""One batch through the model: the forward call's keyword arguments, the task loss, and `evaluate`.
+"""One batch through the model: the forward call's keyword arguments and the built-in tasks' loss.
 
-Shared by the training loop (`loop.py`) and evaluation; knows nothing of optimizers or checkpoints.
+Shared by the built-in tasks (`tasks.py`); knows nothing of optimizers or checkpoints.
 """
 from __future__ import annotations
 
 import inspect
-import math
 
 import torch
 import torch.nn as nn
 
 from ..data.collate import segment_mask
-from .collate import collate
-from .config import TrainConfig
-from .distributed import Distributed
-from .losses import causal_lm_loss_from_hidden, fused_lm_head, logits_shape, num_scored, task_loss
-from .precision import Precision
+from .losses import causal_lm_loss_from_hidden, fused_lm_head, logits_shape, task_loss
 
 
 def forward_kwargs(model: nn.Module) -> set[str]:
@@ -63,43 +58,3 @@ def batch_loss(model: nn.Module, batch: dict, accepted: set[str], task: str, cou
         return task_loss(task, _logits(model, batch, accepted, task), batch, count)
     hidden = model(batch["input_ids"], return_hidden=True, **_model_kwargs(model, batch, accepted))  # (B, T, d)
     return causal_lm_loss_from_hidden(hidden, weight, batch["labels"], count)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, data, cfg: TrainConfig, precision: Precision | None = None,
-             dist: Distributed | None = None) -> float:
-    """Mean loss of `model` over `data` for `cfg.task` (the training loss: per token, or per example).
-
-    Args:
-        model: the model, on `cfg.device`; put in eval mode for the call, its mode restored after.
-        data: a sequence of examples with `input_ids` and `labels` (`label` for classification).
-        cfg: task, batch_size, device, dtype and pad_token_id are read.
-        precision: the run's `Precision` (default: one built from cfg).
-        dist: with several processes, each evaluates every world_size-th example and the sums are
-            all-reduced, so every rank returns the same number. Pass the plain module (or an FSDP one),
-            not a DDP wrapper.
-
-    Returns:
-        Summed loss / scored tokens (examples, for classification) over all of `data`.
-    """
-    precision = precision or Precision(cfg.dtype, cfg.device)
-    dist = dist or Distributed()
-    was_training, accepted = model.training, forward_kwargs(model)
-    model.eval()
-    total, scored = 0.0, 0
-    mine = list(range(dist.rank, len(data), dist.world_size))
-    try:
-        # An FSDP model gathers its weights in every forward, so every rank runs the same number of
-        # batches: a rank out of examples runs example 0 once more and does not count it.
-        for start in range(0, math.ceil(len(data) / dist.world_size), cfg.batch_size):
-            ids = mine[start:start + cfg.batch_size]
-            batch = collate([data[i] for i in ids or [0]], cfg.pad_token_id, cfg.device)
-            n = num_scored(cfg.task, batch) if ids else 0
-            with precision.autocast():
-                loss = batch_loss(model, batch, accepted, cfg.task, max(n, 1))
-            total += float(loss) * n
-            scored += n
-    finally:
-        model.train(was_training)
-    total, scored = dist.sum([total, scored], cfg.device)
-    return total / scored if scored else float("nan")

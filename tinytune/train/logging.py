@@ -10,6 +10,11 @@ from pathlib import Path
 from .._files import atomic_write
 
 
+def _finite(metrics: dict) -> dict:
+    """`metrics` with non-finite values as None (JSON has no NaN)."""
+    return {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}
+
+
 def _duration(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"
@@ -49,11 +54,12 @@ class ProgressLogger:
         stream: where progress goes (default: sys.stdout).
         first_step: the step the run starts from (a resumed run), so the ETA counts only this session.
         quiet: print and write nothing (the ranks other than 0 of a multi-process run).
+        shown: the names of task metrics the progress line shows (all of them go to `metrics.jsonl`).
     """
 
     def __init__(self, total_steps: int, log_every: int, out_dir: Path | None = None, stream=None,
-                 first_step: int = 0, quiet: bool = False):
-        self.total_steps, self.log_every, self.quiet = total_steps, log_every, quiet
+                 first_step: int = 0, quiet: bool = False, shown: tuple[str, ...] = ()):
+        self.total_steps, self.log_every, self.quiet, self.shown = total_steps, log_every, quiet, tuple(shown)
         self.stream = stream if stream is not None else sys.stdout
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.metrics = Path(out_dir) / "metrics.jsonl" if out_dir is not None and not quiet else None
@@ -70,16 +76,20 @@ class ProgressLogger:
             except OSError as err:
                 raise OSError(err.errno, f"appending to {self.metrics} failed ({err.strerror or err})") from err
 
-    def step(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
-        """Record optimizer step `step` (1-based) with its loss, learning rate and throughput."""
+    def _shown(self, metrics: dict) -> str:
+        return "".join(f"  {k} {metrics[k]:.4f}" for k in self.shown if k in metrics)
+
+    def step(self, step: int, loss: float, lr: float, tokens_per_s: float, metrics: dict | None = None) -> None:
+        """Record optimizer step `step` (1-based) with its loss, learning rate, throughput and task metrics."""
         if self.quiet:
             return
+        metrics = metrics or {}
         self._append({"step": step, "loss": loss if math.isfinite(loss) else None, "lr": lr,
-                      "tokens_per_s": round(tokens_per_s, 1), "time": round(time.time(), 3)})
+                      "tokens_per_s": round(tokens_per_s, 1), **_finite(metrics), "time": round(time.time(), 3)})
         done = step - self.first_step
         elapsed = time.perf_counter() - self.start
         eta = elapsed / done * (self.total_steps - step) if done > 0 else float("nan")
-        line = (f"step {step}/{self.total_steps}  loss {loss:.4f}  lr {lr:.2e}  "
+        line = (f"step {step}/{self.total_steps}  loss {loss:.4f}{self._shown(metrics)}  lr {lr:.2e}  "
                 f"{tokens_per_s:,.0f} tok/s  ETA {_duration(eta)}")
         if self.tty:
             self.stream.write("\r" + line.ljust(78))
@@ -88,10 +98,12 @@ class ProgressLogger:
             self.stream.write(line + "\n")
         self.stream.flush()
 
-    def eval(self, step: int, loss: float) -> None:
-        """Record an evaluation at `step`."""
-        self._append({"step": step, "eval_loss": loss, "time": round(time.time(), 3)})
-        self.message(f"step {step}/{self.total_steps}  eval loss {loss:.4f}")
+    def eval(self, step: int, loss: float, metrics: dict | None = None) -> None:
+        """Record an evaluation at `step` (its loss and task metrics, written as "eval_<name>")."""
+        metrics = metrics or {}
+        self._append({"step": step, "eval_loss": loss, **{f"eval_{k}": v for k, v in _finite(metrics).items()},
+                      "time": round(time.time(), 3)})
+        self.message(f"step {step}/{self.total_steps}  eval loss {loss:.4f}{self._shown(metrics)}")
 
     def message(self, text: str) -> None:
         """Print a line of its own (ending a terminal progress line first)."""

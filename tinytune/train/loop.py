@@ -15,14 +15,14 @@ import torch.nn as nn
 from ..seeding import MAX_SEED, seed_everything
 from . import checkpoint as ckpt
 from . import distributed
-from .collate import DataStream, check_data, collate
-from .forward import batch_loss, evaluate, forward_kwargs
+from .collate import DataStream, check_data
 from .config import TrainConfig
 from .distributed import Distributed
 from .logging import ProgressLogger, truncate_metrics, write_loss_svg
-from .losses import num_scored
 from .optim import build_optimizer, build_scheduler
+from .evaluation import evaluate_task, reduce_sums
 from .precision import Precision, prepare_model
+from .tasks import add_metrics, metric_means, resolve_task
 
 
 @dataclass
@@ -32,7 +32,10 @@ class History:
     Attributes:
         losses: mean token loss of each optimizer step (NaN for a skipped step), steps 1..`step`.
         lrs: the learning rate each step used.
-        eval_steps, eval_losses: the steps evaluated at and the mean token eval loss there.
+        metrics: the task's metrics of each step (a dict per step, empty for the built-in tasks; e.g.
+            "rewards/margins" for DPO), means over the step's whole batch.
+        eval_steps, eval_losses: the steps evaluated at and the mean eval loss there.
+        eval_metrics: the task's metrics at each evaluation (a dict per entry of `eval_steps`).
         skipped_steps: steps skipped for a non-finite loss or gradient norm (or nothing scored).
         step: optimizer steps done (counting those of a resumed run before this call).
         tokens_per_s: non-padding tokens per second of training in this call.
@@ -42,8 +45,10 @@ class History:
 
     losses: list[float] = field(default_factory=list)
     lrs: list[float] = field(default_factory=list)
+    metrics: list[dict] = field(default_factory=list)
     eval_steps: list[int] = field(default_factory=list)
     eval_losses: list[float] = field(default_factory=list)
+    eval_metrics: list[dict] = field(default_factory=list)
     skipped_steps: list[int] = field(default_factory=list)
     step: int = 0
     tokens_per_s: float = 0.0
@@ -51,7 +56,8 @@ class History:
     checkpoint: Path | None = None
 
     def _lists(self) -> dict:  # what a checkpoint keeps, so a resumed History is the whole run's
-        return {k: list(getattr(self, k)) for k in ("losses", "lrs", "eval_steps", "eval_losses", "skipped_steps")}
+        return {k: list(getattr(self, k)) for k in ("losses", "lrs", "metrics", "eval_steps", "eval_losses",
+                                                    "eval_metrics", "skipped_steps")}
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -84,7 +90,7 @@ class _Run:
         self.optimizer = build_optimizer(model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        self.accepted = forward_kwargs(model)
+        self.task = resolve_task(cfg.task)
         self.history, self.saved_step, self.out, self.interrupted = History(), None, out, False
         self.bad_streak, self.best_eval, self.evals_since_best = 0, math.inf, 0
         self.data_stream = DataStream(len(train_data), cfg.seed, cfg.shuffle)
@@ -128,10 +134,11 @@ class _Run:
             raise ValueError(f"resume: checkpoint {found} was trained on {state['data']['num_examples']} examples, "
                              f"train_data has {n_train}: its data position would not carry over")
         saved = checkpoint.config or {}
+        mine = self.cfg.to_dict()
         for name in ("task", "seed", "shuffle"):  # they fix the meaning of the data position and the loss
-            if name in saved and saved[name] != getattr(self.cfg, name):
+            if name in saved and saved[name] != mine[name]:
                 raise ValueError(f"resume: checkpoint {found} was trained with {name}={saved[name]!r}, this run has "
-                                 f"{name}={getattr(self.cfg, name)!r}; the data order or loss would not carry over")
+                                 f"{name}={mine[name]!r}; the data order or loss would not carry over")
         base_lrs = state["scheduler"].get("base_lrs")
         if not isinstance(base_lrs, list) or len(base_lrs) != len(self.optimizer.param_groups):
             raise ValueError(f"resume: the scheduler state in {found} does not fit this run's "
@@ -167,23 +174,24 @@ class _Run:
         cfg, dist = self.cfg, self.dist
         # Every rank draws the same global batch and keeps its own slice of it.
         ids = dist.my_slice(self.data_stream.take(cfg.batch_size * cfg.grad_accum * dist.world_size))
-        return [collate([self.data[i] for i in ids[k:k + cfg.batch_size]], cfg.pad_token_id, cfg.device)
+        return [self.task.collate([self.data[i] for i in ids[k:k + cfg.batch_size]], cfg.pad_token_id, cfg.device)
                 for k in range(0, len(ids), cfg.batch_size)]
 
-    def _accumulate(self, micro: list[dict], scored: int) -> float:
-        total, dist = 0.0, self.dist
+    def _accumulate(self, micro: list[dict], scored: int) -> tuple[float, dict]:
+        total, dist, metrics = 0.0, self.dist, {}
         for k, batch in enumerate(micro):
             # Divide by the whole step's scored tokens (examples) over all ranks: grad_accum=2 x 4 and two
             # processes x 4 are the same step as 1 x 8. DDP averages over ranks, hence the world_size.
             with distributed.no_sync(self.model, k < len(micro) - 1):
                 with self.precision.autocast():
-                    loss = batch_loss(self.model, batch, self.accepted, self.cfg.task, scored, self.module)
+                    loss, more = self.task.loss(self.model, batch, scored, self.module)
                 value = float(loss.detach())  # one sync per micro-batch, to stop before a NaN reaches the grads
                 if not math.isfinite(value) and not dist.active:  # (ranks must all run backward together)
-                    return value
+                    return value, {}
                 self.precision.backward(loss * dist.world_size if dist.active else loss)
-            total += value
-        return dist.sum([total], self.cfg.device)[0]
+            total, metrics = total + value, add_metrics(metrics, more)
+        (total,), metrics = reduce_sums([total], metrics, dist, self.cfg.device)
+        return total, metric_means(metrics)
 
     def _clip(self) -> bool:
         if self.cfg.max_grad_norm is None:
@@ -193,13 +201,13 @@ class _Run:
         # With a scaler, inf gradients are its business: it skips the step and lowers the scale.
         return self.precision.scaler is not None or bool(torch.isfinite(norm))
 
-    def optimizer_step(self) -> tuple[float, bool, int]:
-        """One optimizer step: (loss, whether it was applied, scored tokens)."""
-        micro = self._micro_batches()
-        tokens, scored = self.dist.sum([sum(int(b["attention_mask"].sum()) for b in micro),
-                                        sum(num_scored(self.cfg.task, b) for b in micro)], self.cfg.device)
+    def optimizer_step(self) -> tuple[float, bool, int, dict]:
+        """One optimizer step: (loss, whether it was applied, scored units (the task's count), metrics)."""
+        micro, task = self._micro_batches(), self.task
+        tokens, scored = self.dist.sum([sum(task.tokens(b) for b in micro), sum(task.count(b) for b in micro)],
+                                       self.cfg.device)
         self.tokens, scored = self.tokens + int(tokens), int(scored)
-        loss = self._accumulate(micro, scored) if scored else float("nan")
+        loss, metrics = self._accumulate(micro, scored) if scored else (float("nan"), {})
         applied = math.isfinite(loss) and self._clip()
         if applied:
             self.precision.step(self.optimizer)
@@ -207,21 +215,22 @@ class _Run:
         with warnings.catch_warnings():  # a skipped first step makes torch warn about the call order
             warnings.simplefilter("ignore", UserWarning)
             self.scheduler.step()  # the schedule follows the step count, applied or not
-        return loss, applied, scored
+        return loss, applied, scored, metrics
 
-    def _record(self, loss: float, applied: bool, scored: int, lr: float) -> str | None:
+    def _record(self, loss: float, applied: bool, scored: int, metrics: dict, lr: float) -> str | None:
         h, cfg = self.history, self.cfg
         h.step += 1
         h.losses.append(loss)
         h.lrs.append(lr)
+        h.metrics.append(metrics)
         if applied:
             self.bad_streak = 0
             return None
         h.skipped_steps.append(h.step)
         if not scored:
             if self.dist.is_main:
-                warnings.warn(f"step {h.step}: no scored tokens in the batch (every label is -100); step skipped",
-                              RuntimeWarning, stacklevel=2)
+                warnings.warn(f"step {h.step}: nothing to score in the batch (no {self.task.counts}); "
+                              "step skipped", RuntimeWarning, stacklevel=2)
             return None
         self.bad_streak += 1
         if self.dist.is_main:
@@ -235,10 +244,12 @@ class _Run:
 
     def _evaluate(self, logger: ProgressLogger) -> str | None:
         h, patience = self.history, self.cfg.early_stopping_patience
-        loss = evaluate(self.module, self.eval_data, self.cfg, self.precision, self.dist)
+        result = evaluate_task(self.module, self.eval_data, self.cfg, self.precision, self.dist)
+        loss = result.pop("loss")
         h.eval_steps.append(h.step)
         h.eval_losses.append(loss)
-        logger.eval(h.step, loss)
+        h.eval_metrics.append(result)
+        logger.eval(h.step, loss, result)
         if loss < self.best_eval:
             self.best_eval, self.evals_since_best = loss, 0
         else:
@@ -252,7 +263,8 @@ class _Run:
         h, cfg = self.history, self.cfg
         lr = self.optimizer.param_groups[0]["lr"]
         reason = self._record(*self.optimizer_step(), lr=lr)
-        logger.step(h.step, h.losses[-1], lr, self.tokens / max(time.perf_counter() - self.start, 1e-9))
+        logger.step(h.step, h.losses[-1], lr, self.tokens / max(time.perf_counter() - self.start, 1e-9),
+                    h.metrics[-1])
         if reason is not None:
             return reason  # no checkpoint now: the last good one stays the latest
         if self.eval_data is not None and cfg.eval_every and h.step % cfg.eval_every == 0:
@@ -281,7 +293,7 @@ class _Run:
         """Run steps until `cfg.steps` or an earlier stop; returns the history."""
         cfg, h = self.cfg, self.history
         logger = ProgressLogger(cfg.steps, cfg.log_every, cfg.out_dir, self.out, first_step=h.step,
-                                quiet=not self.dist.is_main)
+                                quiet=not self.dist.is_main, shown=self.task.shown)
         model = self.module
         was_training = model.training
         was_checkpointing = bool(getattr(model, "is_gradient_checkpointing", False))

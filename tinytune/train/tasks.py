@@ -1,0 +1,112 @@
+"""What `fit` trains, as one small protocol: a `Task` says how an example is checked, how examples become a
+batch, what the step's loss is averaged over, and what one batch's loss (and metrics) is.
+
+`fit` knows nothing else about the task, so a new objective is a new `Task`, not a second loop: the
+three tasks of `losses.py` ("causal_lm", "classification", "token_classification") are built here, and
+`tinytune.rlhf` builds the reward-model and DPO tasks on the same protocol (this layer never imports it).
+
+    task = Task(name="my_task", check_example=..., collate=..., count=..., loss=...)
+    tt.train.fit(model, examples, tt.train.TrainConfig(task=task))
+
+Metrics travel as `{name: (sum, n)}` so that micro-batches, accumulation and processes add up exactly
+(the logged value is the total sum over the total n).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from .collate import check_lm_example, collate
+from .forward import batch_loss, forward_kwargs
+from .losses import num_scored
+
+Metrics = dict[str, tuple[float, int]]
+
+
+def attention_tokens(batch: dict) -> int:
+    """The non-padding tokens of a batch (its `attention_mask` sum): what tokens/s counts."""
+    return int(batch["attention_mask"].sum())
+
+
+@dataclass(frozen=True, eq=False)
+class Task:
+    """One training objective for `fit` (`TrainConfig.task` takes a name of a built-in one or a `Task`).
+
+    Attributes:
+        name: what checkpoints record (a resume under another task name is refused) and logs show.
+        check_example: `check_example(example, index, where)` raises ValueError naming `where[index]`.
+        collate: `collate(examples, pad_token_id, device) -> batch` (a dict of tensors on `device`).
+        count: `count(batch) -> int`: the units the step's loss is a mean over (scored tokens, examples,
+            preference groups). `loss` divides its sum by the whole optimizer step's count.
+        loss: `loss(model, batch, count, module) -> (scalar, metrics)`: the batch's summed loss divided by
+            `count` (the step's total), and `{name: (sum, n)}` metrics (may be empty). `model` is what
+            the forward pass goes through (a DDP wrapper with several processes), `module` the user's model.
+        tokens: `tokens(batch) -> int`, for tokens/s (default: the attention mask's sum).
+        counts: what `count` counts, in words (for the warning of a step with nothing to score).
+        settings: the task's hyperparameters (JSON values), recorded with checkpoints: a resume with other
+            settings is refused.
+        shown: the metrics the progress line prints (every metric goes to `metrics.jsonl` and `History`).
+    """
+
+    name: str
+    check_example: Callable[[object, int, str], None]
+    collate: Callable[[list, int, str], dict]
+    count: Callable[[dict], int]
+    loss: Callable[[nn.Module, dict, int, nn.Module], tuple[torch.Tensor, Metrics]]
+    tokens: Callable[[dict], int] = attention_tokens
+    counts: str = "scored tokens"
+    settings: dict = field(default_factory=dict)
+    shown: tuple[str, ...] = ()
+
+    def describe(self) -> str | dict:
+        """The task as a checkpoint records it: the name, or {"name", **settings} with settings."""
+        return {"name": self.name, **self.settings} if self.settings else self.name
+
+
+def _builtin(name: str, counts: str) -> Task:
+    def check(example, index: int, where: str) -> None:
+        check_lm_example(example, index, where, name)
+
+    def loss(model, batch, count, module):
+        return batch_loss(model, batch, forward_kwargs(module), name, count, module), {}
+
+    return Task(name=name, check_example=check, collate=collate, count=lambda batch: num_scored(name, batch),
+                loss=loss, counts=counts)
+
+
+BUILTIN_TASKS: dict[str, Task] = {
+    "causal_lm": _builtin("causal_lm", "scored tokens: every label is -100"),
+    "classification": _builtin("classification", "examples"),
+    "token_classification": _builtin("token_classification", "scored tokens: every label is -100"),
+}
+
+
+def resolve_task(task: str | Task) -> Task:
+    """The `Task` that `TrainConfig.task` names (a built-in name, or a `Task` as given).
+
+    Raises:
+        ValueError: an unknown name (the built-in names are listed).
+    """
+    if isinstance(task, Task):
+        return task
+    if task not in BUILTIN_TASKS:
+        raise ValueError(f"TrainConfig.task={task!r} is not one of {list(BUILTIN_TASKS)} or a tt.train.Task "
+                         "(tt.rlhf.reward_task(), tt.rlhf.dpo_task(...))")
+    return BUILTIN_TASKS[task]
+
+
+def add_metrics(total: Metrics, more: Metrics) -> Metrics:
+    """`total` with each of `more`'s (sum, n) added in (a new dict)."""
+    out = dict(total)
+    for key, (s, n) in more.items():
+        old = out.get(key, (0.0, 0))
+        out[key] = (old[0] + float(s), old[1] + int(n))
+    return out
+
+
+def metric_means(metrics: Metrics) -> dict[str, float]:
+    """{name: sum / n} (NaN where n is 0), keys sorted."""
+    return {k: (s / n if n else float("nan")) for k, (s, n) in sorted(metrics.items())}
