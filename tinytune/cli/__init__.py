@@ -4,6 +4,8 @@
     tinytune finetune --config run.toml --steps 10         # flags override the file
     tinytune params llama-30m --method lora --rank 16 --targets all-linear
     tinytune bench llama-30m --method lora --batch-size 8 --seq-len 256 --steps 5
+    tinytune reward CHECKPOINT PREFS.jsonl --eval-data held_out.jsonl --out runs/rm   # a reward model
+    tinytune dpo CHECKPOINT PREFS.jsonl --beta 0.1 --loss-type sigmoid --out runs/dpo  # a DPO adapter
     tinytune demo                                          # offline end-to-end example, ~1-2 min on a CPU
     tinytune finetune ... --resume                         # go on from the latest checkpoint in --out
 
@@ -19,7 +21,7 @@ import os
 import shlex
 import sys
 
-from .options import CLIError, add_method_options, add_train_options, resolve
+from .options import COMMAND_DEFAULTS, DEFAULTS, LOSS_TYPES, CLIError, add_method_options, add_train_options, resolve
 from .options import _flag
 
 __all__ = ["main", "build_parser", "CLIError"]
@@ -67,6 +69,53 @@ def _add_finetune(sub) -> None:
     add_train_options(p)
 
 
+def _add_preference(sub, name: str, help: str, description: str) -> argparse.ArgumentParser:
+    """A `reward` or `dpo` parser: finetune's positionals, method and training options, preference data."""
+    defaults = COMMAND_DEFAULTS.get(name, DEFAULTS)
+    p = sub.add_parser(name, help=help, description=description,
+                       epilog="Config keys mirror the flags (as finetune's); flags override the file.")
+    p.add_argument("checkpoint", nargs="?", default=argparse.SUPPRESS, metavar="CHECKPOINT", help=_CHECKPOINT_HELP)
+    p.add_argument("data", nargs="?", default=argparse.SUPPRESS, metavar="PREFS.jsonl",
+                   help='preferences: {"prompt", "chosen", "rejected"[, "margin"]} or {"prompt", "ranked": [...]}')
+    out_files = "reward_model/" if name == "reward" else "adapter/"
+    _flag(p, "--out", f"output directory: {out_files}, checkpoints, metrics.jsonl, loss.svg", metavar="DIR")
+    _flag(p, "--config", "a .toml or .json file of options", metavar="FILE")
+    _flag(p, "--tokenizer", "tokenizer directory (tokenizer.json), required with a preset", metavar="DIR")
+    _flag(p, "--resume", "go on from the latest checkpoint in --out, or from DIR (as finetune's)", nargs="?",
+          const=True, metavar="DIR")
+    add_method_options(p)
+    d = p.add_argument_group("preference data")
+    _flag(d, "--eval-data", "held-out preferences, evaluated every --eval-every steps and at the end",
+          metavar="FILE")
+    _flag(d, "--eval-every", "evaluate --eval-data every N steps (0: only at the end)", type=int)
+    _flag(d, "--template", "alpaca | chatml | llama3 (default: none for text prompts, chatml for chat prompts)",
+          metavar="NAME")
+    _flag(d, "--max-length", "longest prompt + completion in tokens; a longer record is a bad record", type=int)
+    _flag(d, "--on-error", "bad records: raise (stop, naming file:line) or skip (report and go on)", metavar="MODE")
+    add_train_options(p, defaults)
+    return p
+
+
+def _add_reward(sub) -> None:
+    p = _add_preference(sub, "reward", "train a reward model on a preference file",
+                        "Wrap the checkpoint (or preset) in tt.rlhf.RewardModel, apply a PEFT method, train it with "
+                        "tt.rlhf.train_reward_model (Bradley-Terry loss) and save it into OUT/reward_model.")
+    g = p.add_argument_group("reward objective")
+    _flag(g, "--center-coef", "weight of mean((r_chosen + r_rejected)^2), keeping rewards near 0", type=float)
+
+
+def _add_dpo(sub) -> None:
+    p = _add_preference(sub, "dpo", "train a policy with DPO on a preference file",
+                        "Apply a PEFT method to the checkpoint (or preset), train it with tt.rlhf.dpo (the "
+                        "reference is the base, the adapters disabled) and save the adapter into OUT/adapter.")
+    g = p.add_argument_group("DPO objective")
+    defaults = COMMAND_DEFAULTS["dpo"]
+    _flag(g, "--beta", "KL weight (SimPO: the reward scale)", defaults, type=float)
+    _flag(g, "--loss-type", f"one of {', '.join(LOSS_TYPES)} (simpo: reference-free)", defaults, metavar="NAME")
+    _flag(g, "--label-smoothing", "conservative DPO's flip probability, in [0, 0.5)", defaults, type=float)
+    _flag(g, "--precompute-ref", "reference log-probs once before training, not every step", action="store_true")
+
+
 def _add_params(sub) -> None:
     p = sub.add_parser("params", help="print the parameter table of a method config, without training",
                        description="Apply the method to a checkpoint or preset and print tt.count_parameters.")
@@ -111,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "PyTorch alone.", formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_finetune, _add_params, _add_bench, _add_demo):
+    for add in (_add_finetune, _add_reward, _add_dpo, _add_params, _add_bench, _add_demo):
         add(sub)
     parser.commands = dict(sub.choices)
     return parser
@@ -122,6 +171,12 @@ def _run(args) -> None:
     if args.command == "demo":
         from .demo import run_demo
         run_demo(steps=args.steps, out=args.out, use_cache=not args.no_cache, quick=args.quick)
+        return
+    if args.command in ("reward", "dpo"):
+        from . import preference
+        keys = {"reward": preference.REWARD_KEYS, "dpo": preference.DPO_KEYS}[args.command]
+        opts = resolve(args, keys, COMMAND_DEFAULTS.get(args.command, DEFAULTS))
+        getattr(preference, args.command)(opts)
         return
     keys = {"finetune": commands.FINETUNE_KEYS, "params": commands.PARAMS_KEYS, "bench": commands.BENCH_KEYS}
     opts = resolve(args, keys[args.command])

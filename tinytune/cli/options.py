@@ -12,6 +12,7 @@ from functools import partial
 from pathlib import Path
 
 from .. import _check
+from ..rlhf import LOSS_TYPES, DPOConfig
 
 METHODS = ("lora", "dora", "ia3", "adapter", "prefix", "prompt", "bitfit")
 TASKS = ("text", "pairs", "instructions", "chats")
@@ -25,7 +26,13 @@ DEFAULTS: dict[str, object] = {
     "steps": 100, "lr": 2e-4, "batch_size": 8, "grad_accum": 1, "dtype": "fp32", "grad_checkpointing": False,
     "schedule": "constant", "warmup_steps": 0, "seed": 0, "log_every": 10, "device": "cpu",
     "seq_len": 256, "warmup": 2,
+    "eval_data": None, "eval_every": 0, "center_coef": 0.0,
+    "beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0, "precompute_ref": False,
 }
+
+# A command whose defaults differ from DEFAULTS: dpo's learning rate is DPOConfig's (5e-5; LoRA DPO wants a
+# much lower rate than supervised tuning), never finetune's 2e-4 by accident.
+COMMAND_DEFAULTS: dict[str, dict[str, object]] = {"dpo": {**DEFAULTS, "lr": DPOConfig.lr}}
 
 
 class CLIError(Exception):
@@ -67,13 +74,16 @@ FILE_VALUES = {
     "schedule": partial(_check.string, choices=("constant", "linear", "cosine")), "warmup_steps": _count,
     "seed": _count, "log_every": _int, "device": _check.string, "seq_len": _int, "warmup": _count,
     "resume": _resume,
+    "eval_data": _optional_str, "eval_every": _count, "center_coef": partial(_check.number, low=0),
+    "beta": partial(_check.number, low=0, low_open=True), "loss_type": partial(_check.string, choices=LOSS_TYPES),
+    "label_smoothing": partial(_check.number, low=0, high=0.5, high_open=True), "precompute_ref": _check.boolean,
 }
 
 
-def _flag(parser, name: str, help: str, **kwargs) -> None:
+def _flag(parser, name: str, help: str, defaults: dict = DEFAULTS, **kwargs) -> None:
     key = name.lstrip("-").replace("-", "_")
-    if key in DEFAULTS and kwargs.get("action") not in ("store_true",):
-        help = f"{help} (default: {DEFAULTS[key]})"
+    if key in defaults and kwargs.get("action") not in ("store_true",):
+        help = f"{help} (default: {defaults[key]})"
     parser.add_argument(name, default=argparse.SUPPRESS, help=help, **kwargs)
 
 
@@ -94,11 +104,11 @@ def add_method_options(parser: argparse.ArgumentParser) -> None:
     _flag(g, "--num-virtual-tokens", "prefix / prompt: virtual tokens P", type=int)
 
 
-def add_train_options(parser: argparse.ArgumentParser) -> None:
-    """The `TrainConfig` fields a user sets most often."""
+def add_train_options(parser: argparse.ArgumentParser, defaults: dict = DEFAULTS) -> None:
+    """The `TrainConfig` fields a user sets most often (`defaults`: the command's, shown in the help)."""
     g = parser.add_argument_group("training")
     _flag(g, "--steps", "optimizer steps", type=int)
-    _flag(g, "--lr", "peak learning rate", type=float)
+    _flag(g, "--lr", "peak learning rate", defaults, type=float)
     _flag(g, "--batch-size", "examples per micro-batch", type=int)
     _flag(g, "--grad-accum", "micro-batches per optimizer step", type=int)
     _flag(g, "--dtype", f"compute precision, one of {', '.join(DTYPES)}", metavar="DTYPE")
@@ -169,8 +179,9 @@ def _flatten(data: dict, file: Path) -> dict:
     return flat
 
 
-def resolve(args: argparse.Namespace, known: set[str]) -> dict:
-    """DEFAULTS < config file (`args.config`) < flags typed on the command line.
+def resolve(args: argparse.Namespace, known: set[str], defaults: dict = DEFAULTS) -> dict:
+    """`defaults` (DEFAULTS, or the command's from COMMAND_DEFAULTS) < config file (`args.config`) < flags
+    typed on the command line.
 
     Raises:
         ConfigFileError: a bad config file (see `read_config`): among others a key that this command
@@ -178,7 +189,7 @@ def resolve(args: argparse.Namespace, known: set[str]) -> dict:
     """
     given = {k: v for k, v in vars(args).items() if k not in ("command", "config", "func")}
     config = read_config(args.config, known) if getattr(args, "config", None) else {}
-    values = {k: v for k, v in DEFAULTS.items() if k in known}
+    values = {k: v for k, v in defaults.items() if k in known}
     values.update(config)
     values.update({k: v for k, v in given.items() if v is not None})
     return values

@@ -218,18 +218,20 @@ def seed_option(value) -> int:
         raise CLIError(str(err)) from None
 
 
-def train_config(opts: dict, out_dir, pad_token_id: int | None, resume=None) -> TrainConfig:
-    """A `TrainConfig` from the resolved options (`resume`: see `resume_option`).
+def train_config(opts: dict, out_dir, pad_token_id: int | None, resume=None, config_class=TrainConfig,
+                 **fields) -> TrainConfig:
+    """A `TrainConfig` (or `config_class`, a subclass such as `tt.rlhf.DPOConfig`) from the resolved options
+    (`resume`: see `resume_option`); `fields` are the subclass's own (beta=..., eval_every=...).
 
     Raises:
-        CLIError: a value `TrainConfig` rejects (its message names the field).
+        CLIError: a value the config rejects (its message names the field).
     """
     if opts["dtype"] not in DTYPES:
         raise CLIError(f"--dtype: unknown dtype {opts['dtype']!r}; choose from {list(DTYPES)}")
     keys = ("lr", "steps", "batch_size", "grad_accum", "dtype", "grad_checkpointing", "schedule",
             "warmup_steps", "seed", "log_every", "device")
     try:
-        return TrainConfig(**{k: opts[k] for k in keys}, out_dir=out_dir, pad_token_id=pad_token_id or 0,
-                           resume=resume)
+        return config_class(**{k: opts[k] for k in keys}, out_dir=out_dir, pad_token_id=pad_token_id or 0,
+                            resume=resume, **fields)
     except (ValueError, TypeError) as err:
         raise CLIError(str(err)) from None
