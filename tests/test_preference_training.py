@@ -196,3 +196,20 @@ def test_reward_model_learns_a_marker_word_rule_fast(tok, tmp_path):
     train_reward_model(rm, train, RewardConfig(steps=30, batch_size=16, lr=1e-2, log_every=1000))
     after = tt.rlhf.evaluate_reward_model(rm, test)
     assert after["accuracy"] >= 0.9 and after["accuracy"] - before >= 0.2, (before, after)
+
+
+def test_sft_weight_adds_the_mean_nll_of_the_chosen_tokens(tok, pairs):
+    """RPO / TRL's ["sigmoid", "sft"]: loss + w * (-sum of chosen-token log-probs / chosen tokens), from logits."""
+    model = _policy(tok)
+    batch = collate_preferences(pairs, 0, "cpu")
+    plain, _ = tt.rlhf.dpo_batch_loss(model, batch)
+    with_sft, metrics = tt.rlhf.dpo_batch_loss(model, batch, sft_weight=0.5)
+    logp = torch.log_softmax(model(batch["input_ids"]).double(), -1)[:, :-1]
+    token_lp = logp.gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
+    mask = (batch["labels"][:, 1:] != -100).double()
+    c = batch["chosen"]
+    nll = -(token_lp[c] * mask[c]).sum() / mask[c].sum()
+    assert metrics["sft_nll"] == pytest.approx(nll.item(), rel=1e-5)
+    assert with_sft.item() == pytest.approx(plain.item() + 0.5 * nll.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="sft_weight"):
+        DPOConfig(sft_weight=-1.0)

@@ -116,7 +116,7 @@ def _checked_ref(ref, like: torch.Tensor) -> torch.Tensor:
 
 def dpo_batch_loss(model: nn.Module, batch: dict, beta: float = 0.1, loss_type: str = "sigmoid",
                    label_smoothing: float = 0.0, ref: torch.Tensor | None = None,
-                   chunk_size: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                   chunk_size: int | None = None, sft_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
     """The DPO loss of one `preference_batch`, with TRL's metrics.
 
     Args:
@@ -126,11 +126,16 @@ def dpo_batch_loss(model: nn.Module, batch: dict, beta: float = 0.1, loss_type: 
         ref: (N,) `reference_logprobs(model, batch)` computed beforehand, or None to compute them now
             (unused by "simpo", which is reference-free).
         chunk_size: as `completion_logprobs`.
+        sft_weight: adds `sft_weight * NLL`, NLL the mean negative log-prob per chosen completion token of the
+            batch (RPO, Pang et al. 2024; TRL's `loss_type=["sigmoid", "sft"]`, `loss_weights=[1, w]`): it keeps
+            the chosen completions likely, which plain DPO may lower together with the rejected ones (a model
+            that stops ending its answers). 0: off.
 
     Returns:
         (loss, metrics): a scalar with gradients, and floats "loss", "rewards/chosen", "rewards/rejected",
         "rewards/margins", "rewards/accuracies" (the share of pairs whose chosen reward is higher),
-        "logps/chosen", "logps/rejected" (means over the pairs).
+        "logps/chosen", "logps/rejected" (means over the pairs); "loss" includes the SFT term, reported alone
+        as "sft_nll" when `sft_weight` is set.
 
     Raises:
         ValueError: a bad `ref` shape, what `dpo_loss` refuses (beta, loss_type, label_smoothing), or what
@@ -140,14 +145,25 @@ def dpo_batch_loss(model: nn.Module, batch: dict, beta: float = 0.1, loss_type: 
     if loss_type != "simpo":
         ref = reference_logprobs(model, batch, chunk_size) if ref is None else _checked_ref(ref, policy)
     c, r = batch["chosen"], batch["rejected"]  # (P,) row indices
-    lengths = {}
+    lengths, n = {}, completion_lengths(batch)
     if loss_type in _USE_LENGTHS:
-        n = completion_lengths(batch)
         lengths = {"chosen_lengths": n[c], "rejected_lengths": n[r]}
     ref_c, ref_r = (None, None) if loss_type == "simpo" else (ref[c], ref[r])
     loss, rew_c, rew_r = dpo_loss(policy[c], policy[r], ref_c, ref_r, beta, loss_type, label_smoothing, **lengths)
+    sft = {}
+    if _sft_weight(sft_weight):
+        nll = -policy[c].sum() / n[c].sum().clamp_min(1)  # per chosen token, as TRL's "sft" loss
+        loss, sft = loss + sft_weight * nll, {"sft_nll": nll.item()}
     metrics = {"loss": loss.item(), "rewards/chosen": rew_c.mean().item(), "rewards/rejected": rew_r.mean().item(),
                "rewards/margins": (rew_c - rew_r).mean().item(),
                "rewards/accuracies": (rew_c > rew_r).float().mean().item(),
-               "logps/chosen": policy[c].detach().mean().item(), "logps/rejected": policy[r].detach().mean().item()}
+               "logps/chosen": policy[c].detach().mean().item(), "logps/rejected": policy[r].detach().mean().item(),
+               **sft}
     return loss, metrics
+
+
+def _sft_weight(weight) -> float:
+    """`weight` when it is a finite number >= 0; ValueError naming it otherwise."""
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < float("inf"):
+        raise ValueError(f"sft_weight must be a finite number >= 0, got {weight!r}")
+    return float(weight)

@@ -121,22 +121,24 @@ DPO_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards
 
 
 def dpo_task(beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-             chunk_size: int | None = None) -> Task:
+             chunk_size: int | None = None, sft_weight: float = 0.0) -> Task:
     """DPO (or IPO, hinge, SimPO) as a training objective: `dpo_batch_loss` averaged over pairs.
 
     The reference is the model itself with its adapters disabled, in eval mode and without gradients, once
     per batch; examples carrying "ref_logps" (`precompute_reference`) use those instead. Metrics per pair:
     TRL's "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
-    "logps/rejected".
+    "logps/rejected" (and "sft_nll" with `sft_weight`: see `dpo_batch_loss`).
 
     Raises:
-        ValueError: a bad beta (> 0), loss_type, label_smoothing (in [0, 0.5), sigmoid / simpo only) or chunk_size.
+        ValueError: a bad beta (> 0), loss_type, label_smoothing (in [0, 0.5), sigmoid / simpo only), chunk_size
+            or sft_weight (>= 0).
     """
     try:
         check_dpo_args(beta, loss_type, label_smoothing, lengths_given=loss_type in ("ipo", "simpo"))  # (the batch has them)
     except ValueError as err:
         raise ValueError(f"dpo_task: {err}") from None
     _check.integer(chunk_size, "dpo_task: chunk_size", 1, none=True)
+    sft_weight = _check.number(sft_weight, "dpo_task: sft_weight", 0)
 
     def loss(model, batch, count, module):
         ref = batch.get(REF_KEY)
@@ -144,11 +146,12 @@ def dpo_task(beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: flo
             with _eval_mode(module):
                 ref = reference_logprobs(module, batch, chunk_size)
         mean, means = dpo_batch_loss(model, batch, beta, loss_type, label_smoothing,
-                                     None if ref is None else ref.float(), chunk_size)
+                                     None if ref is None else ref.float(), chunk_size, sft_weight)
         p = _pairs(batch)
-        return mean * (p / count), {k: (means[k] * p, p) for k in DPO_METRICS}
+        return mean * (p / count), {k: (means[k] * p, p) for k in DPO_METRICS + ("sft_nll",) if k in means}
 
     return Task(name="dpo", check_example=check_preference_example, collate=collate_preferences, count=_pairs,
                 loss=loss, counts="preference pairs",
-                settings={"beta": float(beta), "loss_type": loss_type, "label_smoothing": float(label_smoothing)},
+                settings={"beta": float(beta), "loss_type": loss_type, "label_smoothing": float(label_smoothing),
+                          **({"sft_weight": sft_weight} if sft_weight else {})},
                 shown=("rewards/accuracies", "rewards/margins"))

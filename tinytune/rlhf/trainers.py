@@ -62,6 +62,8 @@ class DPOConfig(TrainConfig):
         precompute_ref: compute every example's reference log-probs once before training (one pass over
             the data, no reference forward per step) instead of once per batch.
         chunk_size: rows per chunk of the fused log-prob path (None: its default).
+        sft_weight: weight of an added NLL on the chosen completions (RPO; TRL's `loss_type=["sigmoid", "sft"]`
+            with `loss_weights=[1, sft_weight]`), which keeps them likely; 0: plain DPO.
         lr: as `TrainConfig.lr`; the default here is 5e-5 (LoRA DPO: much lower than supervised tuning).
         (every other `TrainConfig` field: steps, batch_size (preference examples per micro-batch), ...)
 
@@ -75,12 +77,13 @@ class DPOConfig(TrainConfig):
     label_smoothing: float = 0.0
     precompute_ref: bool = False
     chunk_size: int | None = None
+    sft_weight: float = 0.0
 
     def __post_init__(self):
         super().__post_init__()
         _check.boolean(self.precompute_ref, "DPOConfig.precompute_ref")
         self.task = _own_task(self, "dpo", lambda: dpo_task(self.beta, self.loss_type, self.label_smoothing,
-                                                             self.chunk_size))
+                                                             self.chunk_size, self.sft_weight))
 
 
 def _batches(pairs, cfg: TrainConfig):
