@@ -34,6 +34,25 @@ def data(n: int = 40, seed: int = 0):
     return out
 
 
+def preference_data(n: int = 12, seed: int = 0) -> list[dict]:
+    """Preference examples of random ids: pairs and rankings of 3 (so ranks hold different pair counts)."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = lambda k: torch.randint(3, 200, (k,), generator=gen).tolist()  # noqa: E731
+    out = []
+    for i in range(n):
+        k = 2 + i % 2
+        pairs = [(a, b) for a in range(k) for b in range(a + 1, k)]
+        out.append({"prompt_ids": ids(3 + i % 4), "completion_ids": [ids(2 + (i + j) % 3) + [2] for j in range(k)],
+                    "chosen": [a for a, _ in pairs], "rejected": [b for _, b in pairs], "margin": [None] * len(pairs),
+                    "group": i})
+    return out
+
+
+def dpo_config(world_size: int) -> "tt.rlhf.DPOConfig":
+    """DPO with a global batch of 8 preference examples per step whatever the number of processes."""
+    return tt.rlhf.DPOConfig(lr=1e-2, steps=3, batch_size=8 // (2 * world_size), grad_accum=2, log_every=1)
+
+
 def config(world_size: int, out_dir=None, **kw) -> TrainConfig:
     """The global batch is 8 examples per step whatever the number of processes."""
     base = dict(lr=1e-2, steps=4, batch_size=8 // (2 * world_size), grad_accum=2, log_every=1,
@@ -81,6 +100,12 @@ def main(out: Path) -> None:
         full = {k: v.full_tensor() for k, v in tt.lora.state_dict(m).items()}  # as docs/training.md shows
         if rank == 0:
             save_file(full, str(out / "fsdp.safetensors"))
+    # 4) DPO: the policy through DDP, the reference (adapters disabled) through the plain module
+    m = model()
+    h = tt.rlhf.dpo(m, preference_data(), dpo_config(world))
+    results["dpo"] = {"losses": h.losses, "metrics": h.metrics}
+    if rank == 0:
+        save_file(trainable(m), str(out / "dpo.safetensors"))
     (out / f"results-rank{rank}.json").write_text(json.dumps(results))
     assert dist.is_initialized(), "the group fit created stays up for later fits and the script"
 

@@ -60,6 +60,20 @@ def test_resume_with_checkpointing_under_ddp_equals_one_straight_process(two_pro
     _assert_close(load_file(str(out / "resumed.safetensors")), w.trainable(m))
 
 
+def test_dpo_under_ddp_equals_one_process(two_process_run):
+    """The DPO task's counts (pairs) and metrics (sum, n) add up over processes exactly as over one batch."""
+    out, _ = two_process_run
+    m = w.model()
+    h = tt.rlhf.dpo(m, w.preference_data(), w.dpo_config(1), stream=io.StringIO())
+    for r in (0, 1):
+        got = json.loads((out / f"results-rank{r}.json").read_text())["dpo"]
+        assert got["losses"] == pytest.approx(h.losses, rel=RTOL)
+        for step, metrics in enumerate(h.metrics):
+            assert got["metrics"][step] == pytest.approx(metrics, rel=1e-4, abs=1e-5)
+    _assert_close(load_file(str(out / "dpo.safetensors")), w.trainable(m))
+    assert h.losses[0] == pytest.approx(0.693147, abs=1e-5) and h.losses[-1] < h.losses[0]
+
+
 def test_fsdp_sharded_training_equals_one_process(two_process_run):
     out, _ = two_process_run
     got = json.loads((out / "results-rank0.json").read_text())["fsdp"]

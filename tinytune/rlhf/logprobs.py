@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 from ..ops.token_logprobs import linear_token_logprobs
 from ..train.losses import IGNORE_INDEX, fused_lm_head
@@ -84,7 +85,8 @@ def token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     _check(input_ids, attention_mask, chunk_size)
     scored = _scored(input_ids, attention_mask)  # (B, T-1)
     kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
-    weight = fused_lm_head(model)
+    # a DistributedDataParallel wrapper is run (it syncs the gradients), its module's head is looked up
+    weight = fused_lm_head(model.module if isinstance(model, DistributedDataParallel) else model)
     if weight is not None:
         hidden = model(input_ids, return_hidden=True, **kwargs)  # (B, T, d)
         # shift on the targets, not on hidden (no (B, T-1, d) copy): the last column is ignored
