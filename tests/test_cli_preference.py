@@ -78,6 +78,16 @@ def test_dpo_starts_at_ln2_and_logs_reward_metrics(root, tmp_path, capsys):
     assert dict(tt.lora.lora_layers(model))
 
 
+def test_dpo_sft_weight_adds_the_chosen_nll(root, tmp_path, capsys):
+    out = tmp_path / "rpo"
+    code, _, err = run(capsys, "dpo", *_common(root, out, "--sft-weight", 0.5))
+    assert code == 0, err
+    first = _records(out)[0]
+    assert first["loss"] == pytest.approx(math.log(2) + 0.5 * first["sft_nll"], abs=1e-5)
+    code, _, err = run(capsys, "dpo", *_common(root, tmp_path / "bad", "--sft-weight", -1))
+    assert code == 2 and "--sft-weight" in err and not (tmp_path / "bad").exists()
+
+
 def test_dpo_lr_default_is_dpo_configs_not_finetunes(root, tmp_path, capsys):
     from tinytune.cli import build_parser
     from tinytune.cli.options import COMMAND_DEFAULTS, resolve

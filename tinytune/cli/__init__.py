@@ -114,6 +114,8 @@ def _add_dpo(sub) -> None:
     _flag(g, "--loss-type", f"one of {', '.join(LOSS_TYPES)} (simpo: reference-free)", defaults, metavar="NAME")
     _flag(g, "--label-smoothing", "conservative DPO's flip probability, in [0, 0.5)", defaults, type=float)
     _flag(g, "--precompute-ref", "reference log-probs once before training, not every step", action="store_true")
+    _flag(g, "--sft-weight", "weight of an added NLL on the chosen completions (RPO; 0: plain DPO)", defaults,
+          type=float)
 
 
 def _add_params(sub) -> None:

@@ -27,7 +27,7 @@ DEFAULTS: dict[str, object] = {
     "schedule": "constant", "warmup_steps": 0, "seed": 0, "log_every": 10, "device": "cpu",
     "seq_len": 256, "warmup": 2,
     "eval_data": None, "eval_every": 0, "center_coef": 0.0,
-    "beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0, "precompute_ref": False,
+    "beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0, "precompute_ref": False, "sft_weight": 0.0,
 }
 
 # A command whose defaults differ from DEFAULTS: dpo's learning rate is DPOConfig's (5e-5; LoRA DPO wants a
@@ -77,6 +77,7 @@ FILE_VALUES = {
     "eval_data": _optional_str, "eval_every": _count, "center_coef": partial(_check.number, low=0),
     "beta": partial(_check.number, low=0, low_open=True), "loss_type": partial(_check.string, choices=LOSS_TYPES),
     "label_smoothing": partial(_check.number, low=0, high=0.5, high_open=True), "precompute_ref": _check.boolean,
+    "sft_weight": partial(_check.number, low=0),
 }
 
 

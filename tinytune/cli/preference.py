@@ -30,7 +30,7 @@ PREFERENCE_KEYS = METHOD_KEYS | {
     "steps", "lr", "batch_size", "grad_accum", "dtype", "grad_checkpointing", "schedule", "warmup_steps", "seed",
     "log_every", "device", "resume"}
 REWARD_KEYS = PREFERENCE_KEYS | {"center_coef"}
-DPO_KEYS = PREFERENCE_KEYS | {"beta", "loss_type", "label_smoothing", "precompute_ref"}
+DPO_KEYS = PREFERENCE_KEYS | {"beta", "loss_type", "label_smoothing", "precompute_ref", "sft_weight"}
 
 
 def _objective(opts: dict, command: str) -> dict:
@@ -52,7 +52,8 @@ def _objective(opts: dict, command: str) -> dict:
                 "loss_type": opts["loss_type"],
                 "label_smoothing": _check.number(opts["label_smoothing"], "--label-smoothing", 0, 0.5,
                                                  high_open=True),
-                "precompute_ref": _check.boolean(opts["precompute_ref"], "--precompute-ref")}
+                "precompute_ref": _check.boolean(opts["precompute_ref"], "--precompute-ref"),
+                "sft_weight": _check.number(opts["sft_weight"], "--sft-weight", 0)}
     except _check.FieldError as err:
         raise CLIError(str(err)) from None
 
