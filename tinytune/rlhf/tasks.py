@@ -106,7 +106,7 @@ def reward_task(center_coef: float = 0.0) -> Task:
 
 
 @contextlib.contextmanager
-def _eval_mode(module):
+def eval_mode(module):
     """The reference is computed without dropout, whatever mode training put the model in."""
     was = module.training
     module.eval()
@@ -143,7 +143,7 @@ def dpo_task(beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: flo
     def loss(model, batch, count, module):
         ref = batch.get(REF_KEY)
         if ref is None and loss_type != "simpo":
-            with _eval_mode(module):
+            with eval_mode(module):
                 ref = reference_logprobs(module, batch, chunk_size)
         mean, means = dpo_batch_loss(model, batch, beta, loss_type, label_smoothing,
                                      None if ref is None else ref.float(), chunk_size, sft_weight)

@@ -19,7 +19,7 @@ from ..train.precision import Precision
 from ..train.tasks import Task
 from .dpo_step import adapters_disabled, completion_logprobs, reference_logprobs
 from .reward_model import RewardModel, pairwise_metrics
-from .tasks import REF_KEY, collate_preferences, dpo_task, reward_task, _eval_mode
+from .tasks import REF_KEY, collate_preferences, dpo_task, reward_task, eval_mode
 
 
 def _own_task(cfg: TrainConfig, name: str, build) -> Task:
@@ -104,7 +104,7 @@ def precompute_reference(model: nn.Module, pairs, cfg: TrainConfig) -> list[dict
     check_data(pairs, "pairs", dpo_task())
     precision, out = Precision(cfg.dtype, cfg.device), []
     model.to(cfg.device)
-    with _eval_mode(model), precision.autocast():
+    with eval_mode(model), precision.autocast():
         for chunk, batch in _batches(pairs, cfg):
             ref = reference_logprobs(model, batch, getattr(cfg, "chunk_size", None)).double().cpu().tolist()
             for ex in chunk:
@@ -190,7 +190,7 @@ def score_completions(rm: nn.Module, pairs, cfg: TrainConfig) -> torch.Tensor:
     batches of `cfg.batch_size` examples on `cfg.device`."""
     check_data(pairs, "pairs", reward_task())
     out = []
-    with _eval_mode(rm), Precision(cfg.dtype, cfg.device).autocast():
+    with eval_mode(rm), Precision(cfg.dtype, cfg.device).autocast():
         for _, batch in _batches(pairs, cfg):
             out.append(rm(batch["input_ids"], batch["attention_mask"]).float().cpu())
     return torch.cat(out)
@@ -203,7 +203,7 @@ def evaluate_reward_model(rm: nn.Module, pairs, cfg: TrainConfig | None = None) 
     cfg = cfg or TrainConfig()
     check_data(pairs, "pairs", reward_task())
     chosen, rejected = [], []
-    with _eval_mode(rm), Precision(cfg.dtype, cfg.device).autocast():
+    with eval_mode(rm), Precision(cfg.dtype, cfg.device).autocast():
         for _, batch in _batches(pairs, cfg):
             scores = rm(batch["input_ids"], batch["attention_mask"]).float().cpu()
             chosen.append(scores[batch["chosen"].cpu()])
@@ -222,7 +222,7 @@ def preference_accuracy(model: nn.Module, pairs, cfg: TrainConfig | None = None,
     """
     cfg = cfg or TrainConfig()
     diffs, raw = [], []
-    with _eval_mode(model), Precision(cfg.dtype, cfg.device).autocast():
+    with eval_mode(model), Precision(cfg.dtype, cfg.device).autocast():
         for _, batch in _batches(pairs, cfg):
             policy = completion_logprobs(model, batch).double()
             ref = reference_logprobs(model, batch).double()
