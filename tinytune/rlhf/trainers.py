@@ -187,9 +187,10 @@ def train_reward_model(rm: RewardModel, pairs, cfg: RewardConfig | None = None, 
 @torch.no_grad()
 def score_completions(rm: nn.Module, pairs, cfg: TrainConfig) -> torch.Tensor:
     """(N,) float32: the reward of every completion of `pairs` (prompt + completion), in eval mode, in
-    batches of `cfg.batch_size` examples on `cfg.device`."""
+    batches of `cfg.batch_size` examples on `cfg.device` (the model is moved there)."""
     check_data(pairs, "pairs", reward_task())
     out = []
+    rm.to(cfg.device)
     with eval_mode(rm), Precision(cfg.dtype, cfg.device).autocast():
         for _, batch in _batches(pairs, cfg):
             out.append(rm(batch["input_ids"], batch["attention_mask"]).float().cpu())
@@ -199,10 +200,12 @@ def score_completions(rm: nn.Module, pairs, cfg: TrainConfig) -> torch.Tensor:
 @torch.no_grad()
 def evaluate_reward_model(rm: nn.Module, pairs, cfg: TrainConfig | None = None) -> dict[str, float]:
     """`pairwise_metrics` over every pair of `pairs` (accuracy with ties as half, mean margin, reward
-    mean / std, chosen / rejected means), in eval mode; batches as `cfg` (default `TrainConfig()`) says."""
+    mean / std, chosen / rejected means), in eval mode; batches as `cfg` (default `TrainConfig()`) says,
+    on its device (the model is moved there)."""
     cfg = cfg or TrainConfig()
     check_data(pairs, "pairs", reward_task())
     chosen, rejected = [], []
+    rm.to(cfg.device)
     with eval_mode(rm), Precision(cfg.dtype, cfg.device).autocast():
         for _, batch in _batches(pairs, cfg):
             scores = rm(batch["input_ids"], batch["attention_mask"]).float().cpu()
@@ -216,12 +219,19 @@ def preference_accuracy(model: nn.Module, pairs, cfg: TrainConfig | None = None,
     """How often a policy ranks the chosen completion above the rejected one by its own summed log-prob
     relative to the reference (DPO's implicit reward `beta * (log pi - log pi_ref)`), over all pairs.
 
+    Batches of `cfg.batch_size` examples on `cfg.device` (the model is moved there), in eval mode.
+
     Returns:
         {"accuracy" (ties half), "margin" (mean implicit-reward margin), "logp_margin" (mean of
         log pi(chosen) - log pi(rejected), no reference)}.
+
+    Raises:
+        ValueError: a malformed example (named), or a model without a PEFT method to disable.
     """
     cfg = cfg or TrainConfig()
+    check_data(pairs, "pairs", dpo_task())
     diffs, raw = [], []
+    model.to(cfg.device)
     with eval_mode(model), Precision(cfg.dtype, cfg.device).autocast():
         for _, batch in _batches(pairs, cfg):
             policy = completion_logprobs(model, batch).double()
