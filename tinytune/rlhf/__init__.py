@@ -1,12 +1,17 @@
-"""Preference learning: per-token log-probs, Bradley-Terry reward losses, the reward model, DPO and its variants.
+"""Preference learning and RL: per-token log-probs, Bradley-Terry reward losses, the reward model, DPO and its
+variants; and the maths of online RL (GAE, group advantages, KL estimators, PPO and GRPO losses).
 
 Imports peft, models, data, train and ops; nothing below imports it. See docs/rlhf.md.
 """
+from .advantages import gae, group_advantages, masked_mean, whiten
 from .data import preference_batch
 from .dpo_step import (adapters_disabled, completion_lengths, completion_logprobs, completion_mask, dpo_batch_loss,
                        reference_logprobs)
 from .logprobs import token_logprobs
 from .losses import LOSS_TYPES, dpo_loss, grouped_reward_loss, reward_loss
+from .rollout import Rollout, completions, eos_penalty, generate_rollouts
+from .rl_losses import (GRPO_LOSS_TYPES, KL_ESTIMATORS, KLController, clipped_objective, grpo_loss, kl_estimate,
+                        ppo_policy_loss, ppo_rewards, value_loss)
 from .reward_model import RewardModel, load_reward_model, pairwise_metrics, save_reward_model
 from .tasks import check_preference_example, collate_preferences, dpo_task, reward_task
 from .trainers import (DPOConfig, RewardConfig, dpo, evaluate_reward_model, precompute_reference, preference_accuracy,
@@ -14,6 +19,19 @@ from .trainers import (DPOConfig, RewardConfig, dpo, evaluate_reward_model, prec
 
 __all__ = [
     "DPOConfig",
+    "GRPO_LOSS_TYPES",
+    "KLController",
+    "KL_ESTIMATORS",
+    "clipped_objective",
+    "gae",
+    "group_advantages",
+    "grpo_loss",
+    "kl_estimate",
+    "masked_mean",
+    "ppo_policy_loss",
+    "ppo_rewards",
+    "value_loss",
+    "whiten",
     "LOSS_TYPES",
     "RewardConfig",
     "check_preference_example",
@@ -27,6 +45,10 @@ __all__ = [
     "score_completions",
     "train_reward_model",
     "RewardModel",
+    "Rollout",
+    "completions",
+    "eos_penalty",
+    "generate_rollouts",
     "adapters_disabled",
     "completion_lengths",
     "completion_logprobs",
