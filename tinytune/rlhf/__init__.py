@@ -12,6 +12,7 @@ from .losses import LOSS_TYPES, dpo_loss, grouped_reward_loss, reward_loss
 from .rollout import Rollout, completions, eos_penalty, generate_rollouts
 from .rl_losses import (GRPO_LOSS_TYPES, KL_ESTIMATORS, KLController, clipped_objective, grpo_loss, kl_estimate,
                         ppo_policy_loss, ppo_rewards, value_loss)
+from .rewards import combine_rewards, load_reward_function, normalized_scores, reward_matrix
 from .reward_model import RewardModel, load_reward_model, pairwise_metrics, save_reward_model
 from .tasks import check_preference_example, collate_preferences, dpo_task, reward_task
 from .trainers import (DPOConfig, RewardConfig, dpo, evaluate_reward_model, precompute_reference, preference_accuracy,
@@ -23,6 +24,10 @@ __all__ = [
     "KLController",
     "KL_ESTIMATORS",
     "clipped_objective",
+    "combine_rewards",
+    "load_reward_function",
+    "normalized_scores",
+    "reward_matrix",
     "gae",
     "group_advantages",
     "grpo_loss",
