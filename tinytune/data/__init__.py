@@ -6,6 +6,7 @@ from .datasets import load_chats, load_instructions, load_pairs, load_text
 from .encoding import IGNORE, encode_segments
 from .metrics import EntityScores, accuracy, bio_spans, entity_scores, macro_f1, word_predictions
 from .preferences import load_preferences, preference_sequences
+from .prompts import load_prompts
 from .records import BadRecord, Examples, RecordError, build_examples
 from .tasks import discover_labels, load_classification, load_ner
 from .templates import (ALPACA, CHATML, LLAMA3, TEMPLATES, ChatTemplate, InstructionTemplate, Segment,
@@ -16,5 +17,6 @@ __all__ = [
     "InstructionTemplate", "LLAMA3", "LengthGroupedSampler", "RecordError", "Segment", "TEMPLATES", "accuracy",
     "bio_spans", "build_examples", "discover_labels", "encode_segments", "entity_scores", "get_template",
     "load_chats", "load_classification", "load_instructions", "load_ner", "load_pairs", "load_preferences",
-    "load_text", "macro_f1", "pack_examples", "pad_batch", "preference_sequences", "segment_mask", "word_predictions",
+    "load_prompts", "load_text", "macro_f1", "pack_examples", "pad_batch", "preference_sequences", "segment_mask",
+    "word_predictions",
 ]
