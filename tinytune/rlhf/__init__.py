@@ -15,6 +15,7 @@ from .rl_losses import (GRPO_LOSS_TYPES, KL_ESTIMATORS, KLController, clipped_ob
 from .rewards import combine_rewards, load_reward_function, normalized_scores, reward_matrix
 from .reward_model import RewardModel, load_reward_model, pairwise_metrics, save_reward_model
 from .tasks import check_preference_example, collate_preferences, dpo_task, reward_task
+from .grpo import GRPOConfig, check_prompt_example, grpo, grpo_task
 from .roles import use_adapter
 from .value_model import ValueModel
 from .trainers import (DPOConfig, RewardConfig, dpo, evaluate_reward_model, precompute_reference, preference_accuracy,
@@ -53,6 +54,10 @@ __all__ = [
     "train_reward_model",
     "RewardModel",
     "ValueModel",
+    "GRPOConfig",
+    "check_prompt_example",
+    "grpo",
+    "grpo_task",
     "use_adapter",
     "Rollout",
     "completions",
