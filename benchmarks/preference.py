@@ -63,7 +63,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import tinytune as tt  # noqa: E402
 from tinytune.cli.measure import PeakMemory, _status_kib  # noqa: E402
-from train_step import machine  # noqa: E402  (the sibling benchmark's helper)
+from train_step import machine, print_table  # noqa: E402  (the sibling benchmark's helpers)
 
 RANK, ALPHA, DROPOUT, LR, BETA = 16, 32, 0.05, 1e-4, 0.1
 PAD = 0  # the pad id of both sides; the random ids never use it
@@ -315,15 +315,6 @@ def bars_svg(rows: list[dict], title: str, width: int = 720) -> str:
     return "\n".join(parts) + "\n"
 
 
-def print_table(result: dict) -> None:
-    print(f"{'variant':<30} {'tokens/s':>9} {'step s':>7} {'peak MiB':>9} {'speed x':>8} {'memory x':>9} "
-          f"{'first loss':>11}")
-    for r in result["rows"]:
-        ratios = f"{r['speed_ratio']:>8.2f} {r['memory_ratio']:>9.2f}" if "speed_ratio" in r else f"{'':>8} {'':>9}"
-        print(f"{r['variant']:<30} {r['tokens_per_s']:>9,.0f} {r['median_step_s']:>7.3f} "
-              f"{r['peak_bytes'] / 2**20:>9,.0f} {ratios} {r['first_loss']:>11.6f}")
-
-
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", 
@@ -356,7 +347,7 @@ def main() -> None:
         times, first = measure_speed(args, ckpt, data)
     info["load_avg_after"] = os.getloadavg()
     result = {"machine": info, **report(args, times, memory, first)}
-    print_table(result)
+    print_table(result, first_loss=True)
     if args.quick:
         return
     out = Path(args.out)

@@ -191,12 +191,15 @@ def report(args, vs, times, memory) -> dict:
             "targets": TARGETS, "rows": rows}
 
 
-def print_table(result: dict) -> None:
-    print(f"{'variant':<30} {'tokens/s':>9} {'step s':>7} {'peak MiB':>9} {'speed x':>8} {'memory x':>9}")
+def print_table(result: dict, first_loss: bool = False) -> None:
+    """The rows of `result` as a plain-text table (with each row's first loss when asked: preference.py)."""
+    extra = f" {'first loss':>11}" if first_loss else ""
+    print(f"{'variant':<30} {'tokens/s':>9} {'step s':>7} {'peak MiB':>9} {'speed x':>8} {'memory x':>9}{extra}")
     for r in result["rows"]:
         ratios = f"{r['speed_ratio']:>8.2f} {r['memory_ratio']:>9.2f}" if "speed_ratio" in r else f"{'':>8} {'':>9}"
+        loss = f" {r['first_loss']:>11.6f}" if first_loss else ""
         print(f"{r['variant']:<30} {r['tokens_per_s']:>9,.0f} {r['median_step_s']:>7.3f} "
-              f"{r['peak_bytes'] / 2**20:>9,.0f} {ratios}")
+              f"{r['peak_bytes'] / 2**20:>9,.0f} {ratios}{loss}")
 
 
 def parse_args():
