@@ -156,6 +156,8 @@ def test_refusals_name_the_offending_thing(tok, pairs):
         dpo(_policy(tok), [pairs[0], {**pairs[1], "completion_ids": [[5]]}], DPOConfig(steps=1))
     with pytest.raises(ValueError, match=r"pairs\[0\].*two different completion indices"):
         dpo(_policy(tok), [{**pairs[0], "chosen": [0], "rejected": [0]}], DPOConfig(steps=1))
+    with pytest.raises(ValueError, match=r"pairs\[0\].*'margin' must hold one finite number"):
+        dpo(_policy(tok), [{**pairs[0], "margin": ["big"]}], DPOConfig(steps=1))
     with pytest.raises(ValueError, match="beta"):
         DPOConfig(beta=0)
     with pytest.raises(ValueError, match="label_smoothing"):

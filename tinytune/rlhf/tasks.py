@@ -46,8 +46,9 @@ def check_preference_example(example, index: int, where: str) -> None:
            for i, j in pairs):
         bad(f"pairs {pairs[:4]} must be two different completion indices in [0, {k})")
     margin = example.get("margin", [None] * len(pairs))
-    if not isinstance(margin, list) or len(margin) != len(pairs):
-        bad(f"'margin' must hold one value (or None) per pair: {len(pairs)}, got {margin!r}")
+    if not isinstance(margin, list) or len(margin) != len(pairs) or not all(
+            m is None or (isinstance(m, (int, float)) and not isinstance(m, bool) and math.isfinite(m)) for m in margin):
+        bad(f"'margin' must hold one finite number (or None) per pair: {len(pairs)}, got {margin!r}")
     if REF_KEY in example:
         ref = example[REF_KEY]
         if not isinstance(ref, list) or len(ref) != k or not all(
