@@ -6,6 +6,7 @@
     tinytune bench llama-30m --method lora --batch-size 8 --seq-len 256 --steps 5
     tinytune reward CHECKPOINT PREFS.jsonl --eval-data held_out.jsonl --out runs/rm   # a reward model
     tinytune dpo CHECKPOINT PREFS.jsonl --beta 0.1 --loss-type sigmoid --out runs/dpo  # a DPO adapter
+    tinytune grpo CHECKPOINT PROMPTS.jsonl --reward my_rewards:exact --out runs/grpo   # a GRPO adapter
     tinytune demo                                          # offline end-to-end example, ~1-2 min on a CPU
     tinytune finetune ... --resume                         # go on from the latest checkpoint in --out
 
@@ -23,6 +24,8 @@ import sys
 
 from .options import COMMAND_DEFAULTS, DEFAULTS, LOSS_TYPES, CLIError, add_method_options, add_train_options, resolve
 from .options import _flag
+from ..rlhf import GRPO_LOSS_TYPES
+from ..rlhf.advantages import SCALES
 
 __all__ = ["main", "build_parser", "CLIError"]
 
@@ -118,6 +121,50 @@ def _add_dpo(sub) -> None:
           type=float)
 
 
+def _add_grpo(sub) -> None:
+    """The `grpo` parser: dpo's positionals, method and training options, prompt data and the objective."""
+    defaults = COMMAND_DEFAULTS["grpo"]
+    p = sub.add_parser("grpo", help="train a policy with GRPO on a prompt file and reward functions",
+                       description="Apply a PEFT method to the checkpoint (or preset), train it with tt.rlhf.grpo "
+                       "(group_size completions per prompt, scored by --reward functions) and save the adapter "
+                       "into OUT/adapter.", epilog="Config keys mirror the flags (as finetune's; reward: a string "
+                       "or a list); flags override the file.")
+    p.add_argument("checkpoint", nargs="?", default=argparse.SUPPRESS, metavar="CHECKPOINT", help=_CHECKPOINT_HELP)
+    p.add_argument("data", nargs="?", default=argparse.SUPPRESS, metavar="PROMPTS.jsonl",
+                   help='prompts: {"prompt": text or chat messages, ...other fields for the rewards}')
+    _flag(p, "--out", "output directory: adapter/, checkpoints, metrics.jsonl, loss.svg", metavar="DIR")
+    _flag(p, "--config", "a .toml or .json file of options", metavar="FILE")
+    _flag(p, "--tokenizer", "tokenizer directory (tokenizer.json), required with a preset", metavar="DIR")
+    _flag(p, "--resume", "go on from the latest checkpoint in --out, or from DIR (as finetune's)", nargs="?",
+          const=True, metavar="DIR")
+    add_method_options(p)
+    d = p.add_argument_group("prompt data")
+    _flag(d, "--eval-data", "held-out prompts, evaluated every --eval-every steps and at the end", metavar="FILE")
+    _flag(d, "--eval-every", "evaluate --eval-data every N steps (0: only at the end)", type=int)
+    _flag(d, "--template", "alpaca | chatml | llama3 (default: none for text prompts, chatml for chat prompts)",
+          metavar="NAME")
+    _flag(d, "--max-length", "longest prompt in tokens; a longer record is a bad record", type=int)
+    _flag(d, "--on-error", "bad records: raise (stop, naming file:line) or skip (report and go on)", metavar="MODE")
+    add_train_options(p, defaults)
+    g = p.add_argument_group("GRPO objective")
+    _flag(g, "--reward", "a reward function as module:function, f(prompts, completions, **fields) -> floats "
+          "(repeat for several; required)", action="append", metavar="SPEC")
+    _flag(g, "--reward-weights", "one weight per --reward, comma-separated (default: all 1.0)", metavar="W,W")
+    _flag(g, "--group-size", "completions per prompt (--batch-size counts prompts)", defaults, type=int)
+    _flag(g, "--max-new-tokens", "longest completion in tokens", defaults, type=int)
+    _flag(g, "--temperature", "sampling temperature", defaults, type=float)
+    _flag(g, "--top-k", "sample among the k likeliest tokens", defaults, type=int)
+    _flag(g, "--top-p", "nucleus sampling, in (0, 1]", defaults, type=float)
+    _flag(g, "--loss-type", f"one of {', '.join(GRPO_LOSS_TYPES)}", defaults, metavar="NAME")
+    _flag(g, "--epsilon", "clip range", defaults, type=float)
+    _flag(g, "--epsilon-high", "upper clip range (default: --epsilon)", type=float)
+    _flag(g, "--beta", "weight of the KL to the base (the adapters disabled; 0: no reference)", defaults,
+          type=float)
+    _flag(g, "--scale-rewards", f"advantage scaling, one of {', '.join(SCALES)}", defaults, metavar="MODE")
+    _flag(g, "--mask-truncated-completions", "leave completions without a stop token out of the loss",
+          action="store_true")
+
+
 def _add_params(sub) -> None:
     p = sub.add_parser("params", help="print the parameter table of a method config, without training",
                        description="Apply the method to a checkpoint or preset and print tt.count_parameters.")
@@ -162,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "PyTorch alone.", formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_finetune, _add_reward, _add_dpo, _add_params, _add_bench, _add_demo):
+    for add in (_add_finetune, _add_reward, _add_dpo, _add_grpo, _add_params, _add_bench, _add_demo):
         add(sub)
     parser.commands = dict(sub.choices)
     return parser
@@ -179,6 +226,10 @@ def _run(args) -> None:
         keys = {"reward": preference.REWARD_KEYS, "dpo": preference.DPO_KEYS}[args.command]
         opts = resolve(args, keys, COMMAND_DEFAULTS.get(args.command, DEFAULTS))
         getattr(preference, args.command)(opts)
+        return
+    if args.command == "grpo":
+        from . import rl
+        rl.grpo(resolve(args, rl.GRPO_KEYS, COMMAND_DEFAULTS["grpo"]))
         return
     keys = {"finetune": commands.FINETUNE_KEYS, "params": commands.PARAMS_KEYS, "bench": commands.BENCH_KEYS}
     opts = resolve(args, keys[args.command])

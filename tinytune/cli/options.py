@@ -12,7 +12,8 @@ from functools import partial
 from pathlib import Path
 
 from .. import _check
-from ..rlhf import LOSS_TYPES, DPOConfig
+from ..rlhf import GRPO_LOSS_TYPES, LOSS_TYPES, DPOConfig, GRPOConfig
+from ..rlhf.advantages import SCALES
 
 METHODS = ("lora", "dora", "ia3", "adapter", "prefix", "prompt", "bitfit")
 TASKS = ("text", "pairs", "instructions", "chats")
@@ -33,6 +34,11 @@ DEFAULTS: dict[str, object] = {
 # A command whose defaults differ from DEFAULTS: dpo's learning rate is DPOConfig's (5e-5; LoRA DPO wants a
 # much lower rate than supervised tuning), never finetune's 2e-4 by accident.
 COMMAND_DEFAULTS: dict[str, dict[str, object]] = {"dpo": {**DEFAULTS, "lr": DPOConfig.lr}}
+
+# grpo's: GRPOConfig's learning rate (1e-5), loss type ("dapo"), beta (0.0) and sampling; --reward has none.
+GRPO_FIELDS = ("lr", "group_size", "max_new_tokens", "temperature", "top_k", "top_p", "loss_type", "epsilon",
+               "epsilon_high", "beta", "scale_rewards", "reward_weights", "mask_truncated_completions")
+COMMAND_DEFAULTS["grpo"] = {**DEFAULTS, **{k: getattr(GRPOConfig, k) for k in GRPO_FIELDS}, "reward": None}
 
 
 class CLIError(Exception):
@@ -81,6 +87,28 @@ FILE_VALUES = {
 }
 
 
+def _weights(value, where: str):
+    """`reward_weights`: None, comma-separated numbers ("1.0,0.5") or a list of numbers."""
+    if value is None or isinstance(value, str) and value:
+        return value
+    if isinstance(value, list) and value and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                 for v in value):
+        return value
+    raise _check.FieldError(f"{where} must be comma-separated numbers or a list of numbers, got {value!r}")
+
+
+# grpo's config-file keys (FILE_VALUES has them too); loss_type and beta differ from dpo's, see COMMAND_FILE_VALUES.
+FILE_VALUES.update({
+    "reward": _check.string_or_list, "reward_weights": _weights, "group_size": _int, "max_new_tokens": _int,
+    "temperature": partial(_check.number, low=0, low_open=True), "top_k": partial(_check.integer, low=1, none=True),
+    "top_p": partial(_check.number, low=0, high=1, low_open=True), "epsilon": partial(_check.number, low=0, low_open=True),
+    "epsilon_high": partial(_check.number, low=0, low_open=True, none=True),
+    "scale_rewards": partial(_check.string, choices=SCALES), "mask_truncated_completions": _check.boolean,
+})
+COMMAND_FILE_VALUES: dict[str, dict] = {"grpo": {"loss_type": partial(_check.string, choices=GRPO_LOSS_TYPES),
+                                                 "beta": partial(_check.number, low=0)}}
+
+
 def _flag(parser, name: str, help: str, defaults: dict = DEFAULTS, **kwargs) -> None:
     key = name.lstrip("-").replace("-", "_")
     if key in defaults and kwargs.get("action") not in ("store_true",):
@@ -122,7 +150,7 @@ def add_train_options(parser: argparse.ArgumentParser, defaults: dict = DEFAULTS
     _flag(g, "--device", "cpu or cuda", metavar="DEVICE")
 
 
-def read_config(path: str, known: set[str] | None = None) -> dict:
+def read_config(path: str, known: set[str] | None = None, values: dict | None = None) -> dict:
     """A flat dict from a TOML or JSON file; one level of tables (`[train]`, `[lora]`) is flattened.
 
     Keys may use dashes or underscores (`batch-size` or `batch_size`). Each value must have the type
@@ -131,6 +159,7 @@ def read_config(path: str, known: set[str] | None = None) -> dict:
     Args:
         path: the .toml or .json file.
         known: the keys the command takes; None: any key of `FILE_VALUES`.
+        values: the command's own checks of some keys, replacing FILE_VALUES' (`COMMAND_FILE_VALUES`).
 
     Raises:
         ConfigFileError: (a CLIError and a ValueError, naming the file) the file is missing, unreadable,
@@ -152,11 +181,12 @@ def read_config(path: str, known: set[str] | None = None) -> dict:
     if not isinstance(data, dict):
         raise ConfigFileError(f"--config: {file} must hold a table/object of options, got {type(data).__name__}")
     flat = _flatten(data, file)
+    checks = {**FILE_VALUES, **(values or {})}
     try:
         _check.known_keys(flat, FILE_VALUES if known is None else known, f"--config {file}")
         for key, value in flat.items():
-            if key in FILE_VALUES:
-                FILE_VALUES[key](value, f"--config {file}: key {key!r}")
+            if key in checks:
+                checks[key](value, f"--config {file}: key {key!r}")
     except _check.FieldError as err:
         raise ConfigFileError(str(err)) from None
     return flat
@@ -189,7 +219,8 @@ def resolve(args: argparse.Namespace, known: set[str], defaults: dict = DEFAULTS
             does not know (named, with the closest and all known keys) or a value of the wrong type.
     """
     given = {k: v for k, v in vars(args).items() if k not in ("command", "config", "func")}
-    config = read_config(args.config, known) if getattr(args, "config", None) else {}
+    checks = COMMAND_FILE_VALUES.get(getattr(args, "command", None))
+    config = read_config(args.config, known, checks) if getattr(args, "config", None) else {}
     values = {k: v for k, v in defaults.items() if k in known}
     values.update(config)
     values.update({k: v for k, v in given.items() if v is not None})
