@@ -90,3 +90,11 @@ def test_refusals_name_the_offending_thing():
         GRPOConfig(loss_type="ppo")
     with pytest.raises(ValueError, match="group_size"):
         GRPOConfig(group_size=1)
+    with pytest.raises(ValueError, match="top_p"):
+        GRPOConfig(top_p=0.0)
+    with pytest.raises(ValueError, match="top_k"):
+        GRPOConfig(top_k=0)
+    with pytest.raises(ValueError, match="stop_token_ids must be None or a non-empty list of token ids"):
+        GRPOConfig(stop_token_ids=[2, "eos"])
+    with pytest.raises(ValueError, match="reward_weights"):
+        GRPOConfig(reward_weights=[float("nan")])

@@ -90,6 +90,21 @@ class GRPOConfig(TrainConfig):
         _check.number(self.epsilon_high, "GRPOConfig.epsilon_high", 0, low_open=True, none=True)
         _check.number(self.beta, "GRPOConfig.beta", 0)
         _check.boolean(self.mask_truncated_completions, "GRPOConfig.mask_truncated_completions")
+        _check.integer(self.top_k, "GRPOConfig.top_k", 1, none=True)
+        _check.number(self.top_p, "GRPOConfig.top_p", 0, 1, low_open=True)
+        for name, values, check in (("stop_token_ids", self.stop_token_ids, lambda v: _check.integer(v, "", 0)),
+                                    ("reward_weights", self.reward_weights, lambda v: _check.number(v, ""))):
+            if values is None:
+                continue
+            try:
+                if not isinstance(values, (list, tuple)) or not values:
+                    raise ValueError
+                for v in values:
+                    check(v)
+            except (TypeError, ValueError):
+                raise ValueError(f"GRPOConfig.{name} must be None or a non-empty list of "
+                                 f"{'token ids' if name == 'stop_token_ids' else 'finite numbers'}, "
+                                 f"got {values!r}") from None
         for name, value, choices in (("loss_type", self.loss_type, GRPO_LOSS_TYPES),
                                      ("scale_rewards", self.scale_rewards, SCALES)):
             if value not in choices:
