@@ -4,16 +4,13 @@ import json
 import pytest
 
 import tinytune as tt
-from tinytune.cli import main
-from text_fixtures import write_cli_inputs, write_jsonl
+from text_fixtures import run_cli, write_cli_inputs, write_jsonl
 
 REWARDS = "def short(prompts, completions, **_):\n    return [-float(len(c)) for c in completions]\n"
 
 
 def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return run_cli(capsys, *argv)
 
 
 @pytest.fixture(scope="module")

@@ -9,16 +9,13 @@ import pytest
 import torch
 
 import tinytune as tt
-from tinytune.cli import main
-from text_fixtures import write_cli_inputs, write_jsonl
+from text_fixtures import run_cli, write_cli_inputs, write_jsonl
 
 WORDS = ["abc", "hello", "xyz", "tiny", "cat", "dog"]
 
 
 def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return run_cli(capsys, *argv)
 
 
 @pytest.fixture(scope="module")

@@ -41,3 +41,12 @@ def write_cli_inputs(root):
     records = [{"instruction": "Reverse.", "input": w, "output": w[::-1]} for w in ["abc", "hello", "xyz", "tiny"]]
     write_jsonl(root / "data.jsonl", records)
     return tok
+
+
+def run_cli(capsys, *argv):
+    """`tinytune.cli.main(argv)` in-process: (exit code, stdout, stderr); arguments are str()-ed."""
+    from tinytune.cli import main
+
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

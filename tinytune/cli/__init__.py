@@ -72,31 +72,39 @@ def _add_finetune(sub) -> None:
     add_train_options(p)
 
 
-def _add_preference(sub, name: str, help: str, description: str) -> argparse.ArgumentParser:
-    """A `reward` or `dpo` parser: finetune's positionals, method and training options, preference data."""
+def _add_online_or_preference(sub, name: str, help: str, description: str, epilog: str, data: tuple[str, str],
+                              out_files: str, kind: str, max_length_help: str) -> argparse.ArgumentParser:
+    """The parser skeleton `reward`, `dpo` and `grpo` share: finetune's positionals (DATA's metavar and help
+    from `data`), --out/--config/--tokenizer/--resume, the method options, a data group (`kind`: what the
+    JSONL holds) and the training options with the command's defaults."""
     defaults = COMMAND_DEFAULTS.get(name, DEFAULTS)
-    p = sub.add_parser(name, help=help, description=description,
-                       epilog="Config keys mirror the flags (as finetune's); flags override the file.")
+    p = sub.add_parser(name, help=help, description=description, epilog=epilog)
     p.add_argument("checkpoint", nargs="?", default=argparse.SUPPRESS, metavar="CHECKPOINT", help=_CHECKPOINT_HELP)
-    p.add_argument("data", nargs="?", default=argparse.SUPPRESS, metavar="PREFS.jsonl",
-                   help='preferences: {"prompt", "chosen", "rejected"[, "margin"]} or {"prompt", "ranked": [...]}')
-    out_files = "reward_model/" if name == "reward" else "adapter/"
+    p.add_argument("data", nargs="?", default=argparse.SUPPRESS, metavar=data[0], help=data[1])
     _flag(p, "--out", f"output directory: {out_files}, checkpoints, metrics.jsonl, loss.svg", metavar="DIR")
     _flag(p, "--config", "a .toml or .json file of options", metavar="FILE")
     _flag(p, "--tokenizer", "tokenizer directory (tokenizer.json), required with a preset", metavar="DIR")
     _flag(p, "--resume", "go on from the latest checkpoint in --out, or from DIR (as finetune's)", nargs="?",
           const=True, metavar="DIR")
     add_method_options(p)
-    d = p.add_argument_group("preference data")
-    _flag(d, "--eval-data", "held-out preferences, evaluated every --eval-every steps and at the end",
-          metavar="FILE")
+    d = p.add_argument_group(f"{kind} data")
+    _flag(d, "--eval-data", f"held-out {kind}s, evaluated every --eval-every steps and at the end", metavar="FILE")
     _flag(d, "--eval-every", "evaluate --eval-data every N steps (0: only at the end)", type=int)
     _flag(d, "--template", "alpaca | chatml | llama3 (default: none for text prompts, chatml for chat prompts)",
           metavar="NAME")
-    _flag(d, "--max-length", "longest prompt + completion in tokens; a longer record is a bad record", type=int)
+    _flag(d, "--max-length", max_length_help, type=int)
     _flag(d, "--on-error", "bad records: raise (stop, naming file:line) or skip (report and go on)", metavar="MODE")
     add_train_options(p, defaults)
     return p
+
+
+def _add_preference(sub, name: str, help: str, description: str) -> argparse.ArgumentParser:
+    """A `reward` or `dpo` parser: the shared skeleton with preference data."""
+    return _add_online_or_preference(
+        sub, name, help, description, "Config keys mirror the flags (as finetune's); flags override the file.",
+        ("PREFS.jsonl", 'preferences: {"prompt", "chosen", "rejected"[, "margin"]} or {"prompt", "ranked": [...]}'),
+        "reward_model/" if name == "reward" else "adapter/", "preference",
+        "longest prompt + completion in tokens; a longer record is a bad record")
 
 
 def _add_reward(sub) -> None:
@@ -122,30 +130,15 @@ def _add_dpo(sub) -> None:
 
 
 def _add_grpo(sub) -> None:
-    """The `grpo` parser: dpo's positionals, method and training options, prompt data and the objective."""
+    """The `grpo` parser: the shared skeleton with prompt data, and the objective."""
     defaults = COMMAND_DEFAULTS["grpo"]
-    p = sub.add_parser("grpo", help="train a policy with GRPO on a prompt file and reward functions",
-                       description="Apply a PEFT method to the checkpoint (or preset), train it with tt.rlhf.grpo "
-                       "(group_size completions per prompt, scored by --reward functions) and save the adapter "
-                       "into OUT/adapter.", epilog="Config keys mirror the flags (as finetune's; reward: a string "
-                       "or a list); flags override the file.")
-    p.add_argument("checkpoint", nargs="?", default=argparse.SUPPRESS, metavar="CHECKPOINT", help=_CHECKPOINT_HELP)
-    p.add_argument("data", nargs="?", default=argparse.SUPPRESS, metavar="PROMPTS.jsonl",
-                   help='prompts: {"prompt": text or chat messages, ...other fields for the rewards}')
-    _flag(p, "--out", "output directory: adapter/, checkpoints, metrics.jsonl, loss.svg", metavar="DIR")
-    _flag(p, "--config", "a .toml or .json file of options", metavar="FILE")
-    _flag(p, "--tokenizer", "tokenizer directory (tokenizer.json), required with a preset", metavar="DIR")
-    _flag(p, "--resume", "go on from the latest checkpoint in --out, or from DIR (as finetune's)", nargs="?",
-          const=True, metavar="DIR")
-    add_method_options(p)
-    d = p.add_argument_group("prompt data")
-    _flag(d, "--eval-data", "held-out prompts, evaluated every --eval-every steps and at the end", metavar="FILE")
-    _flag(d, "--eval-every", "evaluate --eval-data every N steps (0: only at the end)", type=int)
-    _flag(d, "--template", "alpaca | chatml | llama3 (default: none for text prompts, chatml for chat prompts)",
-          metavar="NAME")
-    _flag(d, "--max-length", "longest prompt in tokens; a longer record is a bad record", type=int)
-    _flag(d, "--on-error", "bad records: raise (stop, naming file:line) or skip (report and go on)", metavar="MODE")
-    add_train_options(p, defaults)
+    p = _add_online_or_preference(
+        sub, "grpo", "train a policy with GRPO on a prompt file and reward functions",
+        "Apply a PEFT method to the checkpoint (or preset), train it with tt.rlhf.grpo (group_size completions "
+        "per prompt, scored by --reward functions) and save the adapter into OUT/adapter.",
+        "Config keys mirror the flags (as finetune's; reward: a string or a list); flags override the file.",
+        ("PROMPTS.jsonl", 'prompts: {"prompt": text or chat messages, ...other fields for the rewards}'),
+        "adapter/", "prompt", "longest prompt in tokens; a longer record is a bad record")
     g = p.add_argument_group("GRPO objective")
     _flag(g, "--reward", "a reward function as module:function, f(prompts, completions, **fields) -> floats "
           "(repeat for several; required)", action="append", metavar="SPEC")

@@ -58,25 +58,30 @@ def _objective(opts: dict, command: str) -> dict:
         raise CLIError(str(err)) from None
 
 
-def load_preference_file(path, tokenizer, opts: dict, flag: str):
-    """Preference examples from the JSONL file `path` (`tt.data.load_preferences` with the --template,
-    --max-length and --on-error options).
+def load_records_file(loader, path, tokenizer, opts: dict, flag: str, what: str):
+    """Examples from the JSONL file `path` through `loader` (`tt.data.load_preferences` or `load_prompts`)
+    with the --template, --max-length and --on-error options.
 
     Raises:
         CLIError: a missing file, a bad record (file:line, from the loader) or no usable example; `flag`
-            (DATA or --eval-data) names which file.
+            (DATA or --eval-data) names which file, `what` the examples ("preference examples", "prompts").
     """
     file = Path(path)
     if not file.is_file():
         raise CLIError(f"{flag}: {'not a file' if file.exists() else 'file not found'}: {file}")
     try:
-        examples = ttdata.load_preferences(file, tokenizer, template=opts.get("template"),
-                                           max_length=opts["max_length"], on_error=opts["on_error"])
+        examples = loader(file, tokenizer, template=opts.get("template"), max_length=opts["max_length"],
+                          on_error=opts["on_error"])
     except (OSError, ValueError) as err:
         raise CLIError(f"{flag} {file}: {err}") from None
     if not examples:
-        raise CLIError(f"{flag} {file}: no usable preference examples")
+        raise CLIError(f"{flag} {file}: no usable {what}")
     return examples
+
+
+def load_preference_file(path, tokenizer, opts: dict, flag: str):
+    """Preference examples from `path` (`load_records_file` with `tt.data.load_preferences`)."""
+    return load_records_file(ttdata.load_preferences, path, tokenizer, opts, flag, "preference examples")
 
 
 @dataclass

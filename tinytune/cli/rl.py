@@ -23,7 +23,7 @@ from ..rlhf.advantages import SCALES
 from ..seeding import seed_everything
 from .commands import _require
 from .options import TEMPLATES, CLIError
-from .preference import PREFERENCE_KEYS, _final_line
+from .preference import PREFERENCE_KEYS, _final_line, load_records_file
 from .setup import apply_method, check_device, check_out_dir, load_model, resume_option, seed_option, train_config
 
 GRPO_KEYS = PREFERENCE_KEYS | {
@@ -105,24 +105,8 @@ def _load_rewards(specs: list[str]) -> list:
 
 
 def load_prompt_file(path, tokenizer, opts: dict, flag: str):
-    """Prompt examples from the JSONL file `path` (`tt.data.load_prompts` with --template, --max-length and
-    --on-error).
-
-    Raises:
-        CLIError: a missing file, a bad record (file:line, from the loader) or no usable prompt; `flag`
-            (DATA or --eval-data) names which file.
-    """
-    file = Path(path)
-    if not file.is_file():
-        raise CLIError(f"{flag}: {'not a file' if file.exists() else 'file not found'}: {file}")
-    try:
-        examples = ttdata.load_prompts(file, tokenizer, template=opts.get("template"),
-                                       max_length=opts["max_length"], on_error=opts["on_error"])
-    except (OSError, ValueError) as err:
-        raise CLIError(f"{flag} {file}: {err}") from None
-    if not examples:
-        raise CLIError(f"{flag} {file}: no usable prompts")
-    return examples
+    """Prompt examples from `path` (`load_records_file` with `tt.data.load_prompts`)."""
+    return load_records_file(ttdata.load_prompts, path, tokenizer, opts, flag, "prompts")
 
 
 def stop_token_ids(tokenizer, template, prompts) -> list[int] | None:
