@@ -1,4 +1,4 @@
-"""Issue 12's GRPO task on `fit` (first version: one update per rollout batch): the rollout, rewards and
+"""Issue 12's GRPO task on `fit` (one rollout per step, `num_iterations` updates over it): the rollout, rewards and
 gradient against a naive re-computation, metrics, learning direction, exact resume, refusals."""
 import pytest
 import torch
@@ -28,9 +28,9 @@ def _policy():
 def test_the_gradient_is_the_dapo_policy_gradient_of_the_sampled_rollout():
     cfg = GRPOConfig(group_size=4, max_new_tokens=5, batch_size=8)
     model, task = _policy().train(), grpo_task([low_tokens], cfg)
-    batch = task.collate(PROMPTS, 0, "cpu")
     torch.manual_seed(1)
-    loss, metrics = task.loss(model, batch, task.count(batch), model)
+    (update,), metrics, _ = task.prepare(model, [task.collate(PROMPTS, 0, "cpu")], model)
+    loss, _ = task.loss(model, update[0], task.count(update[0]), model)
     loss.backward()
     got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
@@ -98,3 +98,54 @@ def test_refusals_name_the_offending_thing():
         GRPOConfig(stop_token_ids=[2, "eos"])
     with pytest.raises(ValueError, match="reward_weights"):
         GRPOConfig(reward_weights=[float("nan")])
+
+
+def test_several_iterations_take_the_clipped_ratio_against_the_sampling_time_log_probs():
+    """num_iterations=3: one rollout, three updates; the first has ratio 1 (clipfrac 0), the stored old
+    log-probs equal a no-grad forward of the policy before any update, and a later update's loss is the
+    clipped objective against them (float64 reference, 1e-6)."""
+    cfg = GRPOConfig(group_size=4, max_new_tokens=5, batch_size=8, num_iterations=3, lr=5e-2)
+    model, task = _policy().train(), grpo_task([low_tokens], cfg)
+    torch.manual_seed(1)
+    updates, metrics, tokens = task.prepare(model, [task.collate(PROMPTS, 0, "cpu")], model)
+    assert len(updates) == 3 and all(u[0] is updates[0][0] for u in updates)
+    item = updates[0][0]
+    r = item["rollout"]
+    p = r.prompt_length
+    with torch.no_grad():
+        fresh = token_logprobs(model, r.input_ids, r.attention_mask)[:, p - 1:]
+    assert torch.equal(item["old"], fresh)
+    assert tokens == int(r.attention_mask.sum())
+    opt = torch.optim.SGD([q for q in model.parameters() if q.requires_grad], lr=cfg.lr)
+    loss, stats = task.loss(model, item, task.count(item), model)
+    assert stats["clipfrac"][0] == 0.0
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    loss, _ = task.loss(model, item, task.count(item), model)
+    with torch.no_grad():
+        logp = token_logprobs(model, r.input_ids, r.attention_mask)[:, p - 1:].double()
+    ratio = torch.exp(logp - item["old"].double())
+    adv = item["advantages"].double()[:, None]
+    per_token = torch.maximum(-adv * ratio, -adv * ratio.clamp(0.8, 1.2))
+    mask = item["mask"].double()
+    assert loss.item() == pytest.approx(((per_token * mask).sum() / mask.sum()).item(), abs=1e-6)
+    assert not torch.equal(logp, item["old"].double())  # the update moved the policy
+
+
+def test_fit_with_several_iterations_takes_them_all_in_one_step():
+    model = _policy()
+    history = grpo(model, PROMPTS, low_tokens, GRPOConfig(group_size=4, max_new_tokens=4, batch_size=8, steps=2,
+                                                          num_iterations=2, lr=1e-2, log_every=100))
+    assert history.step == 2 and len(history.losses) == 2 and not history.skipped_steps
+    assert history.metrics[0]["clipfrac"] >= 0.0 and "approx_kl" in history.metrics[0]
+    with pytest.raises(ValueError, match="num_iterations"):
+        GRPOConfig(num_iterations=0)
+
+
+def test_evaluation_reports_minus_the_mean_reward_of_fresh_completions():
+    model = _policy()
+    cfg = GRPOConfig(group_size=4, max_new_tokens=4, batch_size=8, steps=1, lr=1e-9, log_every=100, eval_every=1)
+    history = grpo(model, PROMPTS, low_tokens, cfg, eval_prompts=PROMPTS[:4])
+    assert history.eval_losses and history.eval_losses[-1] == pytest.approx(-history.eval_metrics[-1]["reward"])
+    assert 0.0 <= history.eval_metrics[-1]["reward"] <= 1.0

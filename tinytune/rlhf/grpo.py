@@ -6,9 +6,11 @@ resume, logs, several processes).
     history = tt.rlhf.grpo(policy, prompts, [exact_match], tt.rlhf.GRPOConfig(group_size=8, steps=100),
                            tokenizer=tok)
 
-One update per rollout batch (TRL's `num_iterations=1`): the old log-probs are the current ones detached, so
-the ratio is 1 and its gradient is the policy gradient; the clip matters only with several updates, which
-this version does not do. With `beta > 0` the reference is the policy with its adapters disabled.
+One step samples the completions once (the task's `prepare`) and takes `num_iterations` updates over them.
+With one (TRL's default) the old log-probs are the current ones detached, so the ratio is 1 and its
+gradient is the policy gradient; with more, the log-probs stored at sampling time are the old ones and the
+clip bounds how far the later updates move. With `beta > 0` the reference is the policy with its adapters
+disabled.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from .. import _check
 from ..train.collate import check_data
 from ..train.config import TrainConfig
 from ..train.loop import History, fit
-from ..train.tasks import Task
+from ..train.tasks import Task, add_metrics
 from .advantages import SCALES, group_advantages
 from .dpo_step import adapters_disabled
 from .logprobs import token_logprobs
@@ -63,6 +65,9 @@ class GRPOConfig(TrainConfig):
         scale_rewards: "group", "batch" or "none" (`group_advantages`).
         reward_weights: one weight per reward function (None: all 1.0).
         mask_truncated_completions: leave completions that did not reach a stop token out of the loss.
+        num_iterations: updates per rollout batch (1, TRL's default): the first takes the policy gradient
+            (ratio 1), later ones the clipped ratio against the log-probs stored at sampling time. All
+            of them are one `fit` step (one learning-rate step, one checkpoint position).
         lr: as `TrainConfig.lr`; 1e-5 here.
     """
 
@@ -80,11 +85,13 @@ class GRPOConfig(TrainConfig):
     scale_rewards: str = "group"
     reward_weights: list[float] | None = None
     mask_truncated_completions: bool = False
+    num_iterations: int = 1
 
     def __post_init__(self):
         super().__post_init__()
         _check.integer(self.group_size, "GRPOConfig.group_size", 2 if self.scale_rewards == "group" else 1)
         _check.integer(self.max_new_tokens, "GRPOConfig.max_new_tokens", 1)
+        _check.integer(self.num_iterations, "GRPOConfig.num_iterations", 1)
         _check.number(self.temperature, "GRPOConfig.temperature", 0, low_open=True)
         _check.number(self.epsilon, "GRPOConfig.epsilon", 0, low_open=True)
         _check.number(self.epsilon_high, "GRPOConfig.epsilon_high", 0, low_open=True, none=True)
@@ -124,50 +131,82 @@ def _rollout_and_rewards(module, prompts: list[dict], cfg: GRPOConfig, functions
     return rollout, rewards, matrix
 
 
+def _reward_metrics(rewards: torch.Tensor, matrix: torch.Tensor, names: list[str], rollout, g: int) -> dict:
+    n = rewards.numel()
+    groups = rewards.view(-1, g)
+    metrics = {"reward": (float(rewards.sum()), n),
+               "reward_std": (float(groups.std(dim=1).sum()) * g if g > 1 else 0.0, n),
+               "completion_length": (float(rollout.completion_lengths.sum()), n),
+               "eos_rate": (float(rollout.ended.sum()), n)}
+    for j, name in enumerate(names):
+        scored = ~torch.isnan(matrix[:, j])
+        metrics[f"rewards/{name}"] = (float(matrix[scored, j].sum()), int(scored.sum()))
+    return metrics
+
+
 def grpo_task(functions, cfg: GRPOConfig, tokenizer=None) -> Task:
     """The GRPO objective as a `Task` for `fit` (examples are prompts; see the module docstring).
 
+    Each step's `prepare` samples and scores the completions of the step's prompts once (with `beta > 0`
+    also the reference's log-probs, and with `num_iterations > 1` the log-probs the ratio is taken against);
+    the step then takes `num_iterations` updates over them. Evaluation samples and scores completions of the
+    eval prompts: its loss is minus the mean reward.
+
     Metrics per completion: "reward", "reward_std" (within groups), one "rewards/<function>" each (over
-    the completions it scored), "completion_length", "eos_rate", and the loss's "clipfrac" and "kl".
+    the completions it scored), "completion_length", "eos_rate", and the loss's "clipfrac", "approx_kl"
+    and "kl" (beta > 0).
     """
     functions = list(functions)
     names = [getattr(f, "__name__", type(f).__name__) for f in functions]
     if cfg.reward_weights is not None and len(cfg.reward_weights) != len(functions):
         raise ValueError(f"GRPOConfig.reward_weights has {len(cfg.reward_weights)} weights for "
                          f"{len(functions)} reward functions")
+    g = cfg.group_size
 
-    def loss(model, batch, count, module):
+    def prepare_batch(model, batch, module):
         rollout, rewards, matrix = _rollout_and_rewards(module, batch["prompts"], cfg, functions, tokenizer)
-        adv = group_advantages(rewards, cfg.group_size, cfg.scale_rewards).to(rollout.input_ids.device)
         p = rollout.prompt_length
         mask = rollout.completion_mask[:, p:].float()
         if cfg.mask_truncated_completions:
             mask = mask * rollout.ended[:, None].float()
-        logp = token_logprobs(model, rollout.input_ids, rollout.attention_mask)[:, p - 1:]  # (N, T)
-        ref = None
-        if cfg.beta > 0:
-            with torch.no_grad(), adapters_disabled(module):
-                ref = token_logprobs(module, rollout.input_ids, rollout.attention_mask)[:, p - 1:]
-        value, stats = grpo_loss(logp, logp.detach(), adv, mask, cfg.loss_type, cfg.epsilon, cfg.epsilon_high,
-                                 cfg.beta, ref, cfg.max_new_tokens)
-        n = rewards.numel()
-        groups = rewards.view(-1, cfg.group_size)
-        metrics = {"reward": (float(rewards.sum()), n),
-                   "reward_std": (float(groups.std(dim=1).sum()) * cfg.group_size if cfg.group_size > 1 else 0.0, n),
-                   "completion_length": (float(rollout.completion_lengths.sum()), n),
-                   "eos_rate": (float(rollout.ended.sum()), n),
-                   **{k: (v * n, n) for k, v in stats.items()}}
-        for j, name in enumerate(names):
-            scored = ~torch.isnan(matrix[:, j])
-            metrics[f"rewards/{name}"] = (float(matrix[scored, j].sum()), int(scored.sum()))
-        return value * (n / count), metrics
+        item = {"rollout": rollout, "mask": mask, "rows": rewards.numel(), "old": None, "ref": None,
+                "advantages": group_advantages(rewards, g, cfg.scale_rewards).to(rollout.input_ids.device)}
+        with torch.no_grad():
+            if cfg.num_iterations > 1:  # later updates take their ratio against the sampling-time policy
+                item["old"] = token_logprobs(model, rollout.input_ids, rollout.attention_mask)[:, p - 1:]
+            if cfg.beta > 0:
+                with adapters_disabled(module):
+                    item["ref"] = token_logprobs(module, rollout.input_ids, rollout.attention_mask)[:, p - 1:]
+        return item, _reward_metrics(rewards, matrix, names, rollout, g), int(rollout.attention_mask.sum())
+
+    def prepare(model, micro, module):
+        items, metrics, tokens = [], {}, 0
+        for batch in micro:
+            item, more, n = prepare_batch(model, batch, module)
+            items, metrics, tokens = items + [item], add_metrics(metrics, more), tokens + n
+        return [items] * cfg.num_iterations, metrics, tokens
+
+    def loss(model, batch, count, module):
+        rollout = batch["rollout"]
+        logp = token_logprobs(model, rollout.input_ids, rollout.attention_mask)[:, rollout.prompt_length - 1:]
+        old = logp.detach() if batch["old"] is None else batch["old"]  # one update: ratio 1, the policy gradient
+        value, stats = grpo_loss(logp, old, batch["advantages"], batch["mask"], cfg.loss_type, cfg.epsilon,
+                                 cfg.epsilon_high, cfg.beta, batch["ref"], cfg.max_new_tokens)
+        n = batch["rows"]
+        return value * (n / count), {k: (v * n, n) for k, v in stats.items()}
+
+    def evaluate(model, batch, count, module):
+        rollout, rewards, matrix = _rollout_and_rewards(module, batch["prompts"], cfg, functions, tokenizer)
+        return -rewards.sum() / count, _reward_metrics(rewards, matrix, names, rollout, g)
+
+    def count(batch):
+        return batch["rows"] if "rows" in batch else len(batch["prompts"]) * g
 
     settings = {k: getattr(cfg, k) for k in ("group_size", "loss_type", "epsilon", "epsilon_high", "beta",
-                                             "scale_rewards", "temperature", "max_new_tokens")}
-    return Task(name="grpo", check_example=check_prompt_example, collate=_collate_prompts,
-                count=lambda batch: len(batch["prompts"]) * cfg.group_size,
-                tokens=lambda batch: sum(len(p["prompt_ids"]) for p in batch["prompts"]) * cfg.group_size,
-                loss=loss, counts="completions", settings=settings, shown=("reward", "completion_length"))
+                                             "scale_rewards", "temperature", "max_new_tokens", "num_iterations")}
+    return Task(name="grpo", check_example=check_prompt_example, collate=_collate_prompts, count=count,
+                loss=loss, counts="completions", settings=settings, shown=("reward", "completion_length"),
+                prepare=prepare, evaluate=evaluate)
 
 
 def grpo(policy, prompts, rewards, cfg: GRPOConfig | None = None, eval_prompts=None, tokenizer=None,

@@ -31,6 +31,7 @@ def evaluate_task(model: nn.Module, data, cfg: TrainConfig, precision: Precision
         **the task's metrics (e.g. "rewards/accuracies" for DPO)}; NaN loss when nothing was scored.
     """
     task = resolve_task(cfg.task)
+    task_loss = task.evaluate or task.loss
     precision = precision or Precision(cfg.dtype, cfg.device)
     dist = dist or Distributed()
     was_training = model.training
@@ -45,7 +46,7 @@ def evaluate_task(model: nn.Module, data, cfg: TrainConfig, precision: Precision
             batch = task.collate([data[i] for i in ids or [0]], cfg.pad_token_id, cfg.device)
             n = task.count(batch) if ids else 0
             with precision.autocast():
-                loss, more = task.loss(model, batch, max(n, 1), model)
+                loss, more = task_loss(model, batch, max(n, 1), model)
             if ids:
                 total, scored, metrics = total + float(loss) * n, scored + n, add_metrics(metrics, more)
     finally:

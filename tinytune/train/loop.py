@@ -6,8 +6,6 @@ import signal
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -21,51 +19,9 @@ from .distributed import Distributed
 from .logging import ProgressLogger, truncate_metrics, write_loss_svg
 from .optim import build_optimizer, build_scheduler
 from .evaluation import evaluate_task, reduce_sums
+from .history import History, TrainingInterrupted
 from .precision import Precision, prepare_model
-from .tasks import add_metrics, metric_means, resolve_task
-
-
-@dataclass
-class History:
-    """What `fit` did.
-
-    Attributes:
-        losses: mean token loss of each optimizer step (NaN for a skipped step), steps 1..`step`.
-        lrs: the learning rate each step used.
-        metrics: the task's metrics of each step (a dict per step, empty for the built-in tasks; e.g.
-            "rewards/margins" for DPO), means over the step's whole batch.
-        eval_steps, eval_losses: the steps evaluated at and the mean eval loss there.
-        eval_metrics: the task's metrics at each evaluation (a dict per entry of `eval_steps`).
-        skipped_steps: steps skipped for a non-finite loss or gradient norm (or nothing scored).
-        step: optimizer steps done (counting those of a resumed run before this call).
-        tokens_per_s: non-padding tokens per second of training in this call.
-        stopped_reason: "completed", or why training stopped early.
-        checkpoint: the last checkpoint written or resumed from (None without `out_dir`).
-    """
-
-    losses: list[float] = field(default_factory=list)
-    lrs: list[float] = field(default_factory=list)
-    metrics: list[dict] = field(default_factory=list)
-    eval_steps: list[int] = field(default_factory=list)
-    eval_losses: list[float] = field(default_factory=list)
-    eval_metrics: list[dict] = field(default_factory=list)
-    skipped_steps: list[int] = field(default_factory=list)
-    step: int = 0
-    tokens_per_s: float = 0.0
-    stopped_reason: str = "completed"
-    checkpoint: Path | None = None
-
-    def _lists(self) -> dict:  # what a checkpoint keeps, so a resumed History is the whole run's
-        return {k: list(getattr(self, k)) for k in ("losses", "lrs", "metrics", "eval_steps", "eval_losses",
-                                                    "eval_metrics", "skipped_steps")}
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Raised by `fit` after SIGINT/SIGTERM, once a checkpoint is saved; `.history` holds the run so far."""
-
-    def __init__(self, message: str, history: History):
-        super().__init__(message)
-        self.history = history
+from .tasks import Metrics, add_metrics, metric_means, resolve_task
 
 
 class _Run:
@@ -111,13 +67,22 @@ class _Run:
         self._check_fits(checkpoint, n_train)
         rng = self._my_rng_state(state, found)
         ckpt.check_rng_state(rng, str(found))
-        with ckpt.all_or_nothing(self.module, self.optimizer, self.scheduler, self.precision):
-            ckpt.load_trainable_state_dict(self.module, checkpoint.weights)  # (one snapshot: this block's)
-            self.optimizer.load_state_dict(checkpoint.optimizer)
-            self.scheduler.load_state_dict(state["scheduler"])
-            self.precision.load_state_dict(state["scaler"])
-            if self.cfg.out_dir is not None and self.dist.is_main:  # last: atomic, so unchanged if it fails
-                truncate_metrics(self.cfg.out_dir / "metrics.jsonl", state["step"])  # each step once after a resume
+        task_state = self.task.state
+        before = task_state.state_dict() if task_state is not None else None
+        try:
+            with ckpt.all_or_nothing(self.module, self.optimizer, self.scheduler, self.precision):
+                if self.task.state is not None:  # first: it checks before it changes anything
+                    self.task.state.load_state_dict(state["task_state"])
+                ckpt.load_trainable_state_dict(self.module, checkpoint.weights)  # (one snapshot: this block's)
+                self.optimizer.load_state_dict(checkpoint.optimizer)
+                self.scheduler.load_state_dict(state["scheduler"])
+                self.precision.load_state_dict(state["scaler"])
+                if self.cfg.out_dir is not None and self.dist.is_main:  # last: atomic, so unchanged if it fails
+                    truncate_metrics(self.cfg.out_dir / "metrics.jsonl", state["step"])  # each step once after a resume
+        except BaseException:
+            if task_state is not None:  # all_or_nothing put the rest back
+                task_state.load_state_dict(before)
+            raise
         self.history = History(**{k: list(state["history"].get(k, [])) for k in History()._lists()},
                                step=state["step"], checkpoint=found)
         self.bad_streak, self.best_eval, self.evals_since_best = state["loop"]
@@ -139,6 +104,9 @@ class _Run:
             if name in saved and saved[name] != mine[name]:
                 raise ValueError(f"resume: checkpoint {found} was trained with {name}={saved[name]!r}, this run has "
                                  f"{name}={mine[name]!r}; the data order or loss would not carry over")
+        if self.task.state is not None and not isinstance(state.get("task_state"), dict):
+            raise ValueError(f"resume: checkpoint {found} holds no state of task {self.task.name!r} "
+                             "(e.g. PPO's KL coefficient): it was not written by this task")
         base_lrs = state["scheduler"].get("base_lrs")
         if not isinstance(base_lrs, list) or len(base_lrs) != len(self.optimizer.param_groups):
             raise ValueError(f"resume: the scheduler state in {found} does not fit this run's "
@@ -164,6 +132,8 @@ class _Run:
             state = {"step": h.step, "data": self.data_stream.position(), "scheduler": self.scheduler.state_dict(),
                      "scaler": self.precision.state_dict(), "rng": rngs[0], "rng_per_rank": rngs,
                      "history": h._lists(), "loop": [self.bad_streak, self.best_eval, self.evals_since_best]}
+            if self.task.state is not None:
+                state["task_state"] = self.task.state.state_dict()
             ckpt.save_checkpoint(self.cfg.out_dir, h.step, self.module, self.optimizer, state,
                                  self.cfg.to_dict(), keep=self.cfg.keep_checkpoints)
         dist.barrier()  # nobody reads or exits before rank 0's checkpoint is complete
@@ -177,21 +147,22 @@ class _Run:
         return [self.task.collate([self.data[i] for i in ids[k:k + cfg.batch_size]], cfg.pad_token_id, cfg.device)
                 for k in range(0, len(ids), cfg.batch_size)]
 
-    def _accumulate(self, micro: list[dict], scored: int) -> tuple[float, dict]:
+    def _accumulate(self, micro: list[dict], scored: int) -> tuple[float, Metrics]:
+        """Forward and backward of one update's micro-batches: (summed loss over all ranks, local metric sums)."""
         total, dist, metrics = 0.0, self.dist, {}
         for k, batch in enumerate(micro):
-            # Divide by the whole step's scored tokens (examples) over all ranks: grad_accum=2 x 4 and two
+            # Divide by the whole update's scored tokens (examples) over all ranks: grad_accum=2 x 4 and two
             # processes x 4 are the same step as 1 x 8. DDP averages over ranks, hence the world_size.
             with distributed.no_sync(self.model, k < len(micro) - 1):
                 with self.precision.autocast():
                     loss, more = self.task.loss(self.model, batch, scored, self.module)
                 value = float(loss.detach())  # one sync per micro-batch, to stop before a NaN reaches the grads
                 if not math.isfinite(value) and not dist.active:  # (ranks must all run backward together)
-                    return value, {}
+                    return value, metrics
                 self.precision.backward(loss * dist.world_size if dist.active else loss)
             total, metrics = total + value, add_metrics(metrics, more)
-        (total,), metrics = reduce_sums([total], metrics, dist, self.cfg.device)
-        return total, metric_means(metrics)
+        (total,), _ = reduce_sums([total], {}, dist, self.cfg.device)
+        return total, metrics
 
     def _clip(self) -> bool:
         if self.cfg.max_grad_norm is None:
@@ -201,21 +172,49 @@ class _Run:
         # With a scaler, inf gradients are its business: it skips the step and lowers the scale.
         return self.precision.scaler is not None or bool(torch.isfinite(norm))
 
-    def optimizer_step(self) -> tuple[float, bool, int, dict]:
-        """One optimizer step: (loss, whether it was applied, scored units (the task's count), metrics)."""
-        micro, task = self._micro_batches(), self.task
-        tokens, scored = self.dist.sum([sum(task.tokens(b) for b in micro), sum(task.count(b) for b in micro)],
-                                       self.cfg.device)
-        self.tokens, scored = self.tokens + int(tokens), int(scored)
-        loss, metrics = self._accumulate(micro, scored) if scored else (float("nan"), {})
+    def _prepare(self, micro: list[dict]) -> tuple[list[list[dict]], Metrics, int]:
+        """The step's updates (one of the drawn micro-batches, or what the task's `prepare` makes of them)."""
+        task = self.task
+        if task.prepare is None:
+            return [micro], {}, sum(task.tokens(b) for b in micro)
+        with self.precision.autocast():
+            return task.prepare(self.model, micro, self.module)
+
+    def _update(self, update: list[dict]) -> tuple[float, bool, int, Metrics]:
+        """One optimizer update over `update`'s micro-batches: (loss, applied, scored units, local metrics)."""
+        (scored,) = self.dist.sum([sum(self.task.count(b) for b in update)], self.cfg.device)
+        scored = int(scored)
+        loss, metrics = self._accumulate(update, scored) if scored else (float("nan"), {})
         applied = math.isfinite(loss) and self._clip()
         if applied:
             self.precision.step(self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
+        return loss, applied, scored, metrics
+
+    def optimizer_step(self) -> tuple[float, bool, int, dict]:
+        """One step: (mean loss of its updates, whether all were applied, scored units, metric means).
+
+        A step is one update of the drawn batch, or, for a task with `prepare` (PPO), every update it plans;
+        the first update that is not applied (a non-finite loss) ends the step, which then counts as skipped.
+        """
+        updates, metrics, tokens = self._prepare(self._micro_batches())
+        (tokens,) = self.dist.sum([tokens], self.cfg.device)
+        self.tokens += int(tokens)
+        losses, applied, scored = [], True, 0
+        for update in updates:
+            loss, applied, n, more = self._update(update)
+            losses.append(loss)
+            scored, metrics = scored + n, add_metrics(metrics, more)
+            if not applied:
+                break
         with warnings.catch_warnings():  # a skipped first step makes torch warn about the call order
             warnings.simplefilter("ignore", UserWarning)
             self.scheduler.step()  # the schedule follows the step count, applied or not
-        return loss, applied, scored, metrics
+        _, metrics = reduce_sums([], metrics, self.dist, self.cfg.device)
+        if applied and self.task.after_step is not None:
+            self.task.after_step(metrics)
+        loss = sum(losses) / len(losses) if losses else float("nan")
+        return loss, applied and bool(losses), scored, metric_means(metrics)
 
     def _record(self, loss: float, applied: bool, scored: int, metrics: dict, lr: float) -> str | None:
         h, cfg = self.history, self.cfg

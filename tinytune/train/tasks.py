@@ -49,6 +49,17 @@ class Task:
         settings: the task's hyperparameters (JSON values), recorded with checkpoints: a resume with other
             settings is refused.
         shown: the metrics the progress line prints (every metric goes to `metrics.jsonl` and `History`).
+        prepare: for objectives that make their own data (online RL), `prepare(model, micro_batches, module)
+            -> (updates, metrics, tokens)`: run once per optimizer step on the step's micro-batches, it returns
+            the updates to take (each a list of micro-batches, one optimizer update each: PPO's
+            ppo_epochs x mini-batches over one rollout), metrics `{name: (sum, n)}` of the preparation and
+            the tokens it processed (for tokens/s). None: one update of the micro-batches as drawn.
+        evaluate: `evaluate(model, batch, count, module) -> (loss, metrics)` used by evaluation in place of
+            `loss` (RL tasks: the negative mean reward of fresh completions). None: `loss`.
+        after_step: `after_step(metrics)` with the step's `{name: (sum, n)}` summed over every process,
+            after an applied step (PPO's adaptive KL coefficient follows the step's KL).
+        state: an object with `state_dict() -> dict` (JSON values) and `load_state_dict(state)` (checks
+            before it changes anything), saved with every checkpoint and restored on resume. None: none.
     """
 
     name: str
@@ -60,6 +71,10 @@ class Task:
     counts: str = "scored tokens"
     settings: dict = field(default_factory=dict)
     shown: tuple[str, ...] = ()
+    prepare: Callable[[nn.Module, list, nn.Module], tuple[list, Metrics, int]] | None = None
+    evaluate: Callable[[nn.Module, dict, int, nn.Module], tuple[torch.Tensor, Metrics]] | None = None
+    after_step: Callable[[Metrics], None] | None = None
+    state: object | None = None
 
     def describe(self) -> str | dict:
         """The task as a checkpoint records it: the name, or {"name", **settings} with settings."""
