@@ -1,0 +1,494 @@
+"""Benchmark: online-RL steps, tinytune vs transformers / TRL, on the same weights, adapter and prompts.
+
+Setup (issue 12, point 9): the `llama-30m` preset (random weights, written once with `tinytune.save_pretrained`
+and loaded by every side in fp32 from that directory; the preset has no EOS and no pad id), LoRA rank 16 /
+alpha 32 / dropout 0.05 on every linear layer except the head. The adapter is made once by `tt.lora.apply`
+(seeded), its B matrices are set to seeded N(0, 0.02) noise (so the adapter changes the outputs and the parity
+check below tests it) and it is written with `tt.save_adapter` (PEFT layout); tinytune reads it with
+`tt.load_adapter`, transformers / TRL with `peft.PeftModel.from_pretrained(..., is_trainable=True)`. 4 prompts of
+32 random token ids in [2, vocab) (0 is the pad id and 1 the tokenizer's EOS id; no prompt is padded), G = 8
+completions per prompt (32 rows), exactly 64 new tokens per row, temperature 1, no top-k / top-p.
+No early stop: tinytune passes `stop_token_ids=[]` (rollouts) / leaves `GRPOConfig.stop_token_ids=None`,
+which is the preset's EOS list, empty; transformers / TRL pass `min_new_tokens=64`, which masks EOS (id 1) out
+of the first 64 steps (so that side never samples id 1, tinytune may: the only difference in distribution).
+
+Parts (`--which`, see `PARTS`; each part is a tinytune / peer pair of variants):
+  rollout (iii)  generation alone. tinytune: `tt.rlhf.generate_rollouts(model, prompts, group_size=8,
+                 max_new_tokens=64, temperature=1.0, stop_token_ids=[])` (eval mode, KV cache, per-token
+                 log-probs returned). transformers: `AutoModelForCausalLM` + the PEFT adapter, eval mode,
+                 `model.generate(input_ids (32 rows), attention_mask, do_sample=True, temperature=1.0, top_k=0,
+                 top_p=1.0, max_new_tokens=64, min_new_tokens=64)` without scores (TRL's GRPOTrainer does not ask
+                 for them either: it recomputes log-probs in its loss). tokens/s = 32 * 64 generated tokens / time.
+  grpo (ii)      one GRPO step, rewarded by `even_fraction` (the fraction of even completion ids; the same
+                 function on both sides). tinytune: `task = tt.rlhf.grpo_task([even_fraction],
+                 GRPOConfig(group_size=8, max_new_tokens=64, batch_size=4, lr=1e-5, loss_type="dapo", beta=0))`,
+                 timed `loss, _ = task.loss(model, task.collate(prompts, 0, "cpu"), task.count(batch), model)`
+                 + `loss.backward()` + torch AdamW step + zero_grad (what `fit` runs per step, without its
+                 logging / checkpoint machinery). Its time split (generation / scoring / update) comes from
+                 timing wrappers around the `generate_rollouts` and `reward_matrix` the task calls; update is
+                 the rest (advantages, `token_logprobs`, loss, backward, AdamW). TRL: `trl.GRPOTrainer(model=
+                 <the PeftModel>, reward_funcs=[even_fraction], args=GRPOConfig(per_device_train_batch_size=32,
+                 num_generations=8, max_completion_length=64, generation_kwargs={"min_new_tokens": 64},
+                 temperature 1, top_k 0, top_p 1, beta=0.0, loss_type="dapo", num_iterations=1, lr 1e-5,
+                 gradient_checkpointing=False (TRL's default is True; tinytune does not checkpoint),
+                 disable_dropout=False, shuffle_dataset=False, use_vllm=False, fp32, report_to=[]),
+                 train_dataset=<the 4 prompts as text>)`; a word-level tokenizer made here maps word "w<i>" to
+                 id i, so TRL's own tokenisation of the text prompts gives exactly tinytune's prompt ids. Timed:
+                 `trainer.training_step(model, batch, num_items_in_batch)` with the 32-row batch of its own
+                 dataloader (its `_prepare_inputs` generates, decodes, scores and computes advantages there, then
+                 `compute_loss` + backward) + torch AdamW step + zero_grad. TRL generates with the policy in
+                 train mode (LoRA dropout active while sampling), as its trainer does. Its split: timing
+                 wrappers on the trainer's `_generate_single_turn` (generation) and `_calculate_rewards`
+                 (scoring); update is the rest (decoding, advantages, loss forward, backward, AdamW).
+                 tokens/s = 32 * (32 + 64) / step time.
+(A PPO part (i) is not measured here yet; it belongs in `PARTS` as another pair.)
+
+Speed: all variants of the chosen parts live in one process; after `--warmup` rounds, `--rounds` rounds run one
+call of each variant in turn (the order rotates every round); the median is kept. Peak memory: a fresh
+subprocess per variant (`--memory-runs` of them, interleaved; the median is kept) builds the variant, resets the
+resident-set high-water mark and reports VmHWM minus the resident set before the first of 3 calls
+(`tinytune.cli.measure.PeakMemory`). Parity: the max |logit difference| of the two loaded models (adapter on)
+on the prompts is recorded, and every row's completion length is checked to be 64.
+
+Writes `benchmarks/results/rl_step_cpu.json` and `rl_step_cpu.svg` beside it (`--out` moves both); `--quick`
+(llama-tiny, 2 prompts of 8 ids, 8 new tokens, 2 rounds) writes into a temporary directory unless `--out` is given.
+Usage: python benchmarks/rl_step.py [--quick] [--which rollout grpo] [--rounds N] [--warmup N] [--memory-runs N]
+       [--preset P] [--prompts N] [--prompt-len N] [--new-tokens N] [--group-size G] [--out PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import tinytune as tt  # noqa: E402
+from tinytune.cli.measure import PeakMemory, _status_kib  # noqa: E402
+from preference import versions_and_flags, write_checkpoint  # noqa: E402  (the sibling benchmarks' helpers)
+from train_step import machine  # noqa: E402
+
+RANK, ALPHA, DROPOUT, LR = 16, 32, 0.05, 1e-5
+PAD, EOS = 0, 1  # the tokenizer's pad and EOS ids; prompts never use them, the preset has neither
+TARGETS = {"rollout": {"speed": 1.3}, "grpo": {"speed": 1.5, "memory": 0.6}}
+# part -> (tinytune variant, peer variant); a PPO part (i) is to be added here with its two builders
+PARTS = {"rollout": (("tinytune", "rollout"), ("hf", "rollout")),
+         "grpo": (("tinytune", "grpo"), ("trl", "grpo"))}
+LABEL = {"tinytune": "tinytune", "hf": "transformers+peft", "trl": "TRL", "rollout": "rollouts", "grpo": "GRPO step"}
+
+
+def even_fraction(prompts, completions, completion_ids=None, **kwargs) -> list[float]:
+    """The reward of both sides: the fraction of even ids in each completion (TRL passes `completion_ids`,
+    tinytune without a tokenizer passes the id lists as `completions`)."""
+    rows = completion_ids if completion_ids is not None else completions
+    return [sum(1 for t in row if t % 2 == 0) / max(len(row), 1) for row in rows]
+
+
+def random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(2, vocab, (n, length), generator=g).tolist()
+
+
+def write_adapter(ckpt: str, path: str) -> None:
+    """tinytune's LoRA on the checkpoint (seeded), B set to seeded N(0, 0.02), saved in PEFT layout."""
+    model, _ = tt.load_pretrained(ckpt, dtype=torch.float32)
+    torch.manual_seed(0)
+    tt.lora.apply(model, tt.lora.LoraConfig(rank=RANK, alpha=ALPHA, dropout=DROPOUT, targets="all-linear"))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    tt.save_adapter(model, path)
+
+
+def load_tinytune(ckpt: str):
+    model, _ = tt.load_pretrained(ckpt, dtype=torch.float32)
+    tt.load_adapter(model, str(Path(ckpt) / "adapter"))
+    return model.train()
+
+
+def load_hf(ckpt: str):
+    import peft
+    import transformers
+    base = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    return peft.PeftModel.from_pretrained(base, str(Path(ckpt) / "adapter"), is_trainable=True).train()
+
+
+def _optimizer(model) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+
+
+def tinytune_rollout(ckpt: str, setup: dict):
+    model = load_tinytune(ckpt)
+
+    def step() -> dict:
+        r = tt.rlhf.generate_rollouts(model, setup["prompts"], group_size=setup["group_size"],
+                                      max_new_tokens=setup["new_tokens"], temperature=1.0, stop_token_ids=[])
+        return {"completion_lengths": r.completion_lengths.tolist()}
+
+    return step
+
+
+def hf_rollout(ckpt: str, setup: dict):
+    model = load_hf(ckpt).eval()
+    rows = [p for p in setup["prompts"] for _ in range(setup["group_size"])]
+    ids = torch.tensor(rows)  # equal lengths: left padding is a no-op; the mask is all ones
+    mask = torch.ones_like(ids)
+    T = setup["new_tokens"]
+
+    def step() -> dict:
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
+                                 top_p=1.0, max_new_tokens=T, min_new_tokens=T, pad_token_id=PAD, eos_token_id=EOS)
+        return {"completion_lengths": [out.shape[1] - ids.shape[1]] * len(rows)}
+
+    return step
+
+
+@contextlib.contextmanager
+def _timed(module, name: str, phases: dict, key: str):
+    """Replace `module.name` (a module's function or an instance's method) by a wrapper adding its wall time
+    to `phases[key]` (restored on exit)."""
+    original = getattr(module, name)
+
+    def wrapper(*a, **k):
+        start = time.perf_counter()
+        try:
+            return original(*a, **k)
+        finally:
+            phases[key] += time.perf_counter() - start
+
+    setattr(module, name, wrapper)
+    try:
+        yield
+    finally:
+        if isinstance(module, type(sys)):
+            setattr(module, name, original)
+        else:  # an instance: drop the wrapper, the class's method shows through again
+            delattr(module, name)
+
+
+def fit_step(task, model, batch: dict, opt) -> tuple[float, dict]:
+    """One optimizer step of `task` as `tt.train.fit` takes it (fp32, one process, no clipping / logging):
+    with a task `prepare` (the rollout made once per step), every update it plans, each one AdamW step over
+    its micro-batches; without one, `task.loss` on the drawn batch. Returns (first update's loss, metrics)."""
+    prepare = getattr(task, "prepare", None)
+    updates, metrics = (prepare(model, [batch], model)[:2] if prepare is not None else ([[batch]], {}))
+    losses = []
+    for update in updates:
+        scored = sum(task.count(b) for b in update)
+        total = 0.0
+        for b in update:
+            loss, more = task.loss(model, b, scored, model)
+            loss.backward()
+            total += loss.item()
+            metrics = {**more, **metrics}
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(total)
+    return losses[0], metrics
+
+
+def tinytune_grpo(ckpt: str, setup: dict):
+    grpo_module = sys.modules["tinytune.rlhf.grpo"]  # the module (the package's `grpo` attribute is the function)
+    model = load_tinytune(ckpt)
+    cfg = tt.rlhf.GRPOConfig(group_size=setup["group_size"], max_new_tokens=setup["new_tokens"],
+                             batch_size=len(setup["prompts"]), lr=LR, loss_type="dapo", beta=0.0,
+                             temperature=1.0)
+    assert not cfg.stop_token_ids and not model.config.eos_token_ids  # no stop: exactly new_tokens per row
+    task = tt.rlhf.grpo_task([even_fraction], cfg)
+    batch = task.collate([{"prompt_ids": p} for p in setup["prompts"]], PAD, "cpu")
+    opt = _optimizer(model)
+
+    def step() -> dict:
+        phases = {"generation_s": 0.0, "scoring_s": 0.0}
+        start = time.perf_counter()
+        with _timed(grpo_module, "generate_rollouts", phases, "generation_s"), \
+                _timed(grpo_module, "reward_matrix", phases, "scoring_s"):
+            loss, metrics = fit_step(task, model, batch, opt)
+        phases["update_s"] = time.perf_counter() - start - phases["generation_s"] - phases["scoring_s"]
+        n = len(setup["prompts"]) * setup["group_size"]
+        return {"loss": loss, "phases": phases,
+                "completion_length_mean": metrics["completion_length"][0] / n, "reward_mean": metrics["reward"][0] / n}
+
+    return step
+
+
+def word_tokenizer(vocab: int):
+    """Word "w<i>" <-> id i (0 "<pad>", 1 "<eos>"), split on spaces, no special tokens added: TRL's tokenisation of
+    " ".join("w<i>") is exactly the ids."""
+    import tokenizers
+    import transformers
+    words = {"<pad>": PAD, "<eos>": EOS} | {f"w{i}": i for i in range(2, vocab)}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(words, unk_token="<eos>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tok.decoder = tokenizers.decoders.WordPiece(prefix="##")  # joins words with spaces
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+                                                unk_token="<eos>")
+
+
+def trl_trainer(ckpt: str, setup: dict):
+    import datasets
+    import trl
+    rows = len(setup["prompts"]) * setup["group_size"]
+    args = trl.GRPOConfig(
+        output_dir=str(Path(ckpt) / "trl_grpo"), report_to=[], save_strategy="no", logging_strategy="no",
+        use_cpu=True, bf16=False, fp16=False, per_device_train_batch_size=rows, num_generations=setup["group_size"],
+        max_completion_length=setup["new_tokens"], generation_kwargs={"min_new_tokens": setup["new_tokens"]},
+        temperature=1.0, top_k=0, top_p=1.0, beta=0.0, loss_type="dapo", num_iterations=1, learning_rate=LR,
+        gradient_checkpointing=False, disable_dropout=False, shuffle_dataset=False, use_vllm=False,
+        dataloader_num_workers=0, seed=0)
+    text = [" ".join(f"w{i}" for i in p) for p in setup["prompts"]]
+    data = datasets.Dataset.from_dict({"prompt": text})
+    tokenizer = word_tokenizer(setup["vocab"])
+    assert [tokenizer(t)["input_ids"] for t in text] == setup["prompts"]
+    return trl.GRPOTrainer(model=load_hf(ckpt), reward_funcs=[even_fraction], args=args, train_dataset=data,
+                           processing_class=tokenizer)
+
+
+def trl_grpo(ckpt: str, setup: dict):
+    with contextlib.redirect_stdout(io.StringIO()):  # dataset notices
+        trainer = trl_trainer(ckpt, setup)
+    trainer.current_gradient_accumulation_steps = 1  # what `Trainer.train` sets before its first step
+    batch = next(iter(trainer.get_train_dataloader()))  # 32 rows: each prompt G times, in order
+    model = trainer.model
+    model.train()
+    opt = _optimizer(model)
+
+    def step() -> dict:
+        phases = {"generation_s": 0.0, "scoring_s": 0.0}
+        start = time.perf_counter()
+        with _timed(trainer, "_generate_single_turn", phases, "generation_s"), \
+                _timed(trainer, "_calculate_rewards", phases, "scoring_s"):
+            loss = trainer.training_step(model, batch, None)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        phases["update_s"] = time.perf_counter() - start - phases["generation_s"] - phases["scoring_s"]
+        m = trainer._metrics["train"]
+        out = {"loss": loss.item(), "completion_length_mean": m["completions/mean_length"][-1],
+               "reward_mean": m["reward"][-1], "phases": phases}
+        for k in list(m):  # keep the metrics from piling up over rounds
+            m[k].clear()
+        return out
+
+    return step
+
+
+BUILDERS = {("tinytune", "rollout"): tinytune_rollout, ("hf", "rollout"): hf_rollout,
+            ("tinytune", "grpo"): tinytune_grpo, ("trl", "grpo"): trl_grpo}
+
+
+def variants(which: list[str]) -> list[tuple[str, str]]:
+    return [v for part in which for v in PARTS[part]]
+
+
+def load_setup(ckpt: str) -> dict:
+    return json.loads((Path(ckpt) / "setup.json").read_text())
+
+
+def worker(args) -> None:
+    """In a fresh process: peak memory of 3 calls of one variant, as JSON on stdout."""
+    lib, part = args.worker.split(",")
+    step = BUILDERS[(lib, part)](args.ckpt, load_setup(args.ckpt))
+    with PeakMemory("cpu") as pm:
+        for _ in range(3):
+            step()
+    print(json.dumps({"peak_bytes": pm.peak_bytes, "method": pm.method,
+                      "process_hwm_bytes": _status_kib("VmHWM") * 1024}))
+
+
+def measure_memories(args, ckpt: str, vs: list) -> dict:
+    runs = {v: [] for v in vs}
+    for _ in range(args.memory_runs):
+        for v in vs:
+            cmd = [sys.executable, __file__, "--worker", ",".join(v), "--ckpt", ckpt]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode:
+                raise RuntimeError(f"memory worker {v} failed:\n{done.stderr[-4000:]}")
+            runs[v].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    result = {}
+    for v in vs:
+        ordered = sorted(runs[v], key=lambda m: m["peak_bytes"])
+        result[v] = {**ordered[len(ordered) // 2], "peak_bytes_runs": [m["peak_bytes"] for m in runs[v]]}
+    return result
+
+
+def measure_speed(args, ckpt: str, setup: dict, vs: list) -> tuple[dict, dict]:
+    """(call times per variant, the outputs of every timed call per variant), rounds interleaved, order rotating."""
+    steps = {v: BUILDERS[v](ckpt, setup) for v in vs}
+    times, outputs = {v: [] for v in vs}, {v: [] for v in vs}
+    for r in range(args.warmup + args.rounds):
+        for v in vs[r % len(vs):] + vs[:r % len(vs)]:
+            start = time.perf_counter()
+            out = steps[v]()
+            if r >= args.warmup:
+                times[v].append(time.perf_counter() - start)
+                outputs[v].append(out)
+    return times, outputs
+
+
+def logit_parity(ckpt: str, setup: dict) -> float:
+    """max |logits difference| of tinytune's and transformers+peft's loaded models (eval) on the prompts."""
+    ids = torch.tensor(setup["prompts"])
+    with torch.no_grad():
+        ours = load_tinytune(ckpt).eval()(ids)
+        theirs = load_hf(ckpt).eval()(input_ids=ids).logits
+    return float((ours - theirs).abs().max())
+
+
+def report(args, setup: dict, times: dict, outputs: dict, memory: dict) -> dict:
+    n, P, T = len(setup["prompts"]) * setup["group_size"], setup["prompt_len"], setup["new_tokens"]
+    tokens = {"rollout": n * T, "grpo": n * (P + T)}
+    rows = []
+    for part in args.which:
+        for lib, _ in PARTS[part]:
+            v = (lib, part)
+            med = statistics.median(times[v])
+            row = {"variant": f"{LABEL[lib]} {LABEL[part]}", "lib": lib, "part": part, "median_s": med,
+                   "tokens": tokens[part], "tokens_per_s": tokens[part] / med, "call_s": times[v]}
+            if memory:
+                row |= {k: memory[v][k] for k in ("peak_bytes", "peak_bytes_runs", "process_hwm_bytes")}
+            outs = outputs[v]
+            if part == "rollout":
+                lengths = {x for o in outs for x in o["completion_lengths"]}
+                row["completion_lengths_seen"] = sorted(lengths)
+            else:
+                row["first_loss"] = outs[0]["loss"]
+                row["completion_length_mean"] = statistics.mean(o["completion_length_mean"] for o in outs)
+                row["reward_mean"] = statistics.mean(o["reward_mean"] for o in outs)
+                if "phases" in outs[0]:
+                    row["phases_median_s"] = {k: statistics.median(o["phases"][k] for o in outs)
+                                              for k in outs[0]["phases"]}
+            rows.append(row)
+    by = {(r["lib"], r["part"]): r for r in rows}
+    for part in args.which:
+        ours, peer = by[PARTS[part][0]], by[PARTS[part][1]]
+        ours["speed_ratio"] = ours["tokens_per_s"] / peer["tokens_per_s"]
+        ours["speed_target_met"] = ours["speed_ratio"] >= TARGETS[part]["speed"]
+        if memory:
+            ours["memory_ratio"] = ours["peak_bytes"] / peer["peak_bytes"]
+            if "memory" in TARGETS[part]:
+                ours["memory_target_met"] = ours["memory_ratio"] <= TARGETS[part]["memory"]
+    info = {"preset": args.preset, "prompts": len(setup["prompts"]), "prompt_len": P, "group_size": setup["group_size"],
+            "rows": n, "new_tokens": T, "rank": RANK, "alpha": ALPHA, "dropout": DROPOUT, "lr": LR,
+            "lora_targets": "all-linear except the head", "rounds": args.rounds, "warmup": args.warmup,
+            "memory_runs": args.memory_runs, "parts": args.which,
+            "tokens": {"rollout": "rows * new_tokens (generated)", "grpo": "rows * (prompt_len + new_tokens)"},
+            "stop": "tinytune: no stop ids; transformers/TRL: min_new_tokens = new_tokens (EOS id 1 masked)",
+            "reward": "fraction of even completion ids (same function both sides)"}
+    return {"setup": info, "targets": TARGETS, "rows": rows}
+
+
+def print_rows(rows: list[dict]) -> None:
+    print(f"{'variant':<32} {'tokens/s':>9} {'call s':>7} {'peak MiB':>9} {'speed x':>8} {'memory x':>9}")
+    for r in rows:
+        peak = f"{r['peak_bytes'] / 2**20:>9,.0f}" if "peak_bytes" in r else f"{'-':>9}"
+        sx = f"{r['speed_ratio']:>8.2f}" if "speed_ratio" in r else f"{'':>8}"
+        mx = f"{r['memory_ratio']:>9.2f}" if "memory_ratio" in r else f"{'':>9}"
+        print(f"{r['variant']:<32} {r['tokens_per_s']:>9,.0f} {r['median_s']:>7.3f} {peak} {sx} {mx}")
+        if "phases_median_s" in r:
+            print("    split: " + ", ".join(f"{k[:-2]} {v:.3f} s" for k, v in r["phases_median_s"].items()))
+
+
+def bars_svg(rows: list[dict], title: str, width: int = 760) -> str:
+    """Horizontal bars per variant: tokens/s (left) and peak MiB (right), ratios on tinytune's rows."""
+    left, panel, bar, gap, top = 210, (width - 210) / 2, 22, 10, 50
+    height = top + len(rows) * (bar + gap) + 36
+    colour = {"tinytune": "#1f77b4", "hf": "#ff7f0e", "trl": "#ff7f0e"}
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
+             f'<rect width="{width}" height="{height}" fill="white"/>',
+             f'<text x="{width / 2}" y="18" text-anchor="middle">{title}</text>',
+             f'<text x="{left}" y="38">tokens/s (longer is faster)</text>',
+             f'<text x="{left + panel}" y="38">peak MiB above the loaded model (shorter is leaner)</text>']
+    for p, (key, unit, ratio) in enumerate((("tokens_per_s", 1, "speed_ratio"), ("peak_bytes", 2**20, "memory_ratio"))):
+        if not all(key in r for r in rows):
+            continue
+        x0, scale = left + p * panel, (panel - 90) / max(r[key] / unit for r in rows)
+        for i, r in enumerate(rows):
+            y, value = top + i * (bar + gap), r[key] / unit
+            text = f"{value:,.0f}" + (f" ({r[ratio]:.2f}x)" if ratio in r else "")
+            parts += [f'<rect x="{x0:.1f}" y="{y}" width="{value * scale:.1f}" height="{bar}" '
+                      f'fill="{colour[r["lib"]]}"/>',
+                      f'<text x="{x0 + value * scale + 4:.1f}" y="{y + bar * 0.7:.1f}">{text}</text>']
+    for i, r in enumerate(rows):
+        parts.append(f'<text x="{left - 8}" y="{top + i * (bar + gap) + bar * 0.7:.1f}" text-anchor="end">'
+                     f'{r["variant"]}</text>')
+    parts += [f'<text x="{left}" y="{height - 10}">median of interleaved rounds; ratios are tinytune / peer'
+              '</text>', "</svg>"]
+    return "\n".join(parts) + "\n"
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="llama-tiny, 2 prompts of 8 ids, 8 new tokens, 2 rounds; "
+                   "writes into a temporary directory unless --out is given")
+    p.add_argument("--which", nargs="+", choices=list(PARTS), default=list(PARTS), help="parts to measure")
+    p.add_argument("--rounds", type=int, default=None, help="timed rounds (default 5; --quick 2)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 1; --quick 1)")
+    p.add_argument("--memory-runs", type=int, default=None,
+                   help="fresh processes per variant for peak memory, median (default 3; --quick 1; 0: none)")
+    for flag, kind in (("--preset", str), ("--prompts", int), ("--prompt-len", int), ("--new-tokens", int),
+                       ("--group-size", int)):
+        p.add_argument(flag, type=kind, default=None, help="override the setup (default: the documented one)")
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/rl_step_cpu.json; "
+                   "--quick: a temporary directory)")
+    for flag in ("--worker", "--ckpt"):  # internal: the memory subprocess
+        p.add_argument(flag, help=argparse.SUPPRESS)
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    if args.worker:
+        return worker(args)
+    full = dict(preset="llama-30m", prompts=4, prompt_len=32, new_tokens=64, group_size=8, rounds=5, warmup=1,
+                memory_runs=3)
+    quick = dict(preset="llama-tiny", prompts=2, prompt_len=8, new_tokens=8, group_size=8, rounds=2, warmup=1,
+                 memory_runs=1)
+    for k, v in (quick if args.quick else full).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    info = machine() | versions_and_flags()
+    with tempfile.TemporaryDirectory() as ckpt:
+        vocab = write_checkpoint(args.preset, ckpt)
+        write_adapter(ckpt, str(Path(ckpt) / "adapter"))
+        setup = {"prompts": random_prompts(args.prompts, args.prompt_len, vocab), "prompt_len": args.prompt_len,
+                 "new_tokens": args.new_tokens, "group_size": args.group_size, "vocab": vocab}
+        (Path(ckpt) / "setup.json").write_text(json.dumps(setup))
+        vs = variants(args.which)
+        memory = measure_memories(args, ckpt, vs) if args.memory_runs else {}
+        times, outputs = measure_speed(args, ckpt, setup, vs)
+        info["logit_max_abs_diff"] = logit_parity(ckpt, setup)
+    info["load_avg_after"] = os.getloadavg()
+    result = {"machine": info, **report(args, setup, times, outputs, memory)}
+    print_rows(result["rows"])
+    print(f"parity: max |logit diff| tinytune vs transformers+peft = {info['logit_max_abs_diff']:.2e}")
+    if args.out:
+        out = Path(args.out)
+    elif args.quick:
+        out = Path(tempfile.mkdtemp(prefix="rl_step_quick_")) / "rl_step_cpu.json"
+    else:
+        out = ROOT / "benchmarks" / "results" / "rl_step_cpu.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    title = (f"RL step, {args.preset}, LoRA r{RANK}, {args.prompts} prompts x G={args.group_size}, "
+             f"{args.prompt_len} + {args.new_tokens} tokens, fp32, CPU")
+    out.with_suffix(".svg").write_text(bars_svg(result["rows"], title))
+    print(f"wrote {out} and {out.with_suffix('.svg')}")
+
+
+if __name__ == "__main__":
+    main()
