@@ -27,9 +27,9 @@ from ..train.tasks import Task, add_metrics
 from .advantages import SCALES, group_advantages
 from .dpo_step import adapters_disabled
 from .logprobs import token_logprobs
-from .rewards import reward_matrix
+from .rewards import rollout_rewards
 from .rl_losses import GRPO_LOSS_TYPES, grpo_loss
-from .rollout import completions, generate_rollouts
+from .rollout import generate_rollouts
 
 
 def check_prompt_example(example, index: int, where: str) -> None:
@@ -44,10 +44,6 @@ def check_prompt_example(example, index: int, where: str) -> None:
 
 def _collate_prompts(examples: list[dict], pad_token_id: int, device: str) -> dict:
     return {"prompts": list(examples)}
-
-
-def _texts(ids: list[list[int]], tokenizer) -> list:
-    return [tokenizer.decode(row, skip_special_tokens=True) for row in ids] if tokenizer is not None else ids
 
 
 @dataclass
@@ -121,13 +117,7 @@ class GRPOConfig(TrainConfig):
 def _rollout_and_rewards(module, prompts: list[dict], cfg: GRPOConfig, functions, tokenizer):
     rollout = generate_rollouts(module, [p["prompt_ids"] for p in prompts], cfg.group_size, cfg.max_new_tokens,
                                 cfg.temperature, cfg.top_k, cfg.top_p, cfg.stop_token_ids, cfg.pad_token_id)
-    g = cfg.group_size
-    prompt_texts = [p.get("prompt", p["prompt_ids"]) for p in prompts for _ in range(g)]
-    extra_keys = sorted(set.intersection(*(set(p) for p in prompts)) - {"prompt", "prompt_ids"})
-    extra = {k: [p[k] for p in prompts for _ in range(g)] for k in extra_keys}
-    matrix = reward_matrix(functions, prompt_texts, _texts(completions(rollout), tokenizer), **extra)  # (N, F)
-    weights = torch.tensor(cfg.reward_weights or [1.0] * matrix.shape[1], dtype=torch.float32)
-    rewards = torch.nansum(matrix * weights, dim=1)  # None counts as no opinion (TRL's nansum)
+    rewards, matrix = rollout_rewards(functions, prompts, rollout, cfg.reward_weights, tokenizer)
     return rollout, rewards, matrix
 
 

@@ -13,6 +13,8 @@ normalise rewards with them (`normalize`).
 """
 from __future__ import annotations
 
+import contextlib
+
 import json
 import math
 import os
@@ -28,6 +30,7 @@ from .._transaction import directory_transaction
 from ..models.heads import _DecoderHead, _new_linear, last_hidden
 from ..models.transformer import CausalLM
 from ..peft import io as adapter_io
+from .roles import use_adapter
 
 STATS_NAME = "reward_model.json"
 FORMAT = "tinytune-reward-model"
@@ -41,6 +44,8 @@ class RewardModel(_DecoderHead):
     Args:
         backbone: a `CausalLM`; its body is shared (not copied) and its `lm_head` is not used.
         head: the scalar head, an `nn.Linear(hidden_size, 1)`; None: a new bias-free one, N(0, 0.02) as HF's.
+        adapter_name: the LoRA adapter of `backbone` this reward model scores with when the backbone is shared
+            with a policy (PPO switches to it); None: the backbone is used as it is.
 
     Forward:
         input_ids (B, T), attention_mask (B, T) or None -> scores (B,) in float32.
@@ -53,8 +58,9 @@ class RewardModel(_DecoderHead):
     peft_task_type = "SEQ_CLS"
     peft_modules_to_save = ("score",)  # trained whole with any PEFT method, saved with the adapter
 
-    def __init__(self, backbone: CausalLM, head: nn.Linear | None = None):
+    def __init__(self, backbone: CausalLM, head: nn.Linear | None = None, adapter_name: str | None = None):
         super().__init__(backbone, "RewardModel")
+        self.adapter_name = adapter_name
         if head is None:
             head = _new_linear(backbone, 1, bias=False, what="RewardModel")
         elif not isinstance(head, nn.Linear):
@@ -159,7 +165,9 @@ def save_reward_model(rm: RewardModel, path: str | os.PathLike) -> Path:
              "reward_mean": rm.reward_mean.item(), "reward_std": rm.reward_std.item()}
     path = Path(path)
     with directory_transaction(path, owned=(*adapter_io.OWNED, STATS_NAME), what="save_reward_model") as staging:
-        adapter_io.write_adapter_files(rm, staging)
+        # a reward model on a shared base saves its own adapter, whichever is active
+        with use_adapter(rm.decoder, rm.adapter_name) if rm.adapter_name is not None else contextlib.nullcontext():
+            adapter_io.write_adapter_files(rm, staging)
         (staging / STATS_NAME).write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
     return path
 
@@ -186,8 +194,12 @@ def _read_stats(path: Path, hidden_size: int) -> dict:
     return stats
 
 
-def load_reward_model(backbone: CausalLM, path: str | os.PathLike) -> RewardModel:
+def load_reward_model(backbone: CausalLM, path: str | os.PathLike, adapter_name: str | None = None) -> RewardModel:
     """A `RewardModel` on `backbone` with the adapter, head and statistics `save_reward_model` wrote to `path`.
+
+    With `adapter_name` the reward adapter is added to `backbone` under that name beside the adapters it has
+    (inactive: a policy's adapter stays the active one), so a policy, its value model and this reward model
+    share one frozen base (PPO, docs/rlhf.md); the reward model records the name and scores with it.
 
     Every file is checked against the directory's manifest before it is used; the head's size is checked
     against `backbone` before anything is applied (and again, per tensor, by `tt.load_adapter`).
@@ -198,8 +210,8 @@ def load_reward_model(backbone: CausalLM, path: str | os.PathLike) -> RewardMode
             another hidden size (named), or anything `tt.load_adapter` refuses.
     """
     path = Path(path)
-    rm = RewardModel(backbone)
+    rm = RewardModel(backbone, adapter_name=adapter_name)
     stats = _read_stats(path, rm.config.hidden_size)
-    adapter_io.load_adapter(rm, path)
+    adapter_io.load_adapter(rm, path, adapter_name=adapter_name)
     rm.set_statistics(float(stats["reward_mean"]), float(stats["reward_std"]))
     return rm

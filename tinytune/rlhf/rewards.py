@@ -137,3 +137,35 @@ def normalized_scores(rm, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     if normalize:
         scores = rm.normalize(scores)
     return scores if clip is None else scores.clamp(-clip, clip)
+
+
+def _texts(ids: list[list[int]], tokenizer) -> list:
+    return [tokenizer.decode(row, skip_special_tokens=True) for row in ids] if tokenizer is not None else ids
+
+
+def rollout_rewards(functions: Sequence[RewardFunction], prompts: list[dict], rollout, weights=None,
+                    tokenizer=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reward functions' verdicts on a rollout's completions: ((N,) weighted sums, (N, F) matrix).
+
+    Args:
+        functions: reward functions (see the module docstring).
+        prompts: the prompt examples the rollout sampled (`tt.data.load_prompts`), `rollout.group_size`
+            completions each; their "prompt" text (else ids) is what the functions see as prompts, and
+            every other field they all share (e.g. "answer") is passed on, one entry per completion.
+        rollout: a `Rollout` of those prompts.
+        weights: one weight per function (None: 1.0 each).
+        tokenizer: decodes completions for the functions (None: they get token id lists).
+
+    Returns:
+        (rewards, matrix): the weighted `nansum` over functions (a None is no opinion; a completion no
+        function scored gets 0), and each function's value (NaN for None).
+    """
+    from .rollout import completions  # (rollout imports the data layer; keep this module light)
+
+    g = rollout.group_size
+    prompt_texts = [p.get("prompt", p["prompt_ids"]) for p in prompts for _ in range(g)]
+    extra_keys = sorted(set.intersection(*(set(p) for p in prompts)) - {"prompt", "prompt_ids"})
+    extra = {k: [p[k] for p in prompts for _ in range(g)] for k in extra_keys}
+    matrix = reward_matrix(functions, prompt_texts, _texts(completions(rollout), tokenizer), **extra)  # (N, F)
+    w = torch.tensor(weights or [1.0] * matrix.shape[1], dtype=torch.float32)
+    return torch.nansum(matrix * w, dim=1), matrix

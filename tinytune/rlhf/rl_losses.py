@@ -131,16 +131,21 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     Returns:
         (loss, stats): "vf_clipfrac" (share of tokens where the clipped term was larger).
     """
+    per_token, stats = clipped_value_error(values, old_values, returns, mask, clip)
+    return masked_mean(per_token, _per_token("mask", mask, per_token)), stats
+
+
+def clipped_value_error(values, old_values, returns, mask, clip: float = 0.2) -> tuple[torch.Tensor, dict[str, float]]:
+    """The per-token clipped value error (B, T) of `value_loss`, before aggregation, and its stats."""
     values = _per_token("values", values)
     old_values = _per_token("old_values", old_values, values).detach()
     returns, mask = _per_token("returns", returns, values).detach(), _per_token("mask", mask, values)
     c = _clip("clip", clip)
     clipped = old_values + torch.clamp(values - old_values, -c, c)
     a, b = (values - returns) ** 2, (clipped - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(a, b), mask)
     with torch.no_grad():
         stats = {"vf_clipfrac": masked_mean((b > a).to(values.dtype), mask).item()}
-    return loss, stats
+    return 0.5 * torch.maximum(a, b), stats
 
 
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,

@@ -25,6 +25,8 @@ class ValueModel(_DecoderHead):
     Args:
         backbone: a `CausalLM`; its body is shared (not copied), its `lm_head` not used.
         head: an `nn.Linear(hidden_size, 1)`, or None for a zero-initialised bias-free one.
+        adapter_name: the LoRA adapter of `backbone` this value model computes with when the backbone is shared
+            with the policy (PPO switches to it); None: the backbone is used as it is.
 
     Forward:
         input_ids (B, T), attention_mask (B, T) or None -> values (B, T) in float32: column t is the value
@@ -38,8 +40,9 @@ class ValueModel(_DecoderHead):
     peft_task_type = "TOKEN_CLS"
     peft_modules_to_save = ("score",)
 
-    def __init__(self, backbone: CausalLM, head: nn.Linear | None = None):
+    def __init__(self, backbone: CausalLM, head: nn.Linear | None = None, adapter_name: str | None = None):
         super().__init__(backbone, "ValueModel")
+        self.adapter_name = adapter_name
         d = self.config.hidden_size
         if head is None:
             ref = backbone.model.embed_tokens.weight
