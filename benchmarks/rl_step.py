@@ -437,7 +437,7 @@ def parse_args():
                    "writes into a temporary directory unless --out is given")
     p.add_argument("--which", nargs="+", choices=list(PARTS), default=list(PARTS), help="parts to measure")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds (default 5; --quick 2)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 1; --quick 1)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 2: first calls run up to 10x slower; --quick 1)")
     p.add_argument("--memory-runs", type=int, default=None,
                    help="fresh processes per variant for peak memory, median (default 3; --quick 1; 0: none)")
     for flag, kind in (("--preset", str), ("--prompts", int), ("--prompt-len", int), ("--new-tokens", int),
@@ -454,7 +454,7 @@ def main() -> None:
     args = parse_args()
     if args.worker:
         return worker(args)
-    full = dict(preset="llama-30m", prompts=4, prompt_len=32, new_tokens=64, group_size=8, rounds=5, warmup=1,
+    full = dict(preset="llama-30m", prompts=4, prompt_len=32, new_tokens=64, group_size=8, rounds=5, warmup=2,
                 memory_runs=3)
     quick = dict(preset="llama-tiny", prompts=2, prompt_len=8, new_tokens=8, group_size=8, rounds=2, warmup=1,
                  memory_runs=1)
