@@ -24,9 +24,10 @@ Parts (`--which`, see `PARTS`; each part is a tinytune / peer pair of variants):
                  GRPOConfig(group_size=8, max_new_tokens=64, batch_size=4, lr=1e-5, loss_type="dapo", beta=0))`,
                  timed `loss, _ = task.loss(model, task.collate(prompts, 0, "cpu"), task.count(batch), model)`
                  + `loss.backward()` + torch AdamW step + zero_grad (what `fit` runs per step, without its
-                 logging / checkpoint machinery). Its time split (generation / scoring / update) comes from
-                 timing wrappers around the `generate_rollouts` and `reward_matrix` the task calls; update is
-                 the rest (advantages, `token_logprobs`, loss, backward, AdamW). TRL: `trl.GRPOTrainer(model=
+                 logging / checkpoint machinery). Its time split (generation / scoring / update): a timing
+                 wrapper around the `generate_rollouts` the task calls, and the time inside the reward
+                 function (both sides call it through the same timing wrapper); update is the rest
+                 (advantages, `token_logprobs`, loss, backward, AdamW). TRL: `trl.GRPOTrainer(model=
                  <the PeftModel>, reward_funcs=[even_fraction], args=GRPOConfig(per_device_train_batch_size=32,
                  num_generations=8, max_completion_length=64, generation_kwargs={"min_new_tokens": 64},
                  temperature 1, top_k 0, top_p 1, beta=0.0, loss_type="dapo", num_iterations=1, lr 1e-5,
@@ -37,8 +38,8 @@ Parts (`--which`, see `PARTS`; each part is a tinytune / peer pair of variants):
                  `trainer.training_step(model, batch, num_items_in_batch)` with the 32-row batch of its own
                  dataloader (its `_prepare_inputs` generates, decodes, scores and computes advantages there, then
                  `compute_loss` + backward) + torch AdamW step + zero_grad. TRL generates with the policy in
-                 train mode (LoRA dropout active while sampling), as its trainer does. Its split: timing
-                 wrappers on the trainer's `_generate_single_turn` (generation) and `_calculate_rewards`
+                 train mode (LoRA dropout active while sampling), as its trainer does. Its split: a timing
+                 wrapper on the trainer's `_generate_single_turn` (generation), the reward function's time
                  (scoring); update is the rest (decoding, advantages, loss forward, backward, AdamW).
                  tokens/s = 32 * (32 + 64) / step time.
 (A PPO part (i) is not measured here yet; it belongs in `PARTS` as another pair.)
@@ -59,6 +60,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import json
 import os
@@ -201,6 +203,19 @@ def fit_step(task, model, batch: dict, opt) -> tuple[float, dict]:
     return losses[0], metrics
 
 
+def timed_reward(phases: dict):
+    """`even_fraction` (same name, same values) adding its wall time to `phases["scoring_s"]`."""
+    @functools.wraps(even_fraction)
+    def reward(*a, **k):
+        start = time.perf_counter()
+        try:
+            return even_fraction(*a, **k)
+        finally:
+            phases["scoring_s"] += time.perf_counter() - start
+
+    return reward
+
+
 def tinytune_grpo(ckpt: str, setup: dict):
     grpo_module = sys.modules["tinytune.rlhf.grpo"]  # the module (the package's `grpo` attribute is the function)
     model = load_tinytune(ckpt)
@@ -208,19 +223,19 @@ def tinytune_grpo(ckpt: str, setup: dict):
                              batch_size=len(setup["prompts"]), lr=LR, loss_type="dapo", beta=0.0,
                              temperature=1.0)
     assert not cfg.stop_token_ids and not model.config.eos_token_ids  # no stop: exactly new_tokens per row
-    task = tt.rlhf.grpo_task([even_fraction], cfg)
+    phases = {}
+    task = tt.rlhf.grpo_task([timed_reward(phases)], cfg)
     batch = task.collate([{"prompt_ids": p} for p in setup["prompts"]], PAD, "cpu")
     opt = _optimizer(model)
 
     def step() -> dict:
-        phases = {"generation_s": 0.0, "scoring_s": 0.0}
+        phases.update(generation_s=0.0, scoring_s=0.0)
         start = time.perf_counter()
-        with _timed(grpo_module, "generate_rollouts", phases, "generation_s"), \
-                _timed(grpo_module, "reward_matrix", phases, "scoring_s"):
+        with _timed(grpo_module, "generate_rollouts", phases, "generation_s"):
             loss, metrics = fit_step(task, model, batch, opt)
         phases["update_s"] = time.perf_counter() - start - phases["generation_s"] - phases["scoring_s"]
         n = len(setup["prompts"]) * setup["group_size"]
-        return {"loss": loss, "phases": phases,
+        return {"loss": loss, "phases": dict(phases),
                 "completion_length_mean": metrics["completion_length"][0] / n, "reward_mean": metrics["reward"][0] / n}
 
     return step
@@ -239,7 +254,7 @@ def word_tokenizer(vocab: int):
                                                 unk_token="<eos>")
 
 
-def trl_trainer(ckpt: str, setup: dict):
+def trl_trainer(ckpt: str, setup: dict, reward=even_fraction):
     import datasets
     import trl
     rows = len(setup["prompts"]) * setup["group_size"]
@@ -254,13 +269,14 @@ def trl_trainer(ckpt: str, setup: dict):
     data = datasets.Dataset.from_dict({"prompt": text})
     tokenizer = word_tokenizer(setup["vocab"])
     assert [tokenizer(t)["input_ids"] for t in text] == setup["prompts"]
-    return trl.GRPOTrainer(model=load_hf(ckpt), reward_funcs=[even_fraction], args=args, train_dataset=data,
+    return trl.GRPOTrainer(model=load_hf(ckpt), reward_funcs=[reward], args=args, train_dataset=data,
                            processing_class=tokenizer)
 
 
 def trl_grpo(ckpt: str, setup: dict):
+    phases = {}
     with contextlib.redirect_stdout(io.StringIO()):  # dataset notices
-        trainer = trl_trainer(ckpt, setup)
+        trainer = trl_trainer(ckpt, setup, timed_reward(phases))
     trainer.current_gradient_accumulation_steps = 1  # what `Trainer.train` sets before its first step
     batch = next(iter(trainer.get_train_dataloader()))  # 32 rows: each prompt G times, in order
     model = trainer.model
@@ -268,17 +284,16 @@ def trl_grpo(ckpt: str, setup: dict):
     opt = _optimizer(model)
 
     def step() -> dict:
-        phases = {"generation_s": 0.0, "scoring_s": 0.0}
+        phases.update(generation_s=0.0, scoring_s=0.0)
         start = time.perf_counter()
-        with _timed(trainer, "_generate_single_turn", phases, "generation_s"), \
-                _timed(trainer, "_calculate_rewards", phases, "scoring_s"):
+        with _timed(trainer, "_generate_single_turn", phases, "generation_s"):
             loss = trainer.training_step(model, batch, None)
         opt.step()
         opt.zero_grad(set_to_none=True)
         phases["update_s"] = time.perf_counter() - start - phases["generation_s"] - phases["scoring_s"]
         m = trainer._metrics["train"]
         out = {"loss": loss.item(), "completion_length_mean": m["completions/mean_length"][-1],
-               "reward_mean": m["reward"][-1], "phases": phases}
+               "reward_mean": m["reward"][-1], "phases": dict(phases)}
         for k in list(m):  # keep the metrics from piling up over rounds
             m[k].clear()
         return out
@@ -437,7 +452,8 @@ def parse_args():
                    "writes into a temporary directory unless --out is given")
     p.add_argument("--which", nargs="+", choices=list(PARTS), default=list(PARTS), help="parts to measure")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds (default 5; --quick 2)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 2: first calls run up to 10x slower; --quick 1)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed rounds first (default 2: first calls run up to 10x slower; --quick 1)")
     p.add_argument("--memory-runs", type=int, default=None,
                    help="fresh processes per variant for peak memory, median (default 3; --quick 1; 0: none)")
     for flag, kind in (("--preset", str), ("--prompts", int), ("--prompt-len", int), ("--new-tokens", int),
