@@ -7,6 +7,7 @@
     tinytune reward CHECKPOINT PREFS.jsonl --eval-data held_out.jsonl --out runs/rm   # a reward model
     tinytune dpo CHECKPOINT PREFS.jsonl --beta 0.1 --loss-type sigmoid --out runs/dpo  # a DPO adapter
     tinytune grpo CHECKPOINT PROMPTS.jsonl --reward my_rewards:exact --out runs/grpo   # a GRPO adapter
+    tinytune ppo CHECKPOINT PROMPTS.jsonl --reward-model runs/rm/reward_model --out runs/ppo  # PPO
     tinytune demo                                          # offline end-to-end example, ~1-2 min on a CPU
     tinytune finetune ... --resume                         # go on from the latest checkpoint in --out
 
@@ -129,25 +130,35 @@ def _add_dpo(sub) -> None:
           type=float)
 
 
-def _add_grpo(sub) -> None:
-    """The `grpo` parser: the shared skeleton with prompt data, and the objective."""
-    defaults = COMMAND_DEFAULTS["grpo"]
+def _add_online(sub, name: str, help: str, description: str, defaults: dict, objective: str):
+    """A `grpo` or `ppo` parser: the shared skeleton with prompt data, then the objective's group with
+    --reward, --reward-weights and the sampling options (the command adds its own after them)."""
     p = _add_online_or_preference(
-        sub, "grpo", "train a policy with GRPO on a prompt file and reward functions",
-        "Apply a PEFT method to the checkpoint (or preset), train it with tt.rlhf.grpo (group_size completions "
-        "per prompt, scored by --reward functions) and save the adapter into OUT/adapter.",
+        sub, name, help, description,
         "Config keys mirror the flags (as finetune's; reward: a string or a list); flags override the file.",
         ("PROMPTS.jsonl", 'prompts: {"prompt": text or chat messages, ...other fields for the rewards}'),
-        "adapter/", "prompt", "longest prompt in tokens; a longer record is a bad record")
-    g = p.add_argument_group("GRPO objective")
+        "adapter/" if name == "grpo" else "adapter/, value_model/", "prompt",
+        "longest prompt in tokens; a longer record is a bad record")
+    g = p.add_argument_group(objective)
+    required = "required" if name == "grpo" else "or --reward-model"
     _flag(g, "--reward", "a reward function as module:function, f(prompts, completions, **fields) -> floats "
-          "(repeat for several; required)", action="append", metavar="SPEC")
+          f"(repeat for several; {required})", action="append", metavar="SPEC")
     _flag(g, "--reward-weights", "one weight per --reward, comma-separated (default: all 1.0)", metavar="W,W")
-    _flag(g, "--group-size", "completions per prompt (--batch-size counts prompts)", defaults, type=int)
     _flag(g, "--max-new-tokens", "longest completion in tokens", defaults, type=int)
     _flag(g, "--temperature", "sampling temperature", defaults, type=float)
     _flag(g, "--top-k", "sample among the k likeliest tokens", defaults, type=int)
     _flag(g, "--top-p", "nucleus sampling, in (0, 1]", defaults, type=float)
+    return g
+
+
+def _add_grpo(sub) -> None:
+    """The `grpo` parser: the shared skeleton with prompt data, and the objective."""
+    defaults = COMMAND_DEFAULTS["grpo"]
+    g = _add_online(sub, "grpo", "train a policy with GRPO on a prompt file and reward functions",
+                    "Apply a PEFT method to the checkpoint (or preset), train it with tt.rlhf.grpo (group_size "
+                    "completions per prompt, scored by --reward functions) and save the adapter into OUT/adapter.",
+                    defaults, "GRPO objective")
+    _flag(g, "--group-size", "completions per prompt (--batch-size counts prompts)", defaults, type=int)
     _flag(g, "--loss-type", f"one of {', '.join(GRPO_LOSS_TYPES)}", defaults, metavar="NAME")
     _flag(g, "--epsilon", "clip range", defaults, type=float)
     _flag(g, "--epsilon-high", "upper clip range (default: --epsilon)", type=float)
@@ -156,6 +167,36 @@ def _add_grpo(sub) -> None:
     _flag(g, "--scale-rewards", f"advantage scaling, one of {', '.join(SCALES)}", defaults, metavar="MODE")
     _flag(g, "--mask-truncated-completions", "leave completions without a stop token out of the loss",
           action="store_true")
+
+
+def _add_ppo(sub) -> None:
+    """The `ppo` parser: the online skeleton, --reward-model and PPOConfig's knobs."""
+    from .ppo import PPO_DEFAULTS as defaults
+    g = _add_online(sub, "ppo", "train a policy with PPO on a prompt file and a reward model or functions",
+                    "Apply LoRA (or DoRA) to the checkpoint (or preset) as the policy, load --reward-model onto "
+                    "the same base (or score with --reward functions), train policy and value model with "
+                    "tt.rlhf.ppo and save the policy's adapter into OUT/adapter, the value model into "
+                    "OUT/value_model.", defaults, "PPO objective")
+    _flag(g, "--reward-model", "a reward model directory trained on CHECKPOINT (tinytune reward's "
+          "OUT/reward_model); or --reward", metavar="DIR")
+    _flag(g, "--ppo-epochs", "passes over each rollout batch", defaults, type=int)
+    _flag(g, "--num-mini-batches", "updates per pass (<= --batch-size)", defaults, type=int)
+    _flag(g, "--kl-coef", "initial weight of the per-token KL to the base (the adapters disabled)", defaults,
+          type=float)
+    _flag(g, "--kl-estimator", "k1 or k3", defaults, metavar="NAME")
+    _flag(g, "--kl-target", "adapt --kl-coef to reach this KL per completion (default: fixed)", type=float)
+    _flag(g, "--kl-horizon", "the adaptive controller's horizon", defaults, type=int)
+    _flag(g, "--gamma", "GAE discount, in [0, 1]", defaults, type=float)
+    _flag(g, "--lam", "GAE lambda, in [0, 1]", defaults, type=float)
+    _flag(g, "--cliprange", "the policy ratio's clip range", defaults, type=float)
+    _flag(g, "--cliprange-value", "the value's clip range", defaults, type=float)
+    _flag(g, "--vf-coef", "weight of the value loss", defaults, type=float)
+    _flag(g, "--whiten-rewards", "whiten the per-token rewards over the batch before GAE", action="store_true")
+    _flag(g, "--missing-eos-penalty", "subtracted from the score of a completion without a stop token",
+          type=float)
+    _flag(g, "--no-normalize-reward", "score with the reward model's raw output, not normalised by its stored "
+          "statistics (config: normalize_reward = false)", action="store_false", dest="normalize_reward")
+    _flag(g, "--reward-clip", "clip scores to [-C, C] (default: no clip)", type=float)
 
 
 def _add_params(sub) -> None:
@@ -202,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "PyTorch alone.", formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_finetune, _add_reward, _add_dpo, _add_grpo, _add_params, _add_bench, _add_demo):
+    for add in (_add_finetune, _add_reward, _add_dpo, _add_grpo, _add_ppo, _add_params, _add_bench, _add_demo):
         add(sub)
     parser.commands = dict(sub.choices)
     return parser
@@ -223,6 +264,10 @@ def _run(args) -> None:
     if args.command == "grpo":
         from . import rl
         rl.grpo(resolve(args, rl.GRPO_KEYS, COMMAND_DEFAULTS["grpo"]))
+        return
+    if args.command == "ppo":
+        from . import ppo
+        ppo.ppo(resolve(args, ppo.PPO_KEYS, ppo.PPO_DEFAULTS))
         return
     keys = {"finetune": commands.FINETUNE_KEYS, "params": commands.PARAMS_KEYS, "bench": commands.BENCH_KEYS}
     opts = resolve(args, keys[args.command])
