@@ -10,6 +10,7 @@ padding no mask is passed at all, so attention runs unmasked.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 
@@ -22,7 +23,7 @@ from .transformer import CausalLM, check_token_ids
 def generate(model: CausalLM, input_ids: torch.Tensor, max_new_tokens: int = 32, temperature: float = 0.0,
              top_k: int | None = None, top_p: float = 1.0, eos_token_id: int | list[int] | None = None,
              attention_mask: torch.Tensor | None = None, seed: int | None = None,
-             pad_token_id: int | None = None, return_logprobs: bool = False):
+             pad_token_id: int | None = None, return_logprobs: bool = False, merge_lora: bool = True):
     """Continue each row of `input_ids` by up to `max_new_tokens` tokens.
 
     Args:
@@ -44,6 +45,10 @@ def generate(model: CausalLM, input_ids: torch.Tensor, max_new_tokens: int = 32,
         pad_token_id: written after a row's EOS. None: `model.config.pad_token_id`, else the
             first EOS id, else 0.
         return_logprobs: also return the log-probability of each generated token.
+        merge_lora: enter each module's `generation_context()` for the whole call (a duck-typed
+            protocol: LoRA layers then compute with `W + s B A` merged once, one matmul per step
+            instead of three; base weights are not written). Costs one extra copy of each adapted
+            weight during the call; False keeps the unmerged path (and that memory).
 
     Returns:
         ids: (B, P + n) LongTensor, the prompts followed by the n generated tokens, where n is
@@ -61,11 +66,26 @@ def generate(model: CausalLM, input_ids: torch.Tensor, max_new_tokens: int = 32,
             beyond `config.max_position_embeddings` (learned positions and RoPE alike).
     """
     _check_arguments(model, input_ids, max_new_tokens, temperature, top_k, top_p, attention_mask, seed)
+    if not isinstance(merge_lora, bool):
+        raise FieldError(f"merge_lora must be True or False, got {merge_lora!r}")
     eos_ids = _eos_ids(model, eos_token_id)
     pad = _pad_id(model, pad_token_id, eos_ids)
-    with torch.inference_mode():
+    with torch.inference_mode(), _generation_contexts(model, merge_lora):
         return _generate(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_ids, attention_mask,
                          seed, pad, return_logprobs)
+
+
+@contextlib.contextmanager
+def _generation_contexts(model, enabled: bool):
+    """Every module's `generation_context()` (a method some PEFT layers offer, found by duck typing:
+    models never import peft), entered for the whole call; entered under inference mode, so a layer
+    sees grad disabled and may cache what stays fixed while generating."""
+    with contextlib.ExitStack() as stack:
+        for module in model.modules() if enabled else ():
+            context = getattr(module, "generation_context", None)
+            if callable(context):
+                stack.enter_context(context())
+        yield
 
 
 def _check_arguments(model, input_ids, max_new_tokens, temperature, top_k, top_p, attention_mask,

@@ -29,7 +29,7 @@ from .inject import apply as _apply
 from .custom import LoRALinearLike
 from .layers import LoRAEmbedding, LoRALinear
 from .mha import LoRAMultiheadAttention
-from .merging import disabled, merge, merge_and_unload, merged_state, unmerge
+from .merging import disabled, inference_merged, merge, merge_and_unload, merged_state, unmerge
 from .multi import (
     active_adapter, adapter_layers, adapter_per_row, add_weighted_adapter, delete_adapter, list_adapters, lora_layers,
     set_adapter,
@@ -46,7 +46,7 @@ __all__ = [
     "loraplus_param_groups", "add_adapter", "set_adapter", "active_adapter", "list_adapters", "delete_adapter",
     "add_weighted_adapter", "adapter_per_row", "adapter_layers", "DEFAULT_ADAPTER", "register_layer",
     "registered_types", "register_layer_by_name", "adaptable_modules", "PEFT_TYPE", "is_applied", "peft_config_dict", "config_from_peft",
-    "merged_state", "METHOD", "LoRAConv1d", "LoRAConv2d", "LoRAConv3d", "LoRAConv1D",
+    "merged_state", "inference_merged", "METHOD", "LoRAConv1d", "LoRAConv2d", "LoRAConv3d", "LoRAConv1D",
     "register_transformers_conv1d",
 ]
 

@@ -24,6 +24,7 @@ from torch.nn.utils import parametrize
 
 from .._dtype import adapter_dtype
 from .config import DEFAULT_ADAPTER, LoraSpec, check_adapter_name
+from .inference import InferenceMerge
 from .rows import RowAdapters
 from .variants import dora_fold, dora_unfold, dora_weight_norm
 
@@ -51,7 +52,7 @@ def _active_field(name: str, doc: str) -> property:
     return property(lambda self: getattr(self._spec(), name), doc=doc)
 
 
-class LoRALayer(RowAdapters, nn.Module):
+class LoRALayer(RowAdapters, InferenceMerge, nn.Module):
     """What every LoRA layer shares: the named adapters, merge state, the mixed-batch forward (`RowAdapters`).
 
     A layer type for a new kind of module subclasses this and defines `_dims` (or `_factor_shapes`),
@@ -375,6 +376,8 @@ class LoRALayer(RowAdapters, nn.Module):
             return self.base(x)
         if self._rows is not None:
             return self._forward_rows(x)
+        if self._inference_weight is not None:  # inside generation_context(): see `inference`
+            return self._forward_merged(x)
         return self._forward_adapter(x, self.active_adapter)
 
     def _forward_adapter(self, x: torch.Tensor, name: str | None) -> torch.Tensor:

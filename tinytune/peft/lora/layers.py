@@ -45,6 +45,7 @@ class LoRALinear(LoRALayer):
         ValueError: a bad rank, alpha, dropout, init, dora or adapter name; with "pissa", rank > min(in, out).
     """
 
+    _merges_for_inference = True  # generation_context(): one matmul with the merged weight (see `inference`)
     lora_A = property(lambda self: self._factor("lora_A"), doc="The active adapter's A, (rank, in_features).")
     lora_B = property(lambda self: self._factor("lora_B"), doc="The active adapter's B, (out_features, rank).")
 

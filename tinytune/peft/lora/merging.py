@@ -9,7 +9,7 @@ import torch.nn as nn
 from .._targets import layers_disabled, refuse_shared_merge, replace_module
 from .multi import lora_layers, require_lora as _require_lora
 
-__all__ = ["merge", "unmerge", "merge_and_unload", "disabled", "merged_state"]
+__all__ = ["merge", "unmerge", "merge_and_unload", "disabled", "merged_state", "inference_merged"]
 
 
 def _refuse_unmergeable(layers, what: str) -> None:
@@ -94,3 +94,14 @@ def merged_state(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
     _refuse_unmergeable(layers, "save_pretrained")
     refuse_shared_merge(model, [(n, layer) for n, layer in layers if not layer.merged], "save_pretrained")
     return {name: layer.merged_state() for name, layer in layers}
+
+
+@contextlib.contextmanager
+def inference_merged(model: nn.Module):
+    """Inside the block (no grad, eval mode) every LoRA layer that can computes `x (W + s B A)^T + b` with
+    a merged weight made once on entry and dropped on exit; base weights are never written. Layers that
+    cannot (see `inference`) keep their normal path. `tt.generate` does this itself (`merge_lora=True`)."""
+    with contextlib.ExitStack() as stack:
+        for _, layer in lora_layers(model):
+            stack.enter_context(layer.generation_context())
+        yield model
