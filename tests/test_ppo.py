@@ -166,3 +166,23 @@ def test_separate_models_for_every_role_train_only_policy_and_value(tmp_path):
     after = dict([*rm.named_parameters(), *reference.named_parameters()])
     assert all(torch.equal(frozen[n], after[n]) for n in frozen)
     assert not torch.equal(value.score.weight, before_value)
+
+
+def _low_mass(model):
+    with torch.no_grad():
+        probs = torch.softmax(model.eval()(torch.tensor([p["prompt_ids"] for p in PROMPTS]))[:, -1].float(), -1)
+    return probs[:, :64].sum(-1).mean().item()
+
+
+def test_ppo_through_fit_moves_the_policy_towards_the_reward_and_logs_its_statistics():
+    """~10 s: llama-tiny with random weights (its head frozen: it learns slowly); the next-token mass on the
+    rewarded ids grows, measured 0.254 -> 0.278 (seed 0). The demo-base learning tests: test_ppo_learning.py."""
+    base = _base()
+    _perturb(base, "policy")  # non-zero B, so that every LoRA factor gets a gradient from the start
+    before = _low_mass(base)
+    history = ppo(base, PROMPTS * 2, low_tokens, _cfg(steps=40, batch_size=16, lr=2e-2))
+    after = _low_mass(base)
+    assert after - before > 0.015, (before, after)
+    assert {"score", "kl", "non_score_reward", "kl_coef", "entropy", "clipfrac", "approx_kl", "value_loss",
+            "policy_loss", "vf_clipfrac", "explained_variance", "completion_length", "eos_rate"} <= set(history.metrics[-1])
+    assert history.tokens_per_s > 0
