@@ -88,6 +88,7 @@ def test_the_update_equals_a_float64_reference_of_the_clipped_ppo_objective():
     task = ppo_task(roles, cfg)
     torch.manual_seed(3)
     (update,), metrics, tokens = task.prepare(models, [task.collate(PROMPTS, 0, "cpu")], models)
+    assert [b["role"] for b in update] == ["policy", "value"]  # one role's activations at a time
     batch = update[0]
     ids, attn, p, mask = batch["input_ids"], batch["attention_mask"], batch["prompt_length"], batch["mask"].double()
     with torch.no_grad():
@@ -106,7 +107,10 @@ def test_the_update_equals_a_float64_reference_of_the_clipped_ppo_objective():
     adv = whiten(adv, mask)
     assert torch.allclose(batch["advantages"].double(), adv, atol=1e-5)
     assert torch.allclose(batch["returns"].double(), returns, atol=1e-6)
-    loss, stats = task.loss(models, batch, task.count(batch), models)
+    count = sum(task.count(b) for b in update)
+    assert count == int(mask.sum())
+    (loss, stats), (value_part, vstats) = (task.loss(models, b, count, models) for b in update)
+    loss = loss + value_part
     # ratio 1 at the first update: the policy loss is -mean(A); the value loss 0.5 * mean((V - R)^2)
     naive = (-(adv * mask).sum() + cfg.vf_coef * (0.5 * (values - returns) ** 2 * mask).sum()) / mask.sum()
     assert loss.item() == pytest.approx(naive.item(), abs=1e-5)

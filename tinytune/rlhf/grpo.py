@@ -25,6 +25,7 @@ from ..train.config import TrainConfig
 from ..train.loop import History, fit
 from ..train.tasks import Task, add_metrics
 from .advantages import SCALES, group_advantages
+from .config_checks import check_sampling
 from .dpo_step import adapters_disabled
 from .logprobs import token_logprobs
 from .rewards import rollout_rewards
@@ -86,28 +87,12 @@ class GRPOConfig(TrainConfig):
     def __post_init__(self):
         super().__post_init__()
         _check.integer(self.group_size, "GRPOConfig.group_size", 2 if self.scale_rewards == "group" else 1)
-        _check.integer(self.max_new_tokens, "GRPOConfig.max_new_tokens", 1)
         _check.integer(self.num_iterations, "GRPOConfig.num_iterations", 1)
-        _check.number(self.temperature, "GRPOConfig.temperature", 0, low_open=True)
         _check.number(self.epsilon, "GRPOConfig.epsilon", 0, low_open=True)
         _check.number(self.epsilon_high, "GRPOConfig.epsilon_high", 0, low_open=True, none=True)
         _check.number(self.beta, "GRPOConfig.beta", 0)
         _check.boolean(self.mask_truncated_completions, "GRPOConfig.mask_truncated_completions")
-        _check.integer(self.top_k, "GRPOConfig.top_k", 1, none=True)
-        _check.number(self.top_p, "GRPOConfig.top_p", 0, 1, low_open=True)
-        for name, values, check in (("stop_token_ids", self.stop_token_ids, lambda v: _check.integer(v, "", 0)),
-                                    ("reward_weights", self.reward_weights, lambda v: _check.number(v, ""))):
-            if values is None:
-                continue
-            try:
-                if not isinstance(values, (list, tuple)) or not values:
-                    raise ValueError
-                for v in values:
-                    check(v)
-            except (TypeError, ValueError):
-                raise ValueError(f"GRPOConfig.{name} must be None or a non-empty list of "
-                                 f"{'token ids' if name == 'stop_token_ids' else 'finite numbers'}, "
-                                 f"got {values!r}") from None
+        check_sampling(self, "GRPOConfig")
         for name, value, choices in (("loss_type", self.loss_type, GRPO_LOSS_TYPES),
                                      ("scale_rewards", self.scale_rewards, SCALES)):
             if value not in choices:
@@ -134,6 +119,25 @@ def _reward_metrics(rewards: torch.Tensor, matrix: torch.Tensor, names: list[str
     return metrics
 
 
+def _prepare_batch(model, batch: dict, module, cfg: GRPOConfig, functions, names, tokenizer):
+    """One micro-batch's rollout, advantages and stored log-probs, its reward metrics and its tokens."""
+    rollout, rewards, matrix = _rollout_and_rewards(module, batch["prompts"], cfg, functions, tokenizer)
+    p = rollout.prompt_length
+    mask = rollout.completion_mask[:, p:].float()
+    if cfg.mask_truncated_completions:
+        mask = mask * rollout.ended[:, None].float()
+    item = {"rollout": rollout, "mask": mask, "rows": rewards.numel(), "old": None, "ref": None,
+            "advantages": group_advantages(rewards, cfg.group_size, cfg.scale_rewards).to(rollout.input_ids.device)}
+    with torch.no_grad():
+        if cfg.num_iterations > 1:  # later updates take their ratio against the sampling-time policy
+            item["old"] = token_logprobs(model, rollout.input_ids, rollout.attention_mask)[:, p - 1:]
+        if cfg.beta > 0:
+            with adapters_disabled(module):
+                item["ref"] = token_logprobs(module, rollout.input_ids, rollout.attention_mask)[:, p - 1:]
+    metrics = _reward_metrics(rewards, matrix, names, rollout, cfg.group_size)
+    return item, metrics, int(rollout.attention_mask.sum())
+
+
 def grpo_task(functions, cfg: GRPOConfig, tokenizer=None) -> Task:
     """The GRPO objective as a `Task` for `fit` (examples are prompts; see the module docstring).
 
@@ -153,26 +157,10 @@ def grpo_task(functions, cfg: GRPOConfig, tokenizer=None) -> Task:
                          f"{len(functions)} reward functions")
     g = cfg.group_size
 
-    def prepare_batch(model, batch, module):
-        rollout, rewards, matrix = _rollout_and_rewards(module, batch["prompts"], cfg, functions, tokenizer)
-        p = rollout.prompt_length
-        mask = rollout.completion_mask[:, p:].float()
-        if cfg.mask_truncated_completions:
-            mask = mask * rollout.ended[:, None].float()
-        item = {"rollout": rollout, "mask": mask, "rows": rewards.numel(), "old": None, "ref": None,
-                "advantages": group_advantages(rewards, g, cfg.scale_rewards).to(rollout.input_ids.device)}
-        with torch.no_grad():
-            if cfg.num_iterations > 1:  # later updates take their ratio against the sampling-time policy
-                item["old"] = token_logprobs(model, rollout.input_ids, rollout.attention_mask)[:, p - 1:]
-            if cfg.beta > 0:
-                with adapters_disabled(module):
-                    item["ref"] = token_logprobs(module, rollout.input_ids, rollout.attention_mask)[:, p - 1:]
-        return item, _reward_metrics(rewards, matrix, names, rollout, g), int(rollout.attention_mask.sum())
-
     def prepare(model, micro, module):
         items, metrics, tokens = [], {}, 0
         for batch in micro:
-            item, more, n = prepare_batch(model, batch, module)
+            item, more, n = _prepare_batch(model, batch, module, cfg, functions, names, tokenizer)
             items, metrics, tokens = items + [item], add_metrics(metrics, more), tokens + n
         return [items] * cfg.num_iterations, metrics, tokens
 

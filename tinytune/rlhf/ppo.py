@@ -24,14 +24,14 @@ import torch
 from ..train.collate import check_data
 from ..train.loop import History, fit
 from ..train.tasks import Task, add_metrics
-from .advantages import gae, masked_mean
+from .advantages import gae
 from .grpo import _collate_prompts, check_prompt_example
 from .logprobs import token_logprobs
 from .ppo_config import PPOConfig
 from .ppo_roles import PPOModels, PPORoles, ppo_roles
 from .reward_model import RewardModel
 from .rewards import normalized_scores, rollout_rewards
-from .rl_losses import KLController, clipped_objective, clipped_value_error, kl_estimate, ppo_rewards
+from .rl_losses import KLController, clipped_objective, clipped_value_error, ppo_rewards
 from .rollout import eos_penalty, generate_rollouts
 from .tasks import eval_mode
 
@@ -112,20 +112,46 @@ def _step_metrics(items: list[dict], kl_coef: float) -> dict:
     return metrics
 
 
-def _mini_batches(items: list[dict], cfg: PPOConfig) -> list[list[dict]]:
-    """`ppo_epochs` shuffled passes, each `num_mini_batches` updates of rows from every micro-batch."""
+def _mini_batches(items: list[dict], cfg: PPOConfig, split_roles: bool) -> list[list[dict]]:
+    """`ppo_epochs` shuffled passes, each `num_mini_batches` updates of rows from every micro-batch.
+
+    With `split_roles` each piece is two micro-batches, the policy's loss then the value model's, so that
+    backward frees one role's activations before the other's forward: the update's peak holds one role's
+    (each parameter belongs to one role, so the gradients are those of the joint loss, bit for bit). Under
+    DDP (`split_roles` False) one forward computes both, as DDP needs every trained parameter in it.
+    """
+    roles = ("policy", "value") if split_roles else ("both",)
     updates = []
     for _ in range(cfg.ppo_epochs):
         pieces = [torch.randperm(it["mask"].shape[0]).tensor_split(cfg.num_mini_batches) for it in items]
         for m in range(cfg.num_mini_batches):
             update = []
             for it, split in zip(items, pieces):
-                rows = split[m]
+                rows = split[m].to(it["input_ids"].device)
                 if len(rows):
-                    rows = rows.to(it["input_ids"].device)
-                    update.append({"prompt_length": it["prompt_length"], **{k: it[k][rows] for k in ROW_KEYS}})
+                    piece = {"prompt_length": it["prompt_length"], **{k: it[k][rows] for k in ROW_KEYS}}
+                    update += [{**piece, "role": role} for role in roles]
             updates.append(update)
     return updates
+
+
+def _update_loss(model, batch: dict, count: int, cfg: PPOConfig):
+    """One micro-batch's share of the update's loss (policy, value or both) and its (sum, n) metrics."""
+    mask, role, n = batch["mask"], batch["role"], int(batch["mask"].sum())
+    out = model(batch["input_ids"], batch["attention_mask"], batch["prompt_length"], role)
+    logp, values = (out if role == "both" else (out, None) if role == "policy" else (None, out))
+    total, metrics = 0.0, {}
+    if logp is not None:
+        per_token, stats = clipped_objective(logp, batch["old_logp"], batch["advantages"], mask, cfg.cliprange)
+        pg_sum = (per_token * mask).sum()
+        total = total + pg_sum
+        metrics.update({"policy_loss": (float(pg_sum.detach()), n), **{k: (v * n, n) for k, v in stats.items()}})
+    if values is not None:
+        vf, vstats = clipped_value_error(values, batch["old_values"], batch["returns"], mask, cfg.cliprange_value)
+        vf_sum = (vf * mask).sum()
+        total = total + cfg.vf_coef * vf_sum
+        metrics.update({"value_loss": (float(vf_sum.detach()), n), **{k: (v * n, n) for k, v in vstats.items()}})
+    return total / count, metrics
 
 
 def ppo_task(roles: PPORoles, cfg: PPOConfig, tokenizer=None) -> Task:
@@ -150,18 +176,11 @@ def ppo_task(roles: PPORoles, cfg: PPOConfig, tokenizer=None) -> Task:
         for it, a in zip(items, _whiten_all([it["advantages"] for it in items], [it["mask"] for it in items])):
             it["advantages"] = a
         tokens = sum(int(it["attention_mask"].sum()) for it in items)
-        return _mini_batches(items, cfg), _step_metrics(items, coef), tokens
+        split = model is module  # one process: one role's activations at a time (see _mini_batches)
+        return _mini_batches(items, cfg, split), _step_metrics(items, coef), tokens
 
     def loss(model, batch, count, module):
-        mask = batch["mask"]
-        logp, values = model(batch["input_ids"], batch["attention_mask"], batch["prompt_length"])
-        per_token, stats = clipped_objective(logp, batch["old_logp"], batch["advantages"], mask, cfg.cliprange)
-        vf, vstats = clipped_value_error(values, batch["old_values"], batch["returns"], mask, cfg.cliprange_value)
-        pg_sum, vf_sum = (per_token * mask).sum(), (vf * mask).sum()
-        n = int(mask.sum())
-        metrics = {"policy_loss": (float(pg_sum.detach()), n), "value_loss": (float(vf_sum.detach()), n),
-                   **{k: (v * n, n) for k, v in {**stats, **vstats}.items()}}
-        return (pg_sum + cfg.vf_coef * vf_sum) / count, metrics
+        return _update_loss(model, batch, count, cfg)
 
     def evaluate(model, batch, count, module):
         item = _experience(module, batch["prompts"], cfg, controller.coef, tokenizer)
@@ -177,8 +196,10 @@ def ppo_task(roles: PPORoles, cfg: PPOConfig, tokenizer=None) -> Task:
         if n:
             controller.update(kl / n, n)
 
-    def count(batch):
-        return int(batch["mask"].sum()) if "mask" in batch else len(batch["prompts"])
+    def count(batch):  # an update's mean is over its completion tokens, counted once (by the policy's piece)
+        if "mask" not in batch:
+            return len(batch["prompts"])
+        return 0 if batch["role"] == "value" else int(batch["mask"].sum())
 
     settings = {k: getattr(cfg, k) for k in ("ppo_epochs", "num_mini_batches", "kl_estimator", "kl_target",
                                              "gamma", "lam", "cliprange", "cliprange_value", "vf_coef",

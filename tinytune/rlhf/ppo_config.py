@@ -21,22 +21,9 @@ from dataclasses import dataclass
 
 from .. import _check
 from ..train.config import TrainConfig
+from .config_checks import check_sampling
 
 PPO_KL_ESTIMATORS = ("k1", "k3")
-
-
-def _ids_or_weights(owner: str, name: str, values, check) -> None:
-    """None or a non-empty list whose every entry passes `check` (ValueError naming `owner.name` otherwise)."""
-    if values is None:
-        return
-    try:
-        if not isinstance(values, (list, tuple)) or not values:
-            raise ValueError
-        for v in values:
-            check(v)
-    except (TypeError, ValueError):
-        kind = "token ids" if name == "stop_token_ids" else "finite numbers"
-        raise ValueError(f"{owner}.{name} must be None or a non-empty list of {kind}, got {values!r}") from None
 
 
 @dataclass
@@ -89,14 +76,12 @@ class PPOConfig(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        for name, low in (("max_new_tokens", 1), ("ppo_epochs", 1), ("num_mini_batches", 1), ("kl_horizon", 1)):
+        check_sampling(self, "PPOConfig")
+        for name, low in (("ppo_epochs", 1), ("num_mini_batches", 1), ("kl_horizon", 1)):
             _check.integer(getattr(self, name), f"PPOConfig.{name}", low)
         if self.num_mini_batches > self.batch_size:
             raise ValueError(f"PPOConfig.num_mini_batches={self.num_mini_batches} exceeds batch_size="
                              f"{self.batch_size}: every mini-batch needs a row of each micro-batch")
-        _check.integer(self.top_k, "PPOConfig.top_k", 1, none=True)
-        _check.number(self.top_p, "PPOConfig.top_p", 0, 1, low_open=True)
-        _check.number(self.temperature, "PPOConfig.temperature", 0, low_open=True)
         for name in ("kl_coef", "vf_coef"):
             _check.number(getattr(self, name), f"PPOConfig.{name}", 0)
         for name in ("cliprange", "cliprange_value"):
@@ -110,5 +95,3 @@ class PPOConfig(TrainConfig):
             _check.boolean(getattr(self, name), f"PPOConfig.{name}")
         if self.kl_estimator not in PPO_KL_ESTIMATORS:
             raise ValueError(f"PPOConfig.kl_estimator={self.kl_estimator!r} is not one of {list(PPO_KL_ESTIMATORS)}")
-        _ids_or_weights("PPOConfig", "stop_token_ids", self.stop_token_ids, lambda v: _check.integer(v, "", 0))
-        _ids_or_weights("PPOConfig", "reward_weights", self.reward_weights, lambda v: _check.number(v, ""))

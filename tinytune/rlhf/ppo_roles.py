@@ -83,12 +83,15 @@ class PPORoles:
 
 
 class PPOModels(nn.Module):
-    """The module `fit` trains for PPO: the policy and the value model, one forward for both.
+    """The module `fit` trains for PPO: the policy and the value model.
 
     Forward:
-        input_ids (B, P+T), attention_mask (B, P+T), prompt_length P -> (logp (B, T), values (B, T)):
-        the policy's log-prob of each completion token and the value of the prefix before it.
+        input_ids (B, P+T), attention_mask (B, P+T), prompt_length P, role -> for role "policy" the policy's
+        log-prob of each completion token (B, T); for "value" the value of the prefix before each (B, T); for
+        "both" the pair, in one forward call (what a DDP wrapper needs: every trained parameter used).
     """
+
+    ROLES = ("policy", "value", "both")
 
     def __init__(self, roles: PPORoles):
         super().__init__()
@@ -100,13 +103,18 @@ class PPOModels(nn.Module):
         """The `PPORoles` these models play."""
         return self._roles[0]
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int):
-        roles, p = self.roles, prompt_length
-        with roles.as_policy():
-            logp = token_logprobs(self.policy, input_ids, attention_mask)[:, p - 1:]
-        with roles.as_value():
-            values = self.value(input_ids, attention_mask)[:, p - 1:-1]
-        return logp, values
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int,
+                role: str = "both"):
+        if role not in self.ROLES:
+            raise ValueError(f"PPOModels: role must be one of {list(self.ROLES)}, got {role!r}")
+        roles, p, out = self.roles, prompt_length, []
+        if role in ("policy", "both"):
+            with roles.as_policy():
+                out.append(token_logprobs(self.policy, input_ids, attention_mask)[:, p - 1:])
+        if role in ("value", "both"):
+            with roles.as_value():
+                out.append(self.value(input_ids, attention_mask)[:, p - 1:-1])
+        return tuple(out) if role == "both" else out[0]
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Per-block recomputation in the policy (and a separate value model's) body."""
