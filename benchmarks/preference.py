@@ -201,12 +201,15 @@ def write_checkpoint(preset: str, path: str) -> int:
 def worker(args) -> None:
     """In a fresh process: peak memory of 3 steps of one variant, as JSON on stdout."""
     lib, task = args.worker.split(",")
-    step = make_step(lib, task, args.ckpt, json.loads(Path(args.data).read_text()))
+    print(json.dumps(peak_of_three(make_step(lib, task, args.ckpt, json.loads(Path(args.data).read_text())))))
+
+
+def peak_of_three(step) -> dict:
+    """Peak resident memory above the current set while `step()` runs 3 times, and the process high-water mark."""
     with PeakMemory("cpu") as pm:
         for _ in range(3):
             step()
-    print(json.dumps({"peak_bytes": pm.peak_bytes, "method": pm.method,
-                      "process_hwm_bytes": _status_kib("VmHWM") * 1024}))
+    return {"peak_bytes": pm.peak_bytes, "method": pm.method, "process_hwm_bytes": _status_kib("VmHWM") * 1024}
 
 
 def measure_memories(args, ckpt: str, data_file: str) -> dict:
@@ -288,11 +291,12 @@ def report(args, times: dict, memory: dict, first: dict) -> dict:
     return {"setup": setup, "targets": TARGETS, "rows": rows, "ln2": math.log(2)}
 
 
-def bars_svg(rows: list[dict], title: str, width: int = 720) -> str:
-    """Two panels of horizontal bars per variant: tokens/s (left) and peak MiB (right), ratios on tinytune's."""
-    left, panel, bar, gap, top = 170, (width - 170) / 2, 22, 10, 50
+def bars_svg(rows: list[dict], title: str, width: int = 720, left: int = 170, peer: str = "TRL") -> str:
+    """Two panels of horizontal bars per variant: tokens/s (left) and peak MiB (right), ratios on tinytune's
+    rows (a panel is left out when a row lacks its figure); tinytune blue, every peer orange."""
+    panel, bar, gap, top = (width - left) / 2, 22, 10, 50
     height = top + len(rows) * (bar + gap) + 36
-    colour = {"tinytune": "#1f77b4", "trl": "#ff7f0e"}
+    colour = {r["lib"]: "#1f77b4" if r["lib"] == "tinytune" else "#ff7f0e" for r in rows}
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
              f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
              f'<rect width="{width}" height="{height}" fill="white"/>',
@@ -300,6 +304,8 @@ def bars_svg(rows: list[dict], title: str, width: int = 720) -> str:
              f'<text x="{left}" y="38">tokens/s (longer is faster)</text>',
              f'<text x="{left + panel}" y="38">peak MiB above the loaded model (shorter is leaner)</text>']
     for p, (key, unit, ratio) in enumerate((("tokens_per_s", 1, "speed_ratio"), ("peak_bytes", 2**20, "memory_ratio"))):
+        if not all(key in r for r in rows):
+            continue
         x0, scale = left + p * panel, (panel - 90) / max(r[key] / unit for r in rows)
         for i, r in enumerate(rows):
             y, value = top + i * (bar + gap), r[key] / unit
@@ -310,7 +316,7 @@ def bars_svg(rows: list[dict], title: str, width: int = 720) -> str:
     for i, r in enumerate(rows):
         parts.append(f'<text x="{left - 8}" y="{top + i * (bar + gap) + bar * 0.7:.1f}" text-anchor="end">'
                      f'{r["variant"]}</text>')
-    parts += [f'<text x="{left}" y="{height - 10}">median of interleaved rounds; ratios are tinytune / TRL'
+    parts += [f'<text x="{left}" y="{height - 10}">median of interleaved rounds; ratios are tinytune / {peer}'
               '</text>', "</svg>"]
     return "\n".join(parts) + "\n"
 
@@ -350,12 +356,16 @@ def main() -> None:
     print_table(result, first_loss=True)
     if args.quick:
         return
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
     title = (f"One preference step, {args.preset}, LoRA r{RANK}, {args.pairs} pairs x "
              f"{args.prompt + args.completion} tokens, fp32, CPU")
-    out.with_suffix(".svg").write_text(bars_svg(result["rows"], title))
+    write_results(Path(args.out), result, bars_svg(result["rows"], title))
+
+
+def write_results(out: Path, result: dict, svg: str) -> None:
+    """The JSON at `out` and its picture beside it (same name, .svg); directories created."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".svg").write_text(svg)
     print(f"wrote {out} and {out.with_suffix('.svg')}")
 
 

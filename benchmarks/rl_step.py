@@ -101,8 +101,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import tinytune as tt  # noqa: E402
-from tinytune.cli.measure import PeakMemory, _status_kib  # noqa: E402
-from preference import versions_and_flags, write_checkpoint  # noqa: E402  (the sibling benchmarks' helpers)
+# the sibling benchmarks' helpers
+from preference import (bars_svg as preference_bars_svg, peak_of_three, versions_and_flags,  # noqa: E402
+                        write_checkpoint, write_results)
 from train_step import machine  # noqa: E402
 
 RANK, ALPHA, DROPOUT, LR = 16, 32, 0.05, 1e-5
@@ -434,12 +435,7 @@ def load_setup(ckpt: str) -> dict:
 def worker(args) -> None:
     """In a fresh process: peak memory of 3 calls of one variant, as JSON on stdout."""
     lib, part = args.worker.split(",")
-    step = BUILDERS[(lib, part)](args.ckpt, load_setup(args.ckpt))
-    with PeakMemory("cpu") as pm:
-        for _ in range(3):
-            step()
-    print(json.dumps({"peak_bytes": pm.peak_bytes, "method": pm.method,
-                      "process_hwm_bytes": _status_kib("VmHWM") * 1024}))
+    print(json.dumps(peak_of_three(BUILDERS[(lib, part)](args.ckpt, load_setup(args.ckpt)))))
 
 
 def measure_memories(args, ckpt: str, vs: list) -> dict:
@@ -575,31 +571,7 @@ def print_rows(rows: list[dict]) -> None:
 
 def bars_svg(rows: list[dict], title: str, width: int = 760) -> str:
     """Horizontal bars per variant: tokens/s (left) and peak MiB (right), ratios on tinytune's rows."""
-    left, panel, bar, gap, top = 210, (width - 210) / 2, 22, 10, 50
-    height = top + len(rows) * (bar + gap) + 36
-    colour = {"tinytune": "#1f77b4", "hf": "#ff7f0e", "trl": "#ff7f0e", "separate": "#ff7f0e"}
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-             f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
-             f'<rect width="{width}" height="{height}" fill="white"/>',
-             f'<text x="{width / 2}" y="18" text-anchor="middle">{title}</text>',
-             f'<text x="{left}" y="38">tokens/s (longer is faster)</text>',
-             f'<text x="{left + panel}" y="38">peak MiB above the loaded model (shorter is leaner)</text>']
-    for p, (key, unit, ratio) in enumerate((("tokens_per_s", 1, "speed_ratio"), ("peak_bytes", 2**20, "memory_ratio"))):
-        if not all(key in r for r in rows):
-            continue
-        x0, scale = left + p * panel, (panel - 90) / max(r[key] / unit for r in rows)
-        for i, r in enumerate(rows):
-            y, value = top + i * (bar + gap), r[key] / unit
-            text = f"{value:,.0f}" + (f" ({r[ratio]:.2f}x)" if ratio in r else "")
-            parts += [f'<rect x="{x0:.1f}" y="{y}" width="{value * scale:.1f}" height="{bar}" '
-                      f'fill="{colour[r["lib"]]}"/>',
-                      f'<text x="{x0 + value * scale + 4:.1f}" y="{y + bar * 0.7:.1f}">{text}</text>']
-    for i, r in enumerate(rows):
-        parts.append(f'<text x="{left - 8}" y="{top + i * (bar + gap) + bar * 0.7:.1f}" text-anchor="end">'
-                     f'{r["variant"]}</text>')
-    parts += [f'<text x="{left}" y="{height - 10}">median of interleaved rounds; ratios are tinytune / peer'
-              '</text>', "</svg>"]
-    return "\n".join(parts) + "\n"
+    return preference_bars_svg(rows, title, width, left=210, peer="peer")
 
 
 def parse_args():
@@ -662,12 +634,9 @@ def main() -> None:
         out = Path(tempfile.mkdtemp(prefix="rl_step_quick_")) / "rl_step_cpu.json"
     else:
         out = ROOT / "benchmarks" / "results" / "rl_step_cpu.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
     title = (f"RL step, {args.preset}, LoRA r{RANK}, {args.prompts} prompts x G={args.group_size}, "
              f"{args.prompt_len} + {args.new_tokens} tokens, fp32, CPU")
-    out.with_suffix(".svg").write_text(bars_svg(result["rows"], title))
-    print(f"wrote {out} and {out.with_suffix('.svg')}")
+    write_results(out, result, bars_svg(result["rows"], title))
 
 
 if __name__ == "__main__":
