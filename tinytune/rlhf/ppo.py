@@ -24,7 +24,7 @@ import torch
 from ..train.collate import check_data
 from ..train.loop import History, fit
 from ..train.tasks import Task, add_metrics
-from .advantages import gae
+from .advantages import gae, whiten
 from .grpo import _collate_prompts, check_prompt_example
 from .logprobs import token_logprobs
 from .ppo_config import PPOConfig
@@ -82,14 +82,19 @@ def _experience(models: PPOModels, prompts: list[dict], cfg: PPOConfig, kl_coef:
 
 
 def _whiten_all(values: list[torch.Tensor], masks: list[torch.Tensor], shift_mean: bool = True) -> list[torch.Tensor]:
-    """`whiten` over the masked entries of several (B_i, T_i) tensors taken as one batch."""
-    n = sum(float(m.sum()) for m in masks)
-    if n < 2:
+    """`whiten` over the masked entries of several (B_i, T_i) tensors (micro-batches of other widths) taken
+    as one batch: their masked entries are whitened as one row, then put back."""
+    picks = [m > 0 for m in masks]
+    flat = torch.cat([v[on] for v, on in zip(values, picks)])[None]  # (1, n)
+    if flat.shape[1] < 2:
         return values  # nothing to whiten (a single completion token)
-    mean = sum(float((v * m).sum()) for v, m in zip(values, masks)) / n
-    var = sum(float(((v - mean) ** 2 * m).sum()) for v, m in zip(values, masks)) / (n - 1)
-    scale = (var + 1e-8) ** -0.5
-    return [((v - mean) * scale + (0.0 if shift_mean else mean)) * m for v, m in zip(values, masks)]
+    white = whiten(flat, torch.ones_like(flat), shift_mean)[0]
+    out, start = [], 0
+    for v, on in zip(values, picks):
+        k = int(on.sum())
+        out.append(torch.zeros_like(v).masked_scatter(on, white[start:start + k]))
+        start += k
+    return out
 
 
 def _step_metrics(items: list[dict], kl_coef: float) -> dict:
