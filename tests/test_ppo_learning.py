@@ -8,10 +8,11 @@ as adapter "reward" to rank the correct shift above a one-letter slip above the 
 the held-out reward of greedy answers while the KL to the reference stays bounded.
 
 Measured 2026-12-01 (AMD EPYC, 2 cores, torch 2.13 CPU, seed 0): (a) 50 steps: held-out per-letter reward
-0.433 -> 0.583, exact match 0.05 -> 0.12, max KL 2.6 nats (24 s); 100 steps: 0.433 -> 0.746, exact match
-0.05 -> 0.25, max KL <= 4.4 (0.854 and 0.50 with generation rounded one ulp differently: a sampled trajectory
-moves with the last bit, hence the margins). (b) kl_coef 0.3, 10 steps: reward-model score of held-out greedy
-answers -0.16 -> 0.72 (normalised units), max KL 1.1; 30 steps: -> 3.46, max KL 6.9, exact match 0.05 -> 0.0.
+0.433 -> 0.583, exact match 0.05 -> 0.12, max KL 2.6 nats (27 s); 100 steps: 0.433 -> 0.679, exact match
+0.05 -> 0.18, max KL 3.8 (earlier builds that rounded one ulp differently gave 0.746 / 0.25 and 0.854 / 0.50:
+a sampled trajectory moves with the last bit, hence the margins). (b) kl_coef 0.3, 10 steps: reward-model
+score of held-out greedy answers -0.16 -> 0.89 (normalised units), max KL 0.9; 30 steps: -> 3.34, max KL 3.9,
+exact match 0.05 -> 0.0.
 """
 import copy
 import random
