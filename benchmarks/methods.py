@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import tinytune as tt  # noqa: E402
 from tinytune.cli import demo, demo_data  # noqa: E402
-from tinytune.cli.measure import PeakMemory  # noqa: E402
+from tinytune.ops import PeakMemory  # noqa: E402
 
 
 def _lora(**kw):

@@ -35,7 +35,7 @@ Speed: all variants live in one process; after `--warmup` rounds, `--rounds` rou
 variant in turn (the order rotates every round); the median is kept. Peak memory: a fresh subprocess per
 variant (`--memory-runs` of them, interleaved; the median is kept) builds the step, resets the resident-set
 high-water mark and reports VmHWM minus the resident set before the first of 3 steps
-(`tinytune.cli.measure.PeakMemory`), as `train_step.py` does.
+(`tinytune.ops.PeakMemory`), as `train_step.py` does.
 
 Writes `benchmarks/results/preference_cpu.json` and `preference_cpu.svg` beside it (`--out` moves both).
 Usage: python benchmarks/preference.py [--quick] [--rounds N] [--warmup N] [--memory-runs N] [--out PATH]
@@ -62,7 +62,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import tinytune as tt  # noqa: E402
-from tinytune.cli.measure import PeakMemory, _status_kib  # noqa: E402
+from tinytune.ops import PeakMemory, status_kib  # noqa: E402
 from train_step import machine, print_table  # noqa: E402  (the sibling benchmark's helpers)
 
 RANK, ALPHA, DROPOUT, LR, BETA = 16, 32, 0.05, 1e-4, 0.1
@@ -209,7 +209,7 @@ def peak_of_three(step) -> dict:
     with PeakMemory("cpu") as pm:
         for _ in range(3):
             step()
-    return {"peak_bytes": pm.peak_bytes, "method": pm.method, "process_hwm_bytes": _status_kib("VmHWM") * 1024}
+    return {"peak_bytes": pm.peak_bytes, "method": pm.method, "process_hwm_bytes": status_kib("VmHWM") * 1024}
 
 
 def measure_memories(args, ckpt: str, data_file: str) -> dict:

@@ -71,7 +71,7 @@ Speed: all variants of the chosen parts live in one process; after `--warmup` ro
 call of each variant in turn (the order rotates every round); the median is kept. Peak memory: a fresh
 subprocess per variant (`--memory-runs` of them, interleaved; the median is kept) builds the variant, resets the
 resident-set high-water mark and reports VmHWM minus the resident set before the first of 3 calls
-(`tinytune.cli.measure.PeakMemory`). Parity: the max |logit difference| of the two loaded models (adapter on)
+(`tinytune.ops.PeakMemory`). Parity: the max |logit difference| of the two loaded models (adapter on)
 on the prompts is recorded, and every row's completion length is checked to be 64.
 
 Writes `benchmarks/results/rl_step_cpu.json` and `rl_step_cpu.svg` beside it (`--out` moves both); `--quick`

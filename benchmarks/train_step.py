@@ -43,7 +43,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import tinytune as tt  # noqa: E402
-from tinytune.cli.measure import PeakMemory, _status_kib  # noqa: E402
+from tinytune.ops import PeakMemory, status_kib  # noqa: E402
 from tinytune.train.losses import causal_lm_loss_from_hidden, fused_lm_head  # noqa: E402
 
 RANK, ALPHA, DROPOUT, LR = 16, 32, 0.05, 1e-4
@@ -117,7 +117,7 @@ def worker(args) -> None:
     with PeakMemory("cpu") as pm:
         for _ in range(3):
             step()
-    print(json.dumps({"peak_bytes": pm.peak_bytes, "method": pm.method, "process_hwm_bytes": _status_kib("VmHWM") * 1024}))
+    print(json.dumps({"peak_bytes": pm.peak_bytes, "method": pm.method, "process_hwm_bytes": status_kib("VmHWM") * 1024}))
 
 
 def measure_memory(args, ckpt: str, v) -> dict:

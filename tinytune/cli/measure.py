@@ -9,58 +9,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-_STATUS = Path("/proc/self/status")
-
-
-def _status_kib(field: str) -> int | None:
-    try:
-        for line in _STATUS.read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); False where that is not possible."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-class PeakMemory:
-    """`with PeakMemory(device) as pm: ...` then `pm.peak_bytes`: the peak above the level at entry."""
-
-    def __init__(self, device: str = "cpu"):
-        self.device, self.peak_bytes, self.method = device, None, ""
-
-    def __enter__(self):
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self._start, self.method = torch.cuda.memory_allocated(), "torch.cuda.max_memory_allocated delta"
-        else:
-            reset = reset_peak_rss()
-            self._start = (_status_kib("VmRSS") or 0) * 1024
-            self.method = "VmHWM delta" + ("" if reset else " (peak not reset: may read low)")
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
-            self.peak_bytes = torch.cuda.max_memory_allocated() - self._start
-        else:
-            hwm = _status_kib("VmHWM")
-            self.peak_bytes = None if hwm is None else max(hwm * 1024 - self._start, 0)
-        return False
+from ..ops.peak_memory import PeakMemory, reset_peak_rss, status_kib  # noqa: F401  (re-exported)
 
 
 @dataclass

@@ -3,6 +3,7 @@ from .cross_entropy import LinearCrossEntropyFunction, linear_cross_entropy
 from .dropout_mask import MaskStream, PackedMask, keep_mask, quantised_probability, traceable_keep_mask
 from .lora_matmul import LoRALinearFunction, lora_linear, lora_linear_reference, lora_linear_traceable
 from .memory import saved_bytes, saved_storages
+from .peak_memory import PeakMemory, reset_peak_rss, status_kib
 from .token_logprobs import LinearTokenLogprobsFunction, linear_token_logprobs
 
 __all__ = [
@@ -11,6 +12,7 @@ __all__ = [
     "LoRALinearFunction",
     "MaskStream",
     "PackedMask",
+    "PeakMemory",
     "keep_mask",
     "linear_cross_entropy",
     "linear_token_logprobs",
@@ -18,7 +20,9 @@ __all__ = [
     "lora_linear_reference",
     "lora_linear_traceable",
     "quantised_probability",
+    "reset_peak_rss",
     "saved_bytes",
     "saved_storages",
+    "status_kib",
     "traceable_keep_mask",
 ]
