@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import tinytune as tt
 from tinytune.ops import linear_cross_entropy, lora_linear, quantised_probability
 from tinytune.ops import lora_linear_traceable
-from tinytune.train.losses import causal_lm_loss, causal_lm_loss_from_hidden, fused_lm_head
+from tinytune.train.losses import causal_lm_loss
 
 SCALING = 1.5
 # float32 on a small model: compiled and eager run the same ops in another order (addmm vs mm + add,
@@ -53,7 +53,7 @@ def train_loss(model, ids: torch.Tensor, chunked: bool = True) -> torch.Tensor:
     as the loop does (counting inside would read a value back to the host)."""
     count = ids.shape[0] * (ids.shape[1] - 1)
     if chunked:
-        return causal_lm_loss_from_hidden(model(ids, return_hidden=True), fused_lm_head(model), ids, count)
+        return model(ids, labels=ids, num_items_in_batch=count).loss
     return causal_lm_loss(model(ids), ids, count)
 
 
@@ -74,7 +74,7 @@ def grads_of(model, loss_fn, ids) -> tuple[torch.Tensor, dict[str, torch.Tensor]
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 def test_training_forward_and_loss_is_one_graph(chunked, dora):
     model = lora_model(dropout=0.1, dora=dora)
-    assert fused_lm_head(model) is not None  # the chunked path is the one `fit` takes here
+    assert model.chunked_head_weight() is not None  # the chunked path is the one `fit` takes here
     explained = dynamo.explain(lambda ids: train_loss(model, ids, chunked))(ids_batch())
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 

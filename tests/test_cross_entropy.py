@@ -10,7 +10,8 @@ import tinytune as tt
 from tinytune.ops import LinearCrossEntropyFunction, linear_cross_entropy
 from tinytune.train import TrainConfig, fit
 from tinytune.train import forward as forward_mod
-from tinytune.train.losses import causal_lm_loss, causal_lm_loss_from_hidden, fused_lm_head
+from tinytune.models import transformer as transformer_mod
+from tinytune.train.losses import causal_lm_loss, causal_lm_loss_from_hidden
 
 
 def _inputs(n=11, d=6, v=13, dtype=torch.float64, seed=0):
@@ -80,16 +81,48 @@ def test_causal_lm_loss_from_hidden_equals_the_logits_path():
     labels[:, :3] = -100
     hidden = model(ids, return_hidden=True)
     torch.testing.assert_close(model.lm_head(hidden), model(ids))
-    got = causal_lm_loss_from_hidden(hidden, fused_lm_head(model), labels, 7)
+    got = causal_lm_loss_from_hidden(hidden, model.chunked_head_weight(), labels, 7)
     torch.testing.assert_close(got, causal_lm_loss(model(ids), labels, 7))
 
 
-def test_fused_head_only_for_a_plain_linear_head():
+def test_chunked_head_only_for_a_plain_linear_head():
     model = tt.models.build("llama-tiny")
-    assert fused_lm_head(model) is model.lm_head.weight
+    assert model.chunked_head_weight() is model.lm_head.weight
+    handle = model.lm_head.register_forward_hook(lambda *a: None)
+    assert model.chunked_head_weight() is None  # a hooked head: the logits path runs the hook
+    handle.remove()
     tt.lora.apply(model, tt.lora.LoraConfig(rank=2, targets=["lm_head"]))
-    assert fused_lm_head(model) is None  # a LoRA head: the logits path
-    assert fused_lm_head(torch.nn.Linear(3, 3)) is None
+    assert model.chunked_head_weight() is None  # a LoRA head: the logits path
+
+
+def test_forward_with_labels_equals_the_logits_loss_and_holds_no_logits():
+    model = tt.models.build("llama-tiny")
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[0, :4] = -100
+    out = model(ids, labels=labels)
+    assert out.logits is None and list(out) == ["loss"] and out[0] is out.loss and out["loss"] is out.loss
+    torch.testing.assert_close(out.loss, causal_lm_loss(model(ids), labels), rtol=1e-6, atol=0)
+    summed = model(ids, labels=labels, num_items_in_batch=40).loss  # sum / the step's count
+    torch.testing.assert_close(summed, causal_lm_loss(model(ids), labels, 40), rtol=1e-6, atol=0)
+    both = model(ids, labels=labels, return_logits=True)
+    torch.testing.assert_close(both.logits, model(ids))
+    torch.testing.assert_close(both.loss, out.loss, rtol=1e-6, atol=0)
+    tt.lora.apply(model, tt.lora.LoraConfig(rank=2, targets=["lm_head"]))  # logits path inside forward
+    torch.testing.assert_close(model(ids, labels=labels).loss, causal_lm_loss(model(ids), labels), rtol=1e-6, atol=0)
+
+
+def test_forward_with_bad_labels_is_refused():
+    model = tt.models.build("llama-tiny")
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"shape \(batch, seq\) = \(2, 9\).*\(2, 3\)"):
+        model(ids, labels=ids[:, :3])
+    with pytest.raises(ValueError, match="int64/int32.*torch.float32"):
+        model(ids, labels=ids.float())
+    with pytest.raises(ValueError, match="logits_to_keep or return_hidden"):
+        model(ids, labels=ids, logits_to_keep=1)
+    with pytest.raises(ValueError, match="num_items_in_batch must be a positive"):
+        model(ids, labels=ids, num_items_in_batch=0)
 
 
 def _data(n=16):
@@ -109,13 +142,14 @@ METHODS = {
 
 
 def _fit_losses(monkeypatch, fused: bool, method="lora", **cfg):
-    if not fused:  # force the old path: logits + causal_lm_loss
-        monkeypatch.setattr(forward_mod, "fused_lm_head", lambda model: None)
+    if not fused:  # force the old path: logits + causal_lm_loss (as for a model whose forward takes no labels)
+        monkeypatch.setattr(forward_mod, "loss_kwargs", lambda model: set())
     model = tt.models.build("llama-tiny")
     torch.manual_seed(1)
     METHODS[method](model)
-    if fused:  # the chunked loss is really used (soft prompts and prefixes keep it)
-        assert forward_mod.fused_lm_head(model) is not None
+    if fused:  # the model computes its own chunked loss (soft prompts and prefixes keep it)
+        assert forward_mod.loss_kwargs(model) == {"labels", "num_items_in_batch"}
+        assert model.chunked_head_weight() is not None
     cfg = TrainConfig(**{**dict(lr=1e-2, steps=4, batch_size=4, log_every=1000), **cfg})
     history = fit(model, _data(), cfg, eval_data=_data(6), stream=io.StringIO())
     monkeypatch.undo()
@@ -130,7 +164,7 @@ def test_fit_losses_equal_the_logits_path(monkeypatch, cfg):
 
 def test_fit_uses_the_chunked_loss_for_a_plain_head(monkeypatch):
     calls = []
-    real = forward_mod.causal_lm_loss_from_hidden
-    monkeypatch.setattr(forward_mod, "causal_lm_loss_from_hidden", lambda *a: calls.append(1) or real(*a))
+    real = transformer_mod.causal_lm_loss_from_hidden
+    monkeypatch.setattr(transformer_mod, "causal_lm_loss_from_hidden", lambda *a: calls.append(1) or real(*a))
     _fit_losses(monkeypatch, True, steps=1)
     assert calls

@@ -214,3 +214,34 @@ def test_a_method_applied_after_the_head_is_refused_with_the_reason():
     tt.prefix.apply(decoder, tt.prefix.PrefixConfig(num_virtual_tokens=2))
     with pytest.raises(ValueError, match="prefix_encoder after this head was built.*before building the head"):
         clf(torch.randint(4, 256, (1, 5)))
+
+
+def test_heads_compute_their_loss_from_labels_as_transformers_heads_do():
+    _, ids, mask = _padded("right")
+    clf = SequenceClassifier(_decoder(), 3, label_names=["neg", "neu", "pos"])
+    label = torch.tensor([0, 2, 1])
+    out = clf(ids, mask, labels=label)
+    torch.testing.assert_close(out.logits, clf(ids, mask))
+    torch.testing.assert_close(out.loss, F.cross_entropy(out.logits, label), rtol=1e-6, atol=0)
+    assert float(clf(ids, mask, labels=label, num_items_in_batch=6).loss) == pytest.approx(float(out.loss) / 2, rel=1e-6)
+    tagger = TokenClassifier(_decoder(), 4)
+    tags = torch.randint(0, 4, (3, 7), generator=torch.Generator().manual_seed(3)).masked_fill(mask == 0, -100)
+    out = tagger(ids, mask, labels=tags)
+    expected = F.cross_entropy(out.logits.reshape(-1, 4), tags.reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(out.loss, expected, rtol=1e-6, atol=0)
+    assert out[0] is out.loss and out["logits"] is out.logits
+
+
+def test_head_labels_and_label_names_are_checked():
+    _, ids, mask = _padded("right")
+    clf = SequenceClassifier(_decoder(), 2)
+    with pytest.raises(ValueError, match=r"labels hold ids outside \[0, 2\) \(min 0, max 5\)"):
+        clf(ids, mask, labels=torch.tensor([0, 5, 1]))
+    with pytest.raises(ValueError, match=r"labels must be an int64/int32 tensor of shape \(3,\)"):
+        clf(ids, mask, labels=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="label_names must be 2 distinct non-empty strings"):
+        SequenceClassifier(_decoder(), 2, label_names=["a", "a"])
+    tagger = TokenClassifier(_decoder(), 3, label_names=["O", "B-PER", "I-PER"])
+    assert tagger.label_names == ("O", "B-PER", "I-PER")
+    with pytest.raises(ValueError, match="-100 marks an unscored position"):
+        tagger(ids, mask, labels=torch.full((3, 7), 3))

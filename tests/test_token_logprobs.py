@@ -15,7 +15,6 @@ import torch.nn.functional as F
 
 import tinytune as tt
 from tinytune.ops import LinearTokenLogprobsFunction, linear_token_logprobs
-from tinytune.train.losses import fused_lm_head
 
 ATOL = 1e-5
 
@@ -29,7 +28,7 @@ def _lora_model(seed=0):
         for name, p in model.named_parameters():
             if p.requires_grad:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    assert fused_lm_head(model) is not None  # the chunked path is the one under test
+    assert model.chunked_head_weight() is not None  # the chunked path is the one under test
     return model
 
 
@@ -163,7 +162,7 @@ def test_fallback_on_a_module_returning_logits(wrap):
 def test_lora_on_the_head_takes_the_logits_path_with_the_same_values():
     model = _lora_model()
     tt.lora.apply(model, tt.lora.LoraConfig(rank=2, targets=["lm_head"]))
-    assert fused_lm_head(model) is None
+    assert model.chunked_head_weight() is None
     ids, mask = _batch()
     with torch.no_grad():
         torch.testing.assert_close(tt.rlhf.token_logprobs(model, ids, mask), _naive(model, ids, mask)[0],

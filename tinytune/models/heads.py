@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .loss import classification_loss, token_classification_loss
+from .outputs import SequenceClassifierOutput, TokenClassifierOutput
 from .transformer import CausalLM, check_token_ids
 
 
@@ -154,8 +156,12 @@ class SequenceClassifier(_DecoderHead):
         decoder: a `CausalLM`; its body is shared (not copied) and its `lm_head` is not used.
         num_labels: the number of classes.
 
+        label_names: the class names, one per label id (saved with adapters, shown by evaluation); None.
+
     Forward:
-        input_ids (B, T), attention_mask (B, T) or None -> logits (B, num_labels).
+        input_ids (B, T), attention_mask (B, T) or None -> logits (B, num_labels); with `labels` (B,)
+        class ids a `SequenceClassifierOutput(loss, logits)` (loss: mean cross-entropy, or the sum over
+        `num_items_in_batch`).
 
     Raises:
         TypeError: `decoder` is not a `CausalLM`.
@@ -165,14 +171,20 @@ class SequenceClassifier(_DecoderHead):
     peft_task_type = "SEQ_CLS"
     peft_modules_to_save = ("score",)  # trained whole with any PEFT method, saved with the adapter
 
-    def __init__(self, decoder: CausalLM, num_labels: int):
+    def __init__(self, decoder: CausalLM, num_labels: int, label_names=None):
         super().__init__(decoder, "SequenceClassifier")
         self.num_labels = num_labels
+        self.label_names = _check_label_names(label_names, num_labels, "SequenceClassifier")
         self.score = _new_linear(decoder, num_labels, bias=False, what="SequenceClassifier")  # bias-free as HF's
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, labels=None,
+                num_items_in_batch=None):
         self._check_methods()
-        return self.score(last_hidden(self.decoder, input_ids, attention_mask))  # (B, num_labels)
+        logits = self.score(last_hidden(self.decoder, input_ids, attention_mask))  # (B, num_labels)
+        if labels is None:
+            return logits
+        _check_targets(labels, (logits.shape[0],), self.num_labels, ignore=False)
+        return SequenceClassifierOutput(loss=classification_loss(logits, labels, num_items_in_batch), logits=logits)
 
 
 class TokenClassifier(_DecoderHead):
@@ -185,8 +197,12 @@ class TokenClassifier(_DecoderHead):
         decoder: a `CausalLM`; its body is shared (not copied) and its `lm_head` is not used.
         num_labels: the number of tags.
 
+        label_names: the tag names, one per label id (BIO tags such as "B-PER" let evaluation score
+            entities); None.
+
     Forward:
-        input_ids (B, T), attention_mask (B, T) or None -> logits (B, T, num_labels).
+        input_ids (B, T), attention_mask (B, T) or None -> logits (B, T, num_labels); with `labels` (B, T)
+        tag ids (-100: not scored) a `TokenClassifierOutput(loss, logits)`.
 
     Raises:
         TypeError: `decoder` is not a `CausalLM`.
@@ -196,11 +212,40 @@ class TokenClassifier(_DecoderHead):
     peft_task_type = "TOKEN_CLS"
     peft_modules_to_save = ("classifier",)  # trained whole with any PEFT method, saved with the adapter
 
-    def __init__(self, decoder: CausalLM, num_labels: int):
+    def __init__(self, decoder: CausalLM, num_labels: int, label_names=None):
         super().__init__(decoder, "TokenClassifier")
         self.num_labels = num_labels
+        self.label_names = _check_label_names(label_names, num_labels, "TokenClassifier")
         self.classifier = _new_linear(decoder, num_labels, bias=True, what="TokenClassifier")
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, labels=None,
+                num_items_in_batch=None):
         self._check_methods()
-        return self.classifier(hidden_states(self.decoder, input_ids, attention_mask))  # (B, T, num_labels)
+        logits = self.classifier(hidden_states(self.decoder, input_ids, attention_mask))  # (B, T, num_labels)
+        if labels is None:
+            return logits
+        _check_targets(labels, tuple(input_ids.shape), self.num_labels, ignore=True)
+        loss = token_classification_loss(logits, labels, num_items_in_batch)
+        return TokenClassifierOutput(loss=loss, logits=logits)
+
+
+def _check_label_names(names, num_labels: int, what: str) -> tuple[str, ...] | None:
+    if names is None:
+        return None
+    names = tuple(names)
+    if len(names) != num_labels or not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
+        raise ValueError(f"{what}: label_names must be {num_labels} distinct non-empty strings (one per label id), "
+                         f"got {list(names)!r}")
+    return names
+
+
+def _check_targets(labels, shape: tuple, num_labels: int, ignore: bool) -> None:
+    """Refuse labels of another shape or dtype, or ids outside [0, num_labels) (-100 allowed where `ignore`)."""
+    if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32) \
+            or tuple(labels.shape) != shape:
+        got = f"{labels.dtype} {tuple(labels.shape)}" if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"labels must be an int64/int32 tensor of shape {shape}, got {got}")
+    scored = labels[labels != -100] if ignore else labels
+    if scored.numel() and (int(scored.min()) < 0 or int(scored.max()) >= num_labels):
+        raise ValueError(f"labels hold ids outside [0, {num_labels}) (min {int(scored.min())}, max "
+                         f"{int(scored.max())}){'; -100 marks an unscored position' if ignore else ''}")

@@ -19,6 +19,8 @@ from .._check import FieldError
 from .config import ModelConfig
 from .layers import DecoderLayer, KVCache, RotaryEmbedding, make_norm
 from .layout import set_decode_layout
+from .loss import causal_lm_loss, causal_lm_loss_from_hidden
+from .outputs import CausalLMOutput
 
 ID_DTYPES = (torch.int64, torch.int32)  # what nn.Embedding indexes with
 
@@ -109,7 +111,8 @@ def build_attention_mask(attention_mask, past: int, T: int, window: int | None, 
 
 
 class CausalLM(nn.Module):
-    """A decoder-only language model: `logits = model(input_ids, attention_mask=None)`.
+    """A decoder-only language model: `logits = model(input_ids, attention_mask=None)`, or with labels
+    `out = model(input_ids, labels=labels)` and `out.loss` (Hugging Face's convention).
 
     Args (forward):
         input_ids: (B, T) token ids, or None when `inputs_embeds` is given (soft prompts).
@@ -120,6 +123,13 @@ class CausalLM(nn.Module):
             `position_ids` with it (default: 0..T-1).
         position_ids: (B, T) to override the positions derived from the mask.
         inputs_embeds: (B, T, d) in place of `input_ids`.
+        labels: (B, T) next-token targets as in transformers (shifted inside: `labels[:, i]` scores the
+            prediction made at position i - 1; -100 = not scored). The call then returns a `CausalLMOutput`
+            whose `loss` is the fp32 cross-entropy, computed chunked from the hidden states when the head is
+            a plain linear (`chunked_head_weight`): the (B, T, V) logits are never held, and `logits` is
+            None unless `return_logits=True`.
+        num_items_in_batch: with labels, divide the summed loss by this count (the scored tokens of a
+            whole accumulated step, as transformers' Trainer passes it); None: by this batch's own count.
         cache: a `KVCache` to read and extend (generation); advanced by T.
         prefix_kv: per layer a (k, v) pair of shape (B or 1, nkv, P, hd) attended by every query
             (prefix tuning; also with a 4-D mask). Positions are not shifted for it: pass
@@ -130,13 +140,15 @@ class CausalLM(nn.Module):
             `tinytune.ops.linear_cross_entropy`).
 
     Returns:
-        logits (B, T or logits_to_keep, vocab) in the compute dtype (hidden states with return_hidden).
+        logits (B, T or logits_to_keep, vocab) in the compute dtype (hidden states with return_hidden);
+        with labels a `CausalLMOutput(loss=..., logits=None or (B, T, V))`.
 
     Raises (before anything runs, so a refused call leaves the cache as it was):
         ValueError: input_ids not a 2-D int64/int32 tensor (FieldError for the dtype, naming it), an id
             outside [0, vocab_size) (named with its (row, col)), cache.length + T beyond
             `max_position_embeddings` (learned positions and RoPE alike; with `position_ids`, their
-            largest value decides), or a mask / position_ids of the wrong shape. The value checks
+            largest value decides), a mask / position_ids / labels of the wrong shape, or labels with
+            logits_to_keep / return_hidden. The value checks
             cost one min/max read and are skipped under torch.compile (see `values_checkable`).
     """
 
@@ -185,10 +197,22 @@ class CausalLM(nn.Module):
         ref = self.model.embed_tokens.weight
         return KVCache(self.config, batch, max_len, dtype or ref.dtype, ref.device)
 
+    def chunked_head_weight(self) -> torch.Tensor | None:
+        """The (V, d) weight `lm_head` applies when it is a plain bias-free `nn.Linear` without hooks, so
+        that a chunked loss or log-prob over `return_hidden=True` states equals the logits path exactly;
+        None otherwise (a LoRA-wrapped, biased or hooked head: use the logits)."""
+        head = self.lm_head
+        if type(head) is not nn.Linear or head.bias is not None or head._forward_hooks or head._forward_pre_hooks:
+            return None
+        return head.weight
+
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
-                cache: KVCache | None = None, prefix_kv=None, logits_to_keep: int = 0, return_hidden: bool = False):
+                labels=None, cache: KVCache | None = None, prefix_kv=None, logits_to_keep: int = 0,
+                return_hidden: bool = False, return_logits: bool = False, num_items_in_batch=None):
         past = cache.length if cache is not None else 0
         self._check_inputs(input_ids, inputs_embeds, attention_mask, position_ids, past)
+        if labels is not None:
+            self._check_labels(labels, input_ids, inputs_embeds, logits_to_keep, return_hidden, num_items_in_batch)
         h = self._embed(input_ids, inputs_embeds)
         B, T, _ = h.shape
         block_mask = None
@@ -211,7 +235,34 @@ class CausalLM(nn.Module):
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         h = self.model.norm(h)  # (B, T, d)
+        if labels is not None:
+            return self._loss_output(h, labels, num_items_in_batch, return_logits)
         return h if return_hidden else self.lm_head(h)
+
+    def _loss_output(self, h: torch.Tensor, labels: torch.Tensor, num_items, return_logits: bool) -> CausalLMOutput:
+        """The next-token loss of `labels` on final hidden states `h` (B, T, d): chunked (no (B, T, V) logits)
+        when the head allows it and no logits were asked for."""
+        weight = None if return_logits else self.chunked_head_weight()
+        count = None if num_items is None else int(num_items)
+        if weight is not None:
+            return CausalLMOutput(loss=causal_lm_loss_from_hidden(h, weight, labels, count))
+        logits = self.lm_head(h)  # (B, T, V)
+        return CausalLMOutput(loss=causal_lm_loss(logits, labels, count), logits=logits if return_logits else None)
+
+    @staticmethod
+    def _check_labels(labels, input_ids, inputs_embeds, logits_to_keep, return_hidden, num_items) -> None:
+        ref = input_ids if input_ids is not None else inputs_embeds
+        lead = tuple(ref.shape[:2]) if isinstance(ref, torch.Tensor) else None
+        if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32) \
+                or tuple(labels.shape) != lead:
+            got = f"{labels.dtype} {tuple(labels.shape)}" if isinstance(labels, torch.Tensor) else type(labels).__name__
+            raise ValueError(f"labels must be an int64/int32 tensor of shape (batch, seq) = {lead} like input_ids, "
+                             f"got {got}")
+        if logits_to_keep or return_hidden:
+            raise ValueError("labels score every position: they cannot be combined with logits_to_keep or "
+                             "return_hidden (pass one or the other)")
+        if num_items is not None and (isinstance(num_items, bool) or int(num_items) < 1):
+            raise ValueError(f"num_items_in_batch must be a positive count of scored tokens, got {num_items!r}")
 
     @staticmethod
     def _check_block_mask(mask, cache, B: int, T: int) -> torch.Tensor:

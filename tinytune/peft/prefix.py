@@ -138,10 +138,6 @@ class PrefixEncoder(nn.Module):
     `transform` = Linear(d, h), Tanh, Linear(h, L * 2 * nkv * hd).
     """
 
-    # Read by tinytune.train: these hooks treat `return_hidden=True` outputs exactly as logits, so
-    # `fit` may keep its chunked loss (no full logits) on a model carrying them.
-    return_hidden_safe = True
-
     def __init__(self, cfg: PrefixConfig, dims: PrefixDims, signature, dtype: torch.dtype, device):
         super().__init__()
         P, h = cfg.num_virtual_tokens, cfg.reparam_hidden

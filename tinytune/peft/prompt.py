@@ -99,10 +99,6 @@ class SoftPrompt(nn.Module):
         embed_name: dotted name of the model's input embedding, or None to use `get_input_embeddings()`.
     """
 
-    # Read by tinytune.train: these hooks treat `return_hidden=True` outputs exactly as logits, so
-    # `fit` may keep its chunked loss (no full logits) on a model carrying them.
-    return_hidden_safe = True
-
     def __init__(self, weight: torch.Tensor, cfg: PromptConfig, signature, embed_name: str | None):
         super().__init__()
         self.embedding = nn.Parameter(weight.detach().clone())

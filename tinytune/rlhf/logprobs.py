@@ -1,7 +1,7 @@
 """Per-token log-probabilities of a sequence under a causal LM: what every preference loss starts from.
 
 `token_logprobs(model, ids)[:, t] = log p(ids[:, t + 1] | ids[:, :t + 1])`. On a tinytune `CausalLM`
-whose head is a plain bias-free `nn.Linear` (`tinytune.train.losses.fused_lm_head`) it runs the model to
+whose head is a plain bias-free `nn.Linear` (`CausalLM.chunked_head_weight`) it runs the model to
 its final hidden states and takes them to `tinytune.ops.linear_token_logprobs`, which never holds the
 (B, T, V) logits in forward or backward. Any other causal LM (a module returning logits, or an object
 with `.logits` as transformers models do) takes the plain `log_softmax(logits).gather` path.
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from ..ops.token_logprobs import linear_token_logprobs
-from ..train.losses import IGNORE_INDEX, fused_lm_head
+from ..train.losses import IGNORE_INDEX
 
 DEFAULT_CHUNK = 512  # rows per chunk of the fused path
 
@@ -25,6 +25,13 @@ def _scored(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tor
         return torch.ones_like(input_ids[:, 1:], dtype=torch.bool)
     real = attention_mask.bool()  # (B, T)
     return real[:, 1:] & real[:, :-1]
+
+
+def chunked_head_weight(model: nn.Module) -> torch.Tensor | None:
+    """The head weight to apply to `model(ids, return_hidden=True)` states, when the model offers it (a tinytune
+    `CausalLM` with a plain head: `CausalLM.chunked_head_weight`); None: take the logits."""
+    offer = getattr(model, "chunked_head_weight", None)
+    return offer() if callable(offer) else None
 
 
 def _check(input_ids, attention_mask, chunk_size) -> None:
@@ -86,7 +93,7 @@ def token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     scored = _scored(input_ids, attention_mask)  # (B, T-1)
     kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
     # a DistributedDataParallel wrapper is run (it syncs the gradients), its module's head is looked up
-    weight = fused_lm_head(model.module if isinstance(model, DistributedDataParallel) else model)
+    weight = chunked_head_weight(model.module if isinstance(model, DistributedDataParallel) else model)
     if weight is not None:
         hidden = model(input_ids, return_hidden=True, **kwargs)  # (B, T, d)
         # shift on the targets, not on hidden (no (B, T-1, d) copy): the last column is ignored

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from ..data.collate import segment_mask
-from .losses import causal_lm_loss_from_hidden, fused_lm_head, logits_shape, task_loss
+from .losses import logits_shape, num_scored, task_loss
 
 
 def forward_kwargs(model: nn.Module) -> set[str]:
@@ -47,14 +47,49 @@ def _logits(model: nn.Module, batch: dict, accepted: set[str], task: str = "caus
     return out
 
 
-def batch_loss(model: nn.Module, batch: dict, accepted: set[str], task: str, count: int,
-          module: nn.Module | None = None) -> torch.Tensor:
-    """`task_loss` of the model's output on `batch`; a causal LM with a plain head skips the logits.
+def loss_kwargs(model: nn.Module) -> set[str]:
+    """Which of `labels` / `num_items_in_batch` `model.forward` takes: a model that takes `labels` computes
+    its own loss (the Hugging Face convention), and one that also takes `num_items_in_batch` (by name or
+    through **kwargs, as transformers' models do) divides its summed loss by the count it is given."""
+    params = inspect.signature(model.forward).parameters
+    names = {"labels", "num_items_in_batch"} & set(params)
+    if "labels" in names and any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        names.add("num_items_in_batch")
+    return names
 
-    `module` is the model inside a DDP wrapper `model` (its head is looked up there); None: `model`.
+
+def _output_loss(out, model: nn.Module) -> torch.Tensor:
+    loss = out.get("loss") if isinstance(out, dict) else getattr(out, "loss", None)
+    if loss is None and isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor) and out[0].dim() == 0:
+        loss = out[0]
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        raise ValueError(f"{type(model).__name__}.forward takes labels but returned no scalar loss (expected an "
+                         f"output with .loss, ['loss'] or a scalar first item; got {type(out).__name__})")
+    return loss
+
+
+def _own_loss(model: nn.Module, batch: dict, accepted: set[str], takes: set[str], count: int) -> torch.Tensor:
+    """The causal-LM loss the model computes from `labels`, as summed loss / `count`."""
+    kwargs = _model_kwargs(model, batch, accepted)
+    if "num_items_in_batch" in takes:
+        kwargs["num_items_in_batch"] = count
+    loss = _output_loss(model(batch["input_ids"], labels=batch["labels"], **kwargs), model)
+    if "num_items_in_batch" in takes:
+        return loss
+    # a model that only averages over its own batch: rescale its mean to this step's sum / count
+    return loss * (num_scored("causal_lm", batch) / count)
+
+
+def batch_loss(model: nn.Module, batch: dict, accepted: set[str], task: str, count: int,
+               module: nn.Module | None = None) -> torch.Tensor:
+    """`task_loss` of the model's output on `batch`, summed and divided by `count`.
+
+    For "causal_lm" a model whose forward takes `labels` computes the loss itself (a tinytune `CausalLM`
+    then never holds the (B, T, V) logits); otherwise, and for the classification tasks (whose logits are
+    small, so the loss is computed here, exactly, for any model), from the logits. `module` is the model
+    inside a DDP wrapper `model` (its signature is read there); None: `model`.
     """
-    weight = fused_lm_head(module if module is not None else model) if task == "causal_lm" else None
-    if weight is None:
-        return task_loss(task, _logits(model, batch, accepted, task), batch, count)
-    hidden = model(batch["input_ids"], return_hidden=True, **_model_kwargs(model, batch, accepted))  # (B, T, d)
-    return causal_lm_loss_from_hidden(hidden, weight, batch["labels"], count)
+    takes = loss_kwargs(module if module is not None else model) if task == "causal_lm" else set()
+    if "labels" in takes:
+        return _own_loss(model, batch, accepted, takes, count)
+    return task_loss(task, _logits(model, batch, accepted, task), batch, count)
