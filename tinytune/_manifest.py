@@ -17,6 +17,9 @@ VERSION = 1
 # Files above this size are checked by size and safetensors header on load, not by a full hash:
 # hashing runs at ~1 GB/s, which would add seconds to every load of a multi-GB model.
 FULL_HASH_MAX_BYTES = 1 << 30
+# Deliberately never recorded: a model card is documentation meant to be edited (here or on the Hub), no
+# loader reads it, and a recorded hash would make every edit look like damage to `verify`.
+UNRECORDED = ("README.md",)
 
 
 class IntegrityError(ValueError):
@@ -35,9 +38,10 @@ def manifest_entries(directory: Path) -> dict:
 def write_manifest(directory: Path, names: list[str], inherited: dict | None = None) -> None:
     """Write `directory/tinytune_manifest.json` recording each named file's size, SHA-256 (files up to
     `FULL_HASH_MAX_BYTES`) and, for safetensors, the header's SHA-256; `inherited` entries (files
-    carried over from the previous save) are kept as they were recorded."""
-    files = dict(inherited or {})
-    for name in names:
+    carried over from the previous save) are kept as they were recorded. Names in `UNRECORDED` (the
+    model card) are left out, written or inherited."""
+    files = {name: entry for name, entry in (inherited or {}).items() if name not in UNRECORDED}
+    for name in (n for n in names if n not in UNRECORDED):
         file = directory / name
         size = file.stat().st_size
         files[name] = {"size": size}

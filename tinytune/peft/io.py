@@ -3,7 +3,8 @@
 A save is a transaction (`tinytune._transaction`): the whole directory is written beside the old
 one, fsynced and swapped in atomically, with a manifest of every file's size and SHA-256 that
 `load_adapter` verifies, so a reader finds the complete old adapter or the complete new one, never
-new weights beside an old config. Loading reads safetensors only: no pickle is ever executed; every
+new weights beside an old config. The model card (`README.md`, `model_card`) is written in the same
+transaction; loading never reads it. Loading reads safetensors only: no pickle is ever executed; every
 size the config implies is checked against the file's tensors before the method is applied.
 """
 from __future__ import annotations
@@ -22,9 +23,10 @@ from .. import _check
 from .._files import contained_file, parse_json, parse_safetensors
 from .._manifest import read_verified
 from .._transaction import describe_missing, directory_transaction
-from . import _rollback, lora, modules_to_save as mts
+from . import _rollback, lora, model_card, modules_to_save as mts
 from ._targets import find_targets
 from .methods import METHODS, by_peft_type, methods_to_save
+from .params import count_parameters
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -99,7 +101,8 @@ def _adapter_files(model: nn.Module, adapter_name: str | None) -> tuple[dict, di
     return {**config, **_metadata(model)}, tensors
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None = None) -> Path:
+def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None = None, *,
+                 card_info: dict | None = None) -> Path:
     """Write `model`'s adapter to the directory `path` (created if needed).
 
     Files: `adapter_model.safetensors` (PEFT key names) and `adapter_config.json`, for whichever method
@@ -115,17 +118,31 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None 
     `task_type` and `base_model_name_or_path` (see docs/classification.md). A `torch.compile`d model
     writes the same files as the model it wraps.
 
+    A model card, `README.md` (front matter `base_model`, `library_name`, `tags`, `pipeline_tag`,
+    `datasets`; the method and its hyperparameters, trainable parameters, task, training data and
+    hyperparameters, results), is written in the same transaction. `card_info` adds what only the
+    caller knows: "datasets" (list of str), "metrics" ({name: number}), "training" ({name: JSON value})
+    and "description" (str). A README.md already in `path` that tinytune did not write, or that was
+    edited since, is the user's: it is kept unchanged and no card is written (docs/adapters.md).
+
     Raises:
         ValueError: the model has no adapter (or several methods), no LoRA adapter `adapter` (or
             `adapter` is given for another method), the adapter's layers differ in rank/alpha/dropout,
-            or a trainable parameter belongs neither to the method nor to a module to save (named:
-            the file would lose it).
+            a trainable parameter belongs neither to the method nor to a module to save (named:
+            the file would lose it), or `card_info` has an unknown key or a mistyped value (named).
+            Nothing is written then.
     """
     path = Path(path)
+    info = model_card.check_card_info(card_info)
     # one transaction: the old adapter stays whole until the new one is complete on disk; a stale
     # adapter_model.bin of an older save is dropped with it (it would contradict the new weights)
     with directory_transaction(path, owned=OWNED, what="save_adapter") as staging:
-        write_adapter_files(model, staging, adapter)
+        config, tensors = _write_files(model, staging, adapter)
+        if not model_card.keeps_existing(path):  # else the user's README.md is carried over as it is
+            counts = count_parameters(unwrap_compiled(model))
+            card = model_card.render(config, counts.trainable, counts.total,
+                                     sum(t.numel() for t in tensors.values()), len(tensors), info)
+            (staging / model_card.CARD_NAME).write_text(card, encoding="utf-8")
     return path
 
 
@@ -133,15 +150,22 @@ def write_adapter_files(model: nn.Module, staging: Path, adapter: str | None = N
     """Write `save_adapter`'s two files into `staging`, the directory of a transaction the caller holds
     (`directory_transaction(path, owned=OWNED + ...)`), so that a save that puts more beside the adapter
     (a reward model's statistics) commits it all at once. Everything is checked before the first write.
+    (No model card: that is `save_adapter`'s.)
 
     Raises:
         ValueError: as `save_adapter`.
     """
+    _write_files(model, staging, adapter)
+
+
+def _write_files(model: nn.Module, staging: Path, adapter: str | None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """`write_adapter_files`, returning the config and the tensors written."""
     config, tensors = _adapter_files(unwrap_compiled(model), adapter)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
     save_file(tensors, str(Path(staging) / WEIGHTS_NAME), metadata={"format": "pt"})
     (Path(staging) / CONFIG_NAME).write_text(text)
+    return config, tensors
 
 
 def _config_file(path: Path) -> Path:
