@@ -8,7 +8,7 @@ from . import data, lora, models, ops, peft, rlhf, train
 from ._check import FieldError
 from ._manifest import IntegrityError
 from ._transaction import SaveError
-from .models import generate, load_pretrained, save_pretrained
+from .models import generate, load_pretrained, save_gguf, save_pretrained
 from .peft import (ParameterCount, adapter, count_parameters, freeze, ia3, load_adapter, prefix, prompt,
                    save_adapter)
 from .seeding import seed_everything
@@ -36,6 +36,7 @@ __all__ = [
     "prompt",
     "rlhf",
     "save_adapter",
+    "save_gguf",
     "save_pretrained",
     "seed_everything",
     "train",

@@ -3,6 +3,7 @@ and out, a tokenizer, and generation."""
 from .config import ModelConfig
 from .generate import generate
 from .heads import SequenceClassifier, TokenClassifier, hidden_states
+from .gguf_write import save_gguf
 from .hf import load_model, load_pretrained, merged_state_dict, save_pretrained
 from .layers import KVCache
 from .presets import PRESETS, build, preset_config
@@ -11,6 +12,6 @@ from .transformer import CausalLM
 
 __all__ = [
     "CausalLM", "KVCache", "generate", "ModelConfig", "PRESETS", "build", "load_model", "load_pretrained",
-    "merged_state_dict", "preset_config", "save_pretrained", "Tokenizer", "load_tokenizer",
+    "merged_state_dict", "preset_config", "save_gguf", "save_pretrained", "Tokenizer", "load_tokenizer",
     "SequenceClassifier", "TokenClassifier", "hidden_states",
 ]

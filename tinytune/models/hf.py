@@ -176,6 +176,9 @@ def load_pretrained(path, dtype: torch.dtype = torch.float32, device="cpu", allo
         allow_pickle: read `pytorch_model*.bin` files with `torch.load(weights_only=True)` when no
             safetensors exist (refused by default).
 
+        A path to a `.gguf` file is read by `tinytune.models.gguf_read.load_gguf` instead (llama,
+        mistral, qwen2, gpt2; any quantisation, dequantised; tokenizer for byte-level BPE vocabularies).
+
     Returns:
         (model in eval mode, tokenizer or None when the directory has no tokenizer.json).
 
@@ -186,6 +189,10 @@ def load_pretrained(path, dtype: torch.dtype = torch.float32, device="cpu", allo
     """
     from .tokenizer import load_tokenizer
 
+    if str(path).lower().endswith(".gguf") and not Path(path).is_dir():  # llama.cpp's single-file format
+        from .gguf_read import load_gguf
+
+        return load_gguf(path, dtype, device)
     model = load_model(path, dtype, device, allow_pickle)
     return model, load_tokenizer(path)
 
