@@ -18,13 +18,13 @@ run one step of each variant in turn (order rotating each round). Reported: medi
 `speedup = eager median / compiled median` at the same dropout, measured in the same run.
 The graph count is `torch._dynamo.explain` of the loss.
 
-Writes `benchmarks/results/compile_cpu.json` and `compile_cpu.svg` beside it (`--out` moves both).
-Usage: python benchmarks/bench_compile.py [--quick] [--rounds N] [--warmup N] [--out PATH]
+Writes `benchmarks/results/compile_cpu.json` and `compile_cpu.png` beside it (see benchmarks/common.py for
+`--out`, `--quick`, `--threads` and `--replot`).
+Usage: python benchmarks/bench_compile.py [--quick] [--repeats N] [--warmup N] [--threads N] [--out PATH] [--replot]
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -37,8 +37,9 @@ import torch._inductor.config
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import tinytune as tt  # noqa: E402
-from lora_linear import machine_info  # noqa: E402  (the sibling benchmarks' helpers)
-from train_step import batch  # noqa: E402
+from charts import compile_chart as chart  # noqa: E402
+from common import (add_common_args, fill_defaults, machine_info, output_path, random_ids, replot,  # noqa: E402
+                    setup_threads, write_results)
 
 from tinytune.train.losses import causal_lm_loss_from_hidden, fused_lm_head  # noqa: E402
 
@@ -125,29 +126,6 @@ def report(args, times: dict, info: dict) -> list[dict]:
     return rows
 
 
-def bars_svg(rows: list[dict], title: str, width: int = 640) -> str:
-    """Horizontal bars of the median step time per variant, each labelled with its speedup."""
-    left, bar, gap, top = 190, 26, 12, 40
-    height = top + len(rows) * (bar + gap) + 30
-    longest = max(r["median_step_s"] for r in rows)
-    scale = (width - left - 120) / longest
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-             f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
-             f'<rect width="{width}" height="{height}" fill="white"/>',
-             f'<text x="{width / 2}" y="20" text-anchor="middle">{title}</text>']
-    for i, r in enumerate(rows):
-        y = top + i * (bar + gap)
-        w = r["median_step_s"] * scale
-        colour = "#d62728" if r["compiled"] else "#1f77b4"
-        parts += [f'<text x="{left - 8}" y="{y + bar * 0.65:.1f}" text-anchor="end">{r["variant"]}</text>',
-                  f'<rect x="{left}" y="{y}" width="{w:.1f}" height="{bar}" fill="{colour}"/>',
-                  f'<text x="{left + w + 6:.1f}" y="{y + bar * 0.65:.1f}">{r["median_step_s"] * 1e3:.0f} ms '
-                  f'({r["speedup_vs_eager"]:.2f}x)</text>']
-    parts += [f'<text x="{left}" y="{height - 8}">median step time (forward + loss + backward + AdamW); '
-              'shorter is faster</text>', "</svg>"]
-    return "\n".join(parts) + "\n"
-
-
 def print_table(rows: list[dict]) -> None:
     print(f"{'variant':<34} {'step ms':>8} {'tokens/s':>9} {'speedup':>8} {'first step s':>13} {'graphs':>7}")
     for r in rows:
@@ -157,38 +135,31 @@ def print_table(rows: list[dict]) -> None:
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="llama-tiny, batch 2 x 32, 3 rounds (a smoke test)")
-    p.add_argument("--rounds", type=int, default=15)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "compile_cpu.json"))
+    add_common_args(p, "--rounds", "timed rounds (default 15; --quick 3; quick: llama-tiny, batch 2 x 32)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 3; --quick 1)")
     return p.parse_args()
 
 
 def main() -> None:
     args = parse_args()
+    out = output_path("compile_cpu", args.out, args.quick)
+    if args.replot:
+        return replot(out, chart)
     shape = ("llama-tiny", 2, 2, 32) if args.quick else ("llama-30m", 2, 4, 128)
     args.preset, args.layers, args.batch, args.seq = shape
-    if args.quick:
-        args.rounds, args.warmup = min(args.rounds, 3), 1
-    torch.set_num_threads(os.cpu_count())
+    fill_defaults(args, dict(rounds=15, warmup=3), dict(rounds=3, warmup=1))
+    threads = setup_threads(args.threads)
     torch._inductor.config.force_disable_caches = True  # the first step is a cold compile, not a cache hit
-    machine = machine_info() | {"loadavg_before": os.getloadavg()}
-    ids = batch(args.batch, args.seq, tt.models.preset_config(args.preset).vocab_size)
+    machine = machine_info(threads)
+    ids = random_ids(args.batch, args.seq, tt.models.preset_config(args.preset).vocab_size)
     steps, info = setup_variants(args, ids)
     rows = report(args, measure(steps, args.rounds, args.warmup), info)
-    machine["loadavg_after"] = os.getloadavg()
+    machine["load_avg_after"] = os.getloadavg()
     print_table(rows)
-    if args.quick:
-        return
     setup = {"preset": args.preset, "num_layers": args.layers, "batch": args.batch, "seq_len": args.seq, "rank": RANK,
              "alpha": ALPHA, "targets": "all-linear except lm_head", "rounds": args.rounds, "warmup": args.warmup,
              "backend": "inductor", "fullgraph": True, "optimizer": "AdamW, eager"}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": machine, "setup": setup, "rows": rows}, indent=1) + "\n")
-    title = f"LoRA training step, {args.preset} x {args.layers} layers, batch {args.batch} x {args.seq}, CPU"
-    out.with_suffix(".svg").write_text(bars_svg(rows, title))
-    print(f"wrote {out} and {out.with_suffix('.svg')}")
+    write_results(out, {"machine": machine, "setup": setup, "rows": rows}, chart)
 
 
 if __name__ == "__main__":

@@ -21,17 +21,17 @@ checkpoint and again after loading it and touching every weight (fp32 weights ma
 memory-mapped and be paged in on first use); the increase is compared with the checkpoint's size
 on disk. "Loading adds no more than one copy of the weights" means a ratio near 1.
 
-Usage: python benchmarks/inference.py [--quick] [--reps N] [--threads N] [--out PATH]
+Writes `benchmarks/results/inference_cpu.json` and `inference_cpu.png` beside it (see benchmarks/common.py for
+`--out`, `--quick`, `--threads` and `--replot`).
+Usage: python benchmarks/inference.py [--quick] [--repeats N] [--threads N] [--out PATH] [--replot]
 (The machine should be otherwise idle: with all cores busy elsewhere, OpenMP stalls swamp the
 measurement; the JSON records the load average before and after, and each runner's spread.)
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -43,6 +43,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from charts import inference_chart as chart  # noqa: E402
+from common import add_common_args, machine_info, output_path, replot, setup_threads, worker_env, write_results  # noqa: E402,E501
 from tinytune.models import build, load_model, save_pretrained  # noqa: E402
 from tinytune.models.generate import generate  # noqa: E402
 
@@ -141,12 +143,12 @@ print(json.dumps({"before": before, "after": hwm()}))
 """
 
 
-def measure_load_memory(path: Path, warmup_path: Path) -> dict:
+def measure_load_memory(path: Path, warmup_path: Path, threads: int) -> dict:
     """Peak-RSS increase of loading the checkpoint and touching every weight, per library, each in a
     fresh subprocess."""
     size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     out = {"checkpoint_bytes": size}
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TRANSFORMERS_VERBOSITY="error", HF_HUB_DISABLE_PROGRESS_BARS="1")
+    env = worker_env(threads, PYTHONPATH=str(ROOT), TRANSFORMERS_VERBOSITY="error", HF_HUB_DISABLE_PROGRESS_BARS="1")
     for lib in ("tinytune", "hf"):
         proc = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, lib, str(path), str(warmup_path)],
                               capture_output=True, text=True, env=env, check=True)
@@ -154,20 +156,6 @@ def measure_load_memory(path: Path, warmup_path: Path) -> dict:
         added = probe["after"] - probe["before"]
         out[lib] = {"peak_rss_added_bytes": added, "ratio_to_checkpoint": added / size}
     return out
-
-
-def machine_info() -> dict:
-    cpu = platform.processor()
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    import transformers
-
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "platform": platform.platform(),
-            "load_average_at_start": os.getloadavg(), "date": datetime.datetime.now().isoformat(timespec="seconds")}
 
 
 def print_table(rows: list[dict], memory: dict) -> None:
@@ -186,19 +174,20 @@ def print_table(rows: list[dict], memory: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smoke test: tiny model, 2 reps, short runs")
-    parser.add_argument("--reps", type=int, default=9)
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/inference_cpu.json")
+    add_common_args(parser, "--reps", "timed rounds (default 9; --quick 2; quick: llama-tiny, 16 + 8 tokens)")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    info = machine_info()
+    out = output_path("inference_cpu", args.out, args.quick)
+    if args.replot:
+        return replot(out, chart)
+    threads = setup_threads(args.threads)
+    info = machine_info(threads, ("transformers",))
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    preset, prompt, new, reps = ("llama-tiny", 16, 8, 2) if args.quick else ("llama-30m", PROMPT, NEW, args.reps)
+    preset, prompt, new, reps = ("llama-tiny", 16, 8, 2) if args.quick else ("llama-30m", PROMPT, NEW, 9)
+    reps = args.reps or reps
     with tempfile.TemporaryDirectory() as tmp:
         path, warmup_path = Path(tmp) / preset, Path(tmp) / "warmup"
         save_pretrained(build(preset), path)
@@ -210,17 +199,13 @@ def main() -> None:
         agree = check_greedy_agreement(ours, hf, prompt, new) and check_greedy_agreement(laid_out, hf, prompt, new)
         models = {"tinytune": ours, "tinytune decode-layout": laid_out, "hf": hf}
         rows = [bench_batch(models, b, prompt, new, reps) for b in BATCHES]
-        memory = measure_load_memory(path, warmup_path)
+        memory = measure_load_memory(path, warmup_path, threads)
     print(f"{preset}, fp32, prompt {prompt}, {new} new tokens greedy, median of {reps}; greedy tokens agree: {agree}")
     print_table(rows, memory)
-    if args.quick:
-        return
     result = {"benchmark": "inference", "preset": preset, "dtype": "float32", "method": __doc__,
               "greedy_tokens_agree": agree,
-              "machine": dict(info, load_average_at_end=os.getloadavg()), "rows": rows, "load_memory": memory}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+              "machine": dict(info, load_avg_after=os.getloadavg()), "rows": rows, "load_memory": memory}
+    write_results(out, result, chart)
 
 
 if __name__ == "__main__":

@@ -12,15 +12,14 @@ storage counted once and parameter storages excluded (they live anyway). The inp
 
 FLOP floor (c relative to a): `1 + 1.5 r (d_in + d_out) / (d_in d_out)`, see docs/benchmarks.md.
 
-Usage: python benchmarks/lora_linear.py [--quick] [--reps N] [--out PATH]
+Writes `benchmarks/results/lora_linear_cpu.json` (`_cuda` with a GPU) and a `.png` picture beside it (see
+benchmarks/common.py for `--out`, `--quick`, `--threads` and `--replot`).
+Usage: python benchmarks/lora_linear.py [--quick] [--repeats N] [--threads N] [--out PATH] [--replot]
 """
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -30,6 +29,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from charts import lora_linear_chart as chart  # noqa: E402
+from common import add_common_args, machine_info, output_path, replot, setup_threads, write_results  # noqa: E402
 from tinytune.ops import lora_linear, saved_bytes  # noqa: E402
 
 SHAPES = [  # (tokens, d_in, d_out, rank)
@@ -141,23 +142,6 @@ def qkv_memory(n: int, d: int, r: int, p: float, device: str) -> dict:
             "saved_bytes": out, "c_over_b": out["c"] / out["b"]}
 
 
-def machine_info() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(),
-            "date": datetime.date.today().isoformat()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
-
 def print_rows(rows, qkv) -> None:
     head = (f"{'dev':4} {'N x d_in x d_out':>18} {'r':>3} {'p':>4} {'a ms':>8} {'b ms':>8} "
             f"{'c ms':>8} {'c/a':>6} {'b/a':>6} {'(c-a)/(b-a)':>11} {'floor':>6}")
@@ -176,12 +160,13 @@ def print_rows(rows, qkv) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="small shapes, few reps (smoke test)")
-    ap.add_argument("--reps", type=int, default=None,
-                    help="minimum timed rounds per shape (default 21; cheap shapes get more)")
-    ap.add_argument("--out", type=str, default=None, help="JSON path")
+    add_common_args(ap, "--reps", "minimum timed rounds per shape (default 21; --quick 3; cheap shapes get more)")
     args = ap.parse_args()
-    torch.set_num_threads(os.cpu_count())
+    tag = "cuda" if torch.cuda.is_available() else "cpu"
+    out = output_path(f"lora_linear_{tag}", args.out, args.quick)
+    if args.replot:
+        return replot(out, chart)
+    threads = setup_threads(args.threads)
     reps = args.reps or (3 if args.quick else 21)
     warmup = 1 if args.quick else 3
     budget_s = 0.2 if args.quick else 3.0
@@ -195,13 +180,9 @@ def main() -> None:
                 rows.append(bench_shape(n, d_in, d_out, r, p, device, reps, warmup, budget_s))
         qkv.append(qkv_memory(256 if args.quick else 2048, 128 if args.quick else 1024, 8, 0.1, device))
     print_rows(rows, qkv)
-    tag = "cuda" if "cuda" in devices else "cpu"
-    out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"lora_linear_{tag}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    machine = machine_info() | {"loadavg_before": load_before, "loadavg_after": os.getloadavg()}
-    out.write_text(json.dumps({"machine": machine, "min_reps": reps, "warmup": warmup,
-                               "rows": rows, "qkv_memory": qkv}, indent=1))
-    print(f"wrote {out}")
+    machine = machine_info(threads) | {"load_avg_before": load_before, "load_avg_after": os.getloadavg()}
+    write_results(out, {"machine": machine, "min_reps": reps, "warmup": warmup, "rows": rows, "qkv_memory": qkv},
+                  chart)
 
 
 if __name__ == "__main__":

@@ -12,26 +12,27 @@ training loop's own steps), peak memory (rise of the resident-set high-water mar
 adapted model, in a fresh process per method), and exact match (greedy `tt.generate`) on the held-out
 words before and after training.
 
-Usage: python benchmarks/methods.py [--steps N] [--quick] [--out PATH]
+Writes `benchmarks/results/methods_cpu.json` and `methods_cpu.png` beside it (see benchmarks/common.py for
+`--out`, `--quick`, `--threads` and `--replot`).
+Usage: python benchmarks/methods.py [--steps N] [--quick] [--threads N] [--out PATH] [--replot]
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import tinytune as tt  # noqa: E402
+from charts import methods_chart as chart  # noqa: E402
+from common import add_common_args, machine_info, output_path, replot, setup_threads, worker_env, write_results  # noqa: E402,E501
 from tinytune.cli import demo, demo_data  # noqa: E402
 from tinytune.ops import PeakMemory  # noqa: E402
 
@@ -91,7 +92,7 @@ def run_all(args) -> list[dict]:
     rows = []
     for method in METHODS:
         cmd = [sys.executable, __file__, "--worker", method, "--steps", str(args.steps)]
-        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "METHODS_TMP": args.tmp})
+        done = subprocess.run(cmd, capture_output=True, text=True, env=worker_env(args.threads, METHODS_TMP=args.tmp))
         if done.returncode != 0:
             raise RuntimeError(f"{method} failed:\n{done.stderr[-3000:]}")
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
@@ -109,31 +110,27 @@ def print_table(rows: list[dict]) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--quick", action="store_true", help="5 steps (a smoke test; results not written)")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "methods_cpu.json"))
+    add_common_args(p)
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per method (default 150; --quick 5)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
+    out = output_path("methods_cpu", args.out, args.quick)
+    if args.replot:
+        return replot(out, chart)
+    args.threads = setup_threads(args.threads)
     if args.worker:
         print(json.dumps(worker(args.worker, args.steps)))
         return
-    if args.quick:
-        args.steps = 5
+    args.steps = args.steps or (5 if args.quick else 150)
     demo.base_model(dict(demo.FULL), use_cache=True, quick=False)  # pre-train (and cache) once, up front
     import tempfile
     with tempfile.TemporaryDirectory() as tmp:
         args.tmp = tmp
-        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name")), platform.processor() or platform.machine())
-        info = {"cpu": cpu, "cores": os.cpu_count(),
-                "torch": torch.__version__, "date": datetime.datetime.now().isoformat(timespec="seconds"),
-                "load_avg_before": os.getloadavg(), "steps": args.steps}
+        info = machine_info(args.threads) | {"steps": args.steps}
         rows = run_all(args)
     info["load_avg_after"] = os.getloadavg()
     print_table(rows)
-    if not args.quick:
-        Path(args.out).write_text(json.dumps({"machine": info, "rows": rows}, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    write_results(out, {"machine": info, "rows": rows}, chart)
 
 
 if __name__ == "__main__":

@@ -37,9 +37,12 @@ variant (`--memory-runs` of them, interleaved; the median is kept) builds the st
 high-water mark and reports VmHWM minus the resident set before the first of 3 steps
 (`tinytune.ops.PeakMemory`), as `train_step.py` does.
 
-Writes `benchmarks/results/preference_cpu.json` and `preference_cpu.svg` beside it (`--out` moves both).
-Usage: python benchmarks/preference.py [--quick] [--rounds N] [--warmup N] [--memory-runs N] [--out PATH]
-(`--memory-runs 0` re-measures speed only, keeping the peak-memory figures of the JSON at `--out`.)
+Writes `benchmarks/results/preference_cpu.json` and `preference_cpu.png` beside it (see benchmarks/common.py for
+`--out`, `--quick`, `--threads` and `--replot`).
+Usage: python benchmarks/preference.py [--quick] [--repeats N] [--warmup N] [--memory-runs N] [--threads N]
+       [--out PATH] [--replot]
+(`--memory-runs 0` re-measures speed only, keeping the peak-memory figures of the JSON at the output path, or
+reporting none when there is no such file.)
 """
 from __future__ import annotations
 
@@ -62,8 +65,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import tinytune as tt  # noqa: E402
-from tinytune.ops import PeakMemory, status_kib  # noqa: E402
-from train_step import machine, print_table  # noqa: E402  (the sibling benchmark's helpers)
+from charts import preference_chart as chart  # noqa: E402
+from common import (add_common_args, fill_defaults, machine_info, median_run, output_path, peak_of_three,  # noqa: E402
+                    print_table, replot, setup_threads, worker_env, write_checkpoint, write_results)
 
 RANK, ALPHA, DROPOUT, LR, BETA = 16, 32, 0.05, 1e-4, 0.1
 PAD = 0  # the pad id of both sides; the random ids never use it
@@ -190,26 +194,10 @@ def make_step(lib: str, task: str, ckpt: str, data: list[dict]):
     return (tinytune_step if lib == "tinytune" else trl_step)(task, ckpt, data)
 
 
-def write_checkpoint(preset: str, path: str) -> int:
-    """Write a randomly initialised `preset` to `path` (seeded); returns its vocabulary size."""
-    torch.manual_seed(0)
-    model = tt.models.build(preset)
-    tt.save_pretrained(model, path)
-    return model.config.vocab_size
-
-
 def worker(args) -> None:
     """In a fresh process: peak memory of 3 steps of one variant, as JSON on stdout."""
     lib, task = args.worker.split(",")
     print(json.dumps(peak_of_three(make_step(lib, task, args.ckpt, json.loads(Path(args.data).read_text())))))
-
-
-def peak_of_three(step) -> dict:
-    """Peak resident memory above the current set while `step()` runs 3 times, and the process high-water mark."""
-    with PeakMemory("cpu") as pm:
-        for _ in range(3):
-            step()
-    return {"peak_bytes": pm.peak_bytes, "method": pm.method, "process_hwm_bytes": status_kib("VmHWM") * 1024}
 
 
 def measure_memories(args, ckpt: str, data_file: str) -> dict:
@@ -218,18 +206,16 @@ def measure_memories(args, ckpt: str, data_file: str) -> dict:
     for _ in range(args.memory_runs):
         for v in VARIANTS:
             cmd = [sys.executable, __file__, "--worker", ",".join(v), "--ckpt", ckpt, "--data", data_file]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=worker_env(args.threads)).stdout
             runs[v].append(json.loads(out.strip().splitlines()[-1]))
-    result = {}
-    for v in VARIANTS:
-        ordered = sorted(runs[v], key=lambda m: m["peak_bytes"])
-        result[v] = {**ordered[len(ordered) // 2], "peak_bytes_runs": [m["peak_bytes"] for m in runs[v]]}
-    return result
+    return {v: median_run(runs[v]) for v in VARIANTS}
 
 
-def previous_memory(path: str, info: dict) -> dict:
+def previous_memory(path: Path, info: dict) -> dict:
     """`--memory-runs 0`: the peak-memory figures of the JSON already at `path` (speed is re-measured);
-    `info["memory_from"]` records that run's date, load averages and memory-run count."""
+    `info["memory_from"]` records that run's date, load averages and memory-run count. {} without a file."""
+    if not Path(path).is_file():
+        return {}
     old = json.loads(Path(path).read_text())
     info["memory_from"] = {k: old["machine"].get(k) for k in ("date", "load_avg_before", "load_avg_after")} | \
         {"memory_runs": old["setup"]["memory_runs"]}
@@ -252,37 +238,24 @@ def measure_speed(args, ckpt: str, data: list[dict]) -> tuple[dict, dict]:
     return times, first
 
 
-def versions_and_flags() -> dict:
-    import datasets
-    import trl
-    flags = set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            break
-    return {"trl": trl.__version__, "datasets": datasets.__version__,
-            "avx512_flags": sorted(f for f in flags if f.startswith("avx512")),
-            "bf16_flags": sorted(f for f in flags if "bf16" in f), "amx_flags": sorted(f for f in flags if "amx" in f)}
-
-
 def report(args, times: dict, memory: dict, first: dict) -> dict:
     tokens = args.pairs * 2 * (args.prompt + args.completion)
     rows = []
     for lib, task in VARIANTS:
         med = statistics.median(times[(lib, task)])
-        m = memory[(lib, task)]
         rows.append({"variant": f"{LABEL[lib]} {LABEL[task]}", "lib": lib, "task": task, "median_step_s": med,
-                     "tokens_per_s": tokens / med, "step_s": times[(lib, task)], "first_loss": first[(lib, task)],
-                     "peak_bytes": m["peak_bytes"], "peak_bytes_runs": m["peak_bytes_runs"],
-                     "process_hwm_bytes": m["process_hwm_bytes"]})
+                     "tokens_per_s": tokens / med, "step_s": times[(lib, task)], "first_loss": first[(lib, task)]})
+        if memory:
+            rows[-1] |= {k: memory[(lib, task)][k] for k in ("peak_bytes", "peak_bytes_runs", "process_hwm_bytes")}
     by = {(r["lib"], r["task"]): r for r in rows}
     for r in rows:
         if r["lib"] == "tinytune":
             peer, target = by[("trl", r["task"])], TARGETS[r["task"]]
             r["speed_ratio"] = r["tokens_per_s"] / peer["tokens_per_s"]
-            r["memory_ratio"] = r["peak_bytes"] / peer["peak_bytes"]
             r["speed_target_met"] = r["speed_ratio"] >= target["speed"]
-            r["memory_target_met"] = r["memory_ratio"] <= target["memory"]
+            if memory:
+                r["memory_ratio"] = r["peak_bytes"] / peer["peak_bytes"]
+                r["memory_target_met"] = r["memory_ratio"] <= target["memory"]
     setup = {"preset": args.preset, "pairs": args.pairs, "prompt_len": args.prompt, "completion_len": args.completion,
              "tokens_per_step": tokens, "rank": RANK, "alpha": ALPHA, "dropout": DROPOUT, "lr": LR, "beta": BETA,
              "targets": "all-linear except the head", "rounds": args.rounds, "warmup": args.warmup,
@@ -291,45 +264,13 @@ def report(args, times: dict, memory: dict, first: dict) -> dict:
     return {"setup": setup, "targets": TARGETS, "rows": rows, "ln2": math.log(2)}
 
 
-def bars_svg(rows: list[dict], title: str, width: int = 720, left: int = 170, peer: str = "TRL") -> str:
-    """Two panels of horizontal bars per variant: tokens/s (left) and peak MiB (right), ratios on tinytune's
-    rows (a panel is left out when a row lacks its figure); tinytune blue, every peer orange."""
-    panel, bar, gap, top = (width - left) / 2, 22, 10, 50
-    height = top + len(rows) * (bar + gap) + 36
-    colour = {r["lib"]: "#1f77b4" if r["lib"] == "tinytune" else "#ff7f0e" for r in rows}
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-             f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
-             f'<rect width="{width}" height="{height}" fill="white"/>',
-             f'<text x="{width / 2}" y="18" text-anchor="middle">{title}</text>',
-             f'<text x="{left}" y="38">tokens/s (longer is faster)</text>',
-             f'<text x="{left + panel}" y="38">peak MiB above the loaded model (shorter is leaner)</text>']
-    for p, (key, unit, ratio) in enumerate((("tokens_per_s", 1, "speed_ratio"), ("peak_bytes", 2**20, "memory_ratio"))):
-        if not all(key in r for r in rows):
-            continue
-        x0, scale = left + p * panel, (panel - 90) / max(r[key] / unit for r in rows)
-        for i, r in enumerate(rows):
-            y, value = top + i * (bar + gap), r[key] / unit
-            text = f"{value:,.0f}" + (f" ({r[ratio]:.2f}x)" if ratio in r else "")
-            parts += [f'<rect x="{x0:.1f}" y="{y}" width="{value * scale:.1f}" height="{bar}" '
-                      f'fill="{colour[r["lib"]]}"/>',
-                      f'<text x="{x0 + value * scale + 4:.1f}" y="{y + bar * 0.7:.1f}">{text}</text>']
-    for i, r in enumerate(rows):
-        parts.append(f'<text x="{left - 8}" y="{top + i * (bar + gap) + bar * 0.7:.1f}" text-anchor="end">'
-                     f'{r["variant"]}</text>')
-    parts += [f'<text x="{left}" y="{height - 10}">median of interleaved rounds; ratios are tinytune / {peer}'
-              '</text>', "</svg>"]
-    return "\n".join(parts) + "\n"
-
-
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", 
-                   help="llama-tiny, 2 pairs of 16 + 16 tokens, 2 rounds (a smoke test)")
-    p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--memory-runs", type=int, default=3, 
-                   help="fresh processes per variant for peak memory (median); 0: keep the memory figures of --out")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "preference_cpu.json"))
+    add_common_args(p, "--rounds", "timed rounds (default 7; --quick 2; quick: llama-tiny, 2 pairs of 16 + 16 tokens)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 2; --quick 1)")
+    p.add_argument("--memory-runs", type=int, default=None,
+                   help="fresh processes per variant for peak memory, median (default 3; --quick 1); "
+                        "0: keep the memory figures of the JSON at the output path")
     for flag in ("--worker", "--ckpt", "--data"):  # internal: the memory subprocess
         p.add_argument(flag, help=argparse.SUPPRESS)
     return p.parse_args()
@@ -337,36 +278,27 @@ def parse_args():
 
 def main() -> None:
     args = parse_args()
+    out = output_path("preference_cpu", args.out, args.quick)
+    if args.replot:
+        return replot(out, chart)
+    args.threads = setup_threads(args.threads)
     if args.worker:
         return worker(args)
     args.preset, args.pairs, args.prompt, args.completion = ("llama-tiny", 2, 16, 16) if args.quick else \
         ("llama-30m", 8, 128, 128)
-    if args.quick:
-        args.rounds, args.warmup, args.memory_runs = min(args.rounds, 2), 1, 1
-    info = machine() | versions_and_flags()
+    fill_defaults(args, dict(rounds=7, warmup=2, memory_runs=3), dict(rounds=2, warmup=1, memory_runs=1))
+    info = machine_info(args.threads, ("transformers", "peft", "trl", "datasets"))
     with tempfile.TemporaryDirectory() as ckpt:
         vocab = write_checkpoint(args.preset, ckpt)
         data = preference_pairs(args.pairs, args.prompt, args.completion, vocab)
         data_file = str(Path(ckpt) / "pairs.json")
         Path(data_file).write_text(json.dumps(data))
-        memory = measure_memories(args, ckpt, data_file) if args.memory_runs else previous_memory(args.out, info)
+        memory = measure_memories(args, ckpt, data_file) if args.memory_runs else previous_memory(out, info)
         times, first = measure_speed(args, ckpt, data)
     info["load_avg_after"] = os.getloadavg()
     result = {"machine": info, **report(args, times, memory, first)}
     print_table(result, first_loss=True)
-    if args.quick:
-        return
-    title = (f"One preference step, {args.preset}, LoRA r{RANK}, {args.pairs} pairs x "
-             f"{args.prompt + args.completion} tokens, fp32, CPU")
-    write_results(Path(args.out), result, bars_svg(result["rows"], title))
-
-
-def write_results(out: Path, result: dict, svg: str) -> None:
-    """The JSON at `out` and its picture beside it (same name, .svg); directories created."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".svg").write_text(svg)
-    print(f"wrote {out} and {out.with_suffix('.svg')}")
+    write_results(out, result, chart)
 
 
 if __name__ == "__main__":

@@ -74,11 +74,11 @@ resident-set high-water mark and reports VmHWM minus the resident set before the
 (`tinytune.ops.PeakMemory`). Parity: the max |logit difference| of the two loaded models (adapter on)
 on the prompts is recorded, and every row's completion length is checked to be 64.
 
-Writes `benchmarks/results/rl_step_cpu.json` and `rl_step_cpu.svg` beside it (`--out` moves both); `--quick`
-(llama-tiny, 2 prompts of 8 ids (PPO: 2), 8 new tokens, 2 rounds) writes into a temporary directory unless `--out` is given.
-Usage: python benchmarks/rl_step.py [--quick] [--which rollout grpo ppo] [--rounds N] [--warmup N] [--memory-runs N]
+Writes `benchmarks/results/rl_step_cpu.json` and `rl_step_cpu.png` beside it (see benchmarks/common.py for
+`--out`, `--quick` (llama-tiny, 2 prompts of 8 ids (PPO: 2), 8 new tokens, 2 rounds), `--threads` and `--replot`).
+Usage: python benchmarks/rl_step.py [--quick] [--which rollout grpo ppo] [--repeats N] [--warmup N] [--memory-runs N]
        [--preset P] [--prompts N] [--prompt-len N] [--new-tokens N] [--group-size G] [--ppo-prompts N]
-       [--out PATH]
+       [--threads N] [--out PATH] [--replot]
 """
 from __future__ import annotations
 
@@ -101,10 +101,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import tinytune as tt  # noqa: E402
-# the sibling benchmarks' helpers
-from preference import (bars_svg as preference_bars_svg, peak_of_three, versions_and_flags,  # noqa: E402
-                        write_checkpoint, write_results)
-from train_step import machine  # noqa: E402
+from charts import rl_step_chart as chart  # noqa: E402
+from common import (add_common_args, fill_defaults, machine_info, median_run, output_path, peak_of_three,  # noqa: E402
+                    replot, setup_threads, worker_env, write_checkpoint, write_results)
 
 RANK, ALPHA, DROPOUT, LR = 16, 32, 0.05, 1e-5
 PAD, EOS = 0, 1  # the tokenizer's pad and EOS ids; prompts never use them, the preset has neither
@@ -443,15 +442,11 @@ def measure_memories(args, ckpt: str, vs: list) -> dict:
     for _ in range(args.memory_runs):
         for v in vs:
             cmd = [sys.executable, __file__, "--worker", ",".join(v), "--ckpt", ckpt]
-            done = subprocess.run(cmd, capture_output=True, text=True)
+            done = subprocess.run(cmd, capture_output=True, text=True, env=worker_env(args.threads))
             if done.returncode:
                 raise RuntimeError(f"memory worker {v} failed:\n{done.stderr[-4000:]}")
             runs[v].append(json.loads(done.stdout.strip().splitlines()[-1]))
-    result = {}
-    for v in vs:
-        ordered = sorted(runs[v], key=lambda m: m["peak_bytes"])
-        result[v] = {**ordered[len(ordered) // 2], "peak_bytes_runs": [m["peak_bytes"] for m in runs[v]]}
-    return result
+    return {v: median_run(runs[v]) for v in vs}
 
 
 def measure_speed(args, ckpt: str, setup: dict, vs: list) -> tuple[dict, dict]:
@@ -569,17 +564,10 @@ def print_rows(rows: list[dict]) -> None:
             print("    split: " + ", ".join(f"{k[:-2]} {v:.3f} s" for k, v in r["phases_median_s"].items()))
 
 
-def bars_svg(rows: list[dict], title: str, width: int = 760) -> str:
-    """Horizontal bars per variant: tokens/s (left) and peak MiB (right), ratios on tinytune's rows."""
-    return preference_bars_svg(rows, title, width, left=210, peer="peer")
-
-
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="llama-tiny, 2 prompts of 8 ids (PPO: 2), 8 new tokens, 2 rounds; "
-                   "writes into a temporary directory unless --out is given")
+    add_common_args(p, "--rounds", "timed rounds (default 5; --quick 2)")
     p.add_argument("--which", nargs="+", choices=list(PARTS), default=list(PARTS), help="parts to measure")
-    p.add_argument("--rounds", type=int, default=None, help="timed rounds (default 5; --quick 2)")
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed rounds first (default 2: first calls run up to 10x slower; --quick 1)")
     p.add_argument("--memory-runs", type=int, default=None,
@@ -587,8 +575,6 @@ def parse_args():
     for flag, kind in (("--preset", str), ("--prompts", int), ("--prompt-len", int), ("--new-tokens", int),
                        ("--group-size", int), ("--ppo-prompts", int)):
         p.add_argument(flag, type=kind, default=None, help="override the setup (default: the documented one)")
-    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/rl_step_cpu.json; "
-                   "--quick: a temporary directory)")
     for flag in ("--worker", "--ckpt"):  # internal: the memory subprocess
         p.add_argument(flag, help=argparse.SUPPRESS)
     return p.parse_args()
@@ -596,16 +582,18 @@ def parse_args():
 
 def main() -> None:
     args = parse_args()
+    out = output_path("rl_step_cpu", args.out, args.quick)
+    if args.replot:
+        return replot(out, chart)
+    args.threads = setup_threads(args.threads)
     if args.worker:
         return worker(args)
     full = dict(preset="llama-30m", prompts=4, prompt_len=32, new_tokens=64, group_size=8, ppo_prompts=8, rounds=5,
                 warmup=2, memory_runs=3)
     quick = dict(preset="llama-tiny", prompts=2, prompt_len=8, new_tokens=8, group_size=8, ppo_prompts=2, rounds=2,
                  warmup=1, memory_runs=1)
-    for k, v in (quick if args.quick else full).items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    info = machine() | versions_and_flags()
+    fill_defaults(args, full, quick)
+    info = machine_info(args.threads, ("transformers", "peft", "trl", "datasets"))
     with tempfile.TemporaryDirectory() as ckpt:
         vocab = write_checkpoint(args.preset, ckpt)
         write_adapter(ckpt, str(Path(ckpt) / "adapter"))
@@ -628,15 +616,7 @@ def main() -> None:
         d = info["ppo_first_step_abs_diff"]
         print(f"parity: PPO one base vs separate models, same seed: |loss diff| {d['loss']:.2e}, "
               f"|score diff| {d['reward_mean']:.2e}")
-    if args.out:
-        out = Path(args.out)
-    elif args.quick:
-        out = Path(tempfile.mkdtemp(prefix="rl_step_quick_")) / "rl_step_cpu.json"
-    else:
-        out = ROOT / "benchmarks" / "results" / "rl_step_cpu.json"
-    title = (f"RL step, {args.preset}, LoRA r{RANK}, {args.prompts} prompts x G={args.group_size}, "
-             f"{args.prompt_len} + {args.new_tokens} tokens, fp32, CPU")
-    write_results(out, result, bars_svg(result["rows"], title))
+    write_results(out, result, chart)
 
 
 if __name__ == "__main__":

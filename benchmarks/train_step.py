@@ -21,16 +21,18 @@ loads the model, applies LoRA, resets the resident-set high-water mark (writes "
 the memory the training steps add on top of the loaded model (activations kept for backward, logits,
 gradients, AdamW state, allocator slack).
 
-Usage: python benchmarks/train_step.py [--quick] [--rounds N] [--memory-runs N] [--no-bf16] [--out PATH]
-Run it on an otherwise idle machine: the JSON records the load average before and after.
+Writes `benchmarks/results/train_step_cpu.json` and `train_step_cpu.png` beside it (see benchmarks/common.py
+for `--out`, `--quick`, `--threads` and `--replot`).
+Usage: python benchmarks/train_step.py [--quick] [--repeats N] [--memory-runs N] [--no-bf16] [--threads N]
+       [--out PATH] [--replot]
+(`--memory-runs 0`: speed only.) Run it on an otherwise idle machine: the JSON records the load average before
+and after.
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -43,6 +45,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import tinytune as tt  # noqa: E402
+from charts import train_step_chart as chart  # noqa: E402
+from common import (add_common_args, fill_defaults, machine_info, median_run, output_path, print_table,  # noqa: E402
+                    random_ids, replot, setup_threads, worker_env, write_results)
 from tinytune.ops import PeakMemory, status_kib  # noqa: E402
 from tinytune.train.losses import causal_lm_loss_from_hidden, fused_lm_head  # noqa: E402
 
@@ -104,16 +109,12 @@ def name(lib: str, gc: bool, bf16: bool) -> str:
            f"{' +gc' if gc else ''}"
 
 
-def batch(batch_size: int, seq_len: int, vocab: int) -> torch.Tensor:
-    return torch.randint(0, vocab, (batch_size, seq_len), generator=torch.Generator().manual_seed(0))
-
-
 def worker(args) -> None:
     """In a fresh process: peak memory of 3 steps of one variant, as JSON on stdout."""
     lib, gc, bf16 = args.worker.split(",")
     gc, bf16 = gc == "1", bf16 == "1"
     model = (load_tinytune if lib == "tinytune" else load_hf)(args.ckpt, gc)
-    step = make_step(lib, model, batch(args.batch, args.seq, args.vocab), bf16)
+    step = make_step(lib, model, random_ids(args.batch, args.seq, args.vocab), bf16)
     with PeakMemory("cpu") as pm:
         for _ in range(3):
             step()
@@ -123,7 +124,7 @@ def worker(args) -> None:
 def measure_memory(args, ckpt: str, v) -> dict:
     cmd = [sys.executable, __file__, "--worker", f"{v[0]},{int(v[1])},{int(v[2])}", "--ckpt", ckpt,
            "--batch", str(args.batch), "--seq", str(args.seq), "--vocab", str(args.vocab)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=worker_env(args.threads)).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -137,15 +138,11 @@ def measure_memories(args, ckpt: str, vs) -> dict:
     for _ in range(args.memory_runs):
         for v in vs:
             runs[v].append(measure_memory(args, ckpt, v))
-    out = {}
-    for v in vs:
-        ordered = sorted(runs[v], key=lambda m: m["peak_bytes"])
-        out[v] = {**ordered[len(ordered) // 2], "peak_bytes_runs": [m["peak_bytes"] for m in runs[v]]}
-    return out
+    return {v: median_run(runs[v]) for v in vs} if args.memory_runs else {}
 
 
 def measure_speed(args, ckpt: str, vs) -> dict[str, list[float]]:
-    ids = batch(args.batch, args.seq, args.vocab)
+    ids = random_ids(args.batch, args.seq, args.vocab)
     steps = {}
     for v in vs:
         model = (load_tinytune if v[0] == "tinytune" else load_hf)(ckpt, v[1])
@@ -161,55 +158,35 @@ def measure_speed(args, ckpt: str, vs) -> dict[str, list[float]]:
     return times
 
 
-def machine() -> dict:
-    import peft
-    import transformers
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__, "python": platform.python_version(),
-            "date": datetime.datetime.now().isoformat(timespec="seconds"), "load_avg_before": os.getloadavg()}
-
-
 def report(args, vs, times, memory) -> dict:
     rows = []
     for v in vs:
         med = statistics.median(times[v])
         rows.append({"variant": name(*v), "lib": v[0], "grad_checkpointing": v[1], "bf16": v[2],
                      "tokens_per_s": args.batch * args.seq / med, "median_step_s": med,
-                     "step_s": times[v], "peak_bytes": memory[v]["peak_bytes"],
-                     "peak_bytes_runs": memory[v]["peak_bytes_runs"],
-                     "process_hwm_bytes": memory[v]["process_hwm_bytes"]})
+                     "step_s": times[v]})
+        if memory:
+            rows[-1] |= {k: memory[v][k] for k in ("peak_bytes", "peak_bytes_runs", "process_hwm_bytes")}
     by = {(r["lib"], r["grad_checkpointing"], r["bf16"]): r for r in rows}
     for r in rows:
         if r["lib"] == "tinytune":
             peer = by[("hf", r["grad_checkpointing"], r["bf16"])]
             r["speed_ratio"] = r["tokens_per_s"] / peer["tokens_per_s"]
-            r["memory_ratio"] = r["peak_bytes"] / peer["peak_bytes"]
+            if memory:
+                r["memory_ratio"] = r["peak_bytes"] / peer["peak_bytes"]
     return {"setup": {"preset": args.preset, "batch": args.batch, "seq_len": args.seq, "rank": RANK, "alpha": ALPHA,
-                      "dropout": DROPOUT, "targets": "all-linear", "rounds": args.rounds, "warmup": args.warmup},
+                      "dropout": DROPOUT, "targets": "all-linear", "rounds": args.rounds, "warmup": args.warmup,
+                      "memory_runs": args.memory_runs},
             "targets": TARGETS, "rows": rows}
-
-
-def print_table(result: dict, first_loss: bool = False) -> None:
-    """The rows of `result` as a plain-text table (with each row's first loss when asked: preference.py)."""
-    extra = f" {'first loss':>11}" if first_loss else ""
-    print(f"{'variant':<30} {'tokens/s':>9} {'step s':>7} {'peak MiB':>9} {'speed x':>8} {'memory x':>9}{extra}")
-    for r in result["rows"]:
-        ratios = f"{r['speed_ratio']:>8.2f} {r['memory_ratio']:>9.2f}" if "speed_ratio" in r else f"{'':>8} {'':>9}"
-        loss = f" {r['first_loss']:>11.6f}" if first_loss else ""
-        print(f"{r['variant']:<30} {r['tokens_per_s']:>9,.0f} {r['median_step_s']:>7.3f} "
-              f"{r['peak_bytes'] / 2**20:>9,.0f} {ratios}{loss}")
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="llama-tiny, batch 2 x 64, 2 rounds (a smoke test)")
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--memory-runs", type=int, default=3, help="fresh processes per variant for peak memory (median)")
+    add_common_args(p, "--rounds", "timed rounds (default 5; --quick 2; quick: llama-tiny, batch 2 x 64)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 2; --quick 1)")
+    p.add_argument("--memory-runs", type=int, default=None,
+                   help="fresh processes per variant for peak memory, median (default 3; --quick 1; 0: none)")
     p.add_argument("--no-bf16", dest="bf16", action="store_false", help="skip the bf16 autocast rows")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_step_cpu.json"))
     for flag in ("--worker", "--ckpt", "--batch", "--seq", "--vocab"):  # internal: the memory subprocess
         p.add_argument(flag, help=argparse.SUPPRESS)
     return p.parse_args()
@@ -217,13 +194,16 @@ def parse_args():
 
 def main() -> None:
     args = parse_args()
+    out = output_path("train_step_cpu", args.out, args.quick)
+    if args.replot:
+        return replot(out, chart)
+    args.threads = setup_threads(args.threads)
     if args.worker:
         args.batch, args.seq, args.vocab = int(args.batch), int(args.seq), int(args.vocab)
         return worker(args)
     args.preset, args.batch, args.seq = ("llama-tiny", 2, 64) if args.quick else ("llama-30m", 8, 256)
-    if args.quick:
-        args.rounds, args.warmup, args.memory_runs = min(args.rounds, 2), 1, 1
-    info = machine()
+    fill_defaults(args, dict(rounds=5, warmup=2, memory_runs=3), dict(rounds=2, warmup=1, memory_runs=1))
+    info = machine_info(args.threads, ("transformers", "peft"))
     with tempfile.TemporaryDirectory() as ckpt:
         model = tt.models.build(args.preset)
         args.vocab = model.config.vocab_size
@@ -235,9 +215,7 @@ def main() -> None:
     info["load_avg_after"] = os.getloadavg()
     result = {"machine": info, **report(args, vs, times, memory)}
     print_table(result)
-    if not args.quick:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    write_results(out, result, chart)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,4 @@
 """Smoke test of benchmarks/rl_step.py: its smallest mode runs every part end to end and writes a sane JSON."""
-import json
 import math
 import subprocess
 import sys
@@ -7,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_bench_common import check_written, results_digest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "rl_step.py"
 SMALL = ["--quick", "--rounds", "1", "--warmup", "0", "--prompts", "1", "--group-size", "2", "--prompt-len", "4",
@@ -16,10 +16,13 @@ SMALL = ["--quick", "--rounds", "1", "--warmup", "0", "--prompts", "1", "--group
 def run(tmp_path, *extra) -> dict:
     pytest.importorskip("trl")
     out = tmp_path / "rl_step.json"
-    subprocess.run([sys.executable, str(SCRIPT), *SMALL, *extra, "--out", str(out)], check=True,
+    before = results_digest()
+    subprocess.run([sys.executable, str(SCRIPT), *SMALL, *extra, "--threads", "1", "--out", str(out)], check=True,
                    capture_output=True, text=True, timeout=600)
-    assert out.with_suffix(".svg").read_text().startswith("<svg")
-    return json.loads(out.read_text())
+    result = check_written(out)  # the JSON, and a valid PNG beside it
+    assert results_digest() == before  # the committed results untouched
+    assert result["machine"]["threads"] == 1
+    return result
 
 
 def positive(x) -> bool:
