@@ -78,7 +78,7 @@ def test_finetune_writes_an_adapter_that_loads(checkpoint, tmp_path, capsys):
                          "--rank", 4, "--steps", 3, "--batch-size", 2, "--lr", 1e-2, "--out", out_dir)
     assert code == 0, err
     assert "final loss:" in out and "trainable" in out
-    assert (out_dir / "loss.svg").is_file()
+    assert (out_dir / "loss.png").is_file()
     _check_adapter(checkpoint / "ckpt", out_dir / "adapter", rank=4)
 
 
@@ -152,7 +152,7 @@ def test_demo_fine_tunes_a_pretrained_base_and_the_metric_improves(full_demo):
     assert before <= 10 and after >= 90, (before, after)  # measured: 0% -> 100% on 100 held-out words
     assert "generations:" in out and "(ok)" in out
     assert (out_dir / "adapter" / "adapter_config.json").is_file()
-    assert (out_dir / "run" / "loss.svg").is_file()
+    assert (out_dir / "run" / "loss.png").is_file()
     assert (cache / "demo-base-v3" / "config.json").is_file()
 
 

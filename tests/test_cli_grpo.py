@@ -46,7 +46,7 @@ def test_grpo_trains_and_writes_an_adapter_and_reward_metrics(root, tmp_path, ca
     assert "final loss:" in stdout and "after 2 steps" in stdout and "mean reward first step" in stdout
     records = _records(out)
     assert len(records) == 2 and all("reward" in r and "rewards/short" in r for r in records)
-    assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "loss.svg").is_file()
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "loss.png").is_file()
     assert (out / "checkpoints").is_dir()
     model = tt.load_adapter(tt.load_pretrained(root / "ckpt")[0], out / "adapter")
     assert dict(tt.lora.lora_layers(model))

@@ -66,7 +66,7 @@ def test_ppo_with_reward_functions_writes_an_adapter_a_value_model_and_score_and
     assert "rewards ppo_cli_rewards:short" in stdout and "value model:" in stdout
     records = _records(out)
     assert len(records) == 2 and all("score" in r and "kl" in r and "value_loss" in r for r in records)
-    assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "loss.svg").is_file()
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "loss.png").is_file()
     assert (out / "checkpoints").is_dir()
     model = tt.load_adapter(tt.load_pretrained(root / "ckpt")[0], out / "adapter")
     assert dict(tt.lora.lora_layers(model))

@@ -46,7 +46,7 @@ def test_reward_trains_and_writes_a_reward_model_that_loads(root, tmp_path, caps
     assert code == 0, err
     assert "final loss:" in stdout and "after 2 steps" in stdout
     assert "held-out accuracy" in stdout and "margin" in stdout
-    assert (out / "loss.svg").is_file() and (out / "checkpoints").is_dir() and _records(out)
+    assert (out / "loss.png").is_file() and (out / "checkpoints").is_dir() and _records(out)
     trained_scores = _scores(tt.rlhf.load_reward_model(tt.load_pretrained(root / "ckpt")[0], out / "reward_model"))
     again = _scores(tt.rlhf.load_reward_model(tt.load_pretrained(root / "ckpt")[0], out / "reward_model"))
     assert torch.equal(trained_scores, again)
@@ -70,7 +70,7 @@ def test_dpo_starts_at_ln2_and_logs_reward_metrics(root, tmp_path, capsys):
     assert abs(records[0]["loss"] - math.log(2)) < 1e-5  # LoRA's B starts at zero: policy == reference
     assert any("rewards/margins" in r for r in records)
     assert "held-out preference accuracy before 0.50 -> after" in stdout
-    assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "loss.svg").is_file()
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "loss.png").is_file()
     model = tt.load_adapter(tt.load_pretrained(root / "ckpt")[0], out / "adapter")
     assert dict(tt.lora.lora_layers(model))
 

@@ -99,7 +99,7 @@ def test_rank_zero_alone_logs_and_writes_checkpoints(two_process_run):
                                load_file(str(step / "state.safetensors")), "test")["loop"]
     assert len(state["rng_per_rank"]) == 2  # each rank's random stream, for an exact resume
     assert not state["rng_per_rank"][0]["torch"].equal(state["rng_per_rank"][1]["torch"])
-    assert (plain / "loss.svg").is_file()
+    assert (plain / "loss.png").is_file()
 
 
 def test_single_process_setup_without_torchrun(monkeypatch):

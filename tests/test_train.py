@@ -4,7 +4,6 @@ import json
 import math
 import os
 import signal
-import xml.etree.ElementTree as ET
 
 import pytest
 import torch
@@ -277,7 +276,7 @@ def test_signal_saves_a_checkpoint_and_restores_the_handler(tmp_path, sig):
 # ---------------------------------------------------------------------------------------- logs
 
 
-def test_metrics_jsonl_loss_svg_and_plain_progress_lines(tmp_path):
+def test_metrics_jsonl_loss_png_and_plain_progress_lines(tmp_path):
     out = QUIET()
     fit(_model(), _data(), _cfg(steps=4, log_every=2, eval_every=2, out_dir=tmp_path),
         eval_data=_data(8, seed=1), stream=out)
@@ -285,8 +284,7 @@ def test_metrics_jsonl_loss_svg_and_plain_progress_lines(tmp_path):
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
     assert [r["step"] for r in records if "eval_loss" in r] == [2, 4]
     assert {"lr", "tokens_per_s"} <= set(records[0])
-    svg = ET.fromstring((tmp_path / "loss.svg").read_text())
-    assert svg.tag.endswith("svg") and svg.find("{http://www.w3.org/2000/svg}polyline") is not None
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     lines = [line for line in out.getvalue().splitlines() if "loss" in line and "eval" not in line]
     assert len(lines) == 2 and lines[0].startswith("step 2/4") and "tok/s" in lines[0] and "ETA" in lines[0]
     assert "\r" not in out.getvalue()

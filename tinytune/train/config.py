@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 DTYPES = ("fp32", "bf16", "fp16")
 SCHEDULES = ("constant", "linear", "cosine")
 DEVICES = ("cpu", "cuda")
+PROGRESS = ("auto", "bar", "lines", "none")
+REPORTERS = ("tensorboard", "wandb")  # (`loggers.py`)
 TASKS = ("causal_lm", "classification", "token_classification")  # the built-in losses (`losses.py`, `tasks.py`)
 
 
@@ -48,7 +50,7 @@ class TrainConfig:
         dtype: compute precision: "fp32", "bf16" (autocast, CPU and CUDA) or "fp16" (autocast with a
             gradient scaler, CUDA only).
         grad_checkpointing: recompute activations per block in backward (`model.set_gradient_checkpointing`).
-        out_dir: where checkpoints, `metrics.jsonl` and `loss.svg` go; None writes nothing.
+        out_dir: where checkpoints, `metrics.jsonl` and `loss.png` go; None writes nothing.
         weight_decay: AdamW decoupled weight decay for matrices (never for biases, norms, 1-D params).
         betas, eps: AdamW constants.
         schedule: "constant", "linear" (to 0) or "cosine" (to 0) after `warmup_steps` of linear warmup.
@@ -56,7 +58,16 @@ class TrainConfig:
         max_grad_norm: clip the global gradient norm to this value; None: no clipping.
         eval_every: evaluate `eval_data` every this many steps (0: only at the end).
         save_every: write a checkpoint every this many steps (0: only at the end); needs `out_dir`.
-        log_every: print a plain progress line every this many steps when stdout is not a terminal.
+        log_every: print a progress line (in "lines" mode) and report to the trackers every this many steps;
+            also the window of the smoothed loss shown (the mean of the last `log_every` step losses).
+        progress: "auto" (a tqdm bar on a terminal or in a notebook, lines otherwise: logs, CI, a
+            `stream=` that is no terminal), "bar", "lines" (one plain line every `log_every` steps) or "none".
+        report_to: experiment trackers: "tensorboard" and/or "wandb" (a name, or a tuple/list of names);
+            "none" or () reports nowhere. Their packages must be installed (`pip install tensorboard` /
+            `pip install wandb`); `fit` checks that before it changes anything.
+        logging_dir: TensorBoard's directory; None: `out_dir/runs`.
+        run_name: the W&B run's name; None: the name of `out_dir`.
+        wandb_project: the W&B project.
         seed: an int in [0, 2**32 - 1]: `fit` calls `tt.seed_everything(seed + rank)` (torch CPU and CUDA,
             python `random`, numpy) at the start of a fresh run, and it fixes the shuffle order. Adapter
             weights are drawn when the method is applied, before `fit`: call `tt.seed_everything` then too.
@@ -110,6 +121,11 @@ class TrainConfig:
     task: str | Task = "causal_lm"
     loraplus_lr_ratio: float | None = None
     keep_checkpoints: int | None = 3
+    progress: str = "auto"
+    report_to: str | tuple[str, ...] = ()
+    logging_dir: str | Path | None = None
+    run_name: str | None = None
+    wandb_project: str = "tinytune"
 
     def __post_init__(self):
         self._check_numbers()
@@ -117,6 +133,9 @@ class TrainConfig:
         self._check_flags_and_paths()
         if self.out_dir is not None:
             self.out_dir = Path(self.out_dir)
+        if self.logging_dir is not None:
+            self.logging_dir = Path(self.logging_dir)
+        self._check_reporting()
         if self.resume is True and self.out_dir is None:
             raise ValueError("TrainConfig.resume=True resumes from out_dir, but out_dir is None")
 
@@ -160,10 +179,31 @@ class TrainConfig:
         for name in ("grad_checkpointing", "shuffle"):
             _check.boolean(getattr(self, name), f"TrainConfig.{name}")
         _check.optional(_check.path, self.out_dir, "TrainConfig.out_dir")
+        _check.optional(_check.path, self.logging_dir, "TrainConfig.logging_dir")
         resume = self.resume
         if not (resume is None or isinstance(resume, (bool, os.PathLike)) or (isinstance(resume, str) and resume)):
             raise _check.FieldError(f"TrainConfig.resume must be True, False, None or a path (a non-empty string or "
                                     f"os.PathLike), got {resume!r} ({type(resume).__name__})")
+
+    def _check_reporting(self) -> None:
+        report_to = self.report_to
+        if isinstance(report_to, str):
+            report_to = () if report_to == "none" else (report_to,)
+        if not isinstance(report_to, (tuple, list)):
+            raise _check.FieldError(f"TrainConfig.report_to must be a name or a tuple/list of names among "
+                                    f"{list(REPORTERS)} (or 'none'), got {report_to!r} ({type(report_to).__name__})")
+        for name in report_to:
+            _choice("report_to", name, REPORTERS)
+        self.report_to = tuple(dict.fromkeys(report_to))  # (in order, each once)
+        _choice("progress", self.progress, PROGRESS)
+        for name in ("run_name", "wandb_project"):
+            value = getattr(self, name)
+            if not (isinstance(value, str) and value) and not (name == "run_name" and value is None):
+                raise _check.FieldError(f"TrainConfig.{name} must be a non-empty string"
+                                        f"{' or None' if name == 'run_name' else ''}, got {value!r}")
+        if "tensorboard" in self.report_to and self.out_dir is None and self.logging_dir is None:
+            raise ValueError("TrainConfig.report_to includes 'tensorboard', which writes into logging_dir "
+                             "(default out_dir/runs), but out_dir and logging_dir are both None")
 
     def _check_choices(self) -> None:
         _choice("dtype", self.dtype, DTYPES)
@@ -188,8 +228,9 @@ class TrainConfig:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # (asdict would copy a Task)
         if not isinstance(out["task"], str):
             out["task"] = out["task"].describe()
-        for key in ("out_dir", "resume"):
+        for key in ("out_dir", "resume", "logging_dir"):
             if isinstance(out[key], Path):
                 out[key] = str(out[key])
         out["betas"] = list(out["betas"])
+        out["report_to"] = list(out["report_to"])
         return out

@@ -13,14 +13,17 @@ import torch.nn as nn
 from ..seeding import MAX_SEED, seed_everything
 from . import checkpoint as ckpt
 from . import distributed
+from .callbacks import Callbacks
 from .collate import DataStream, check_data
 from .config import TrainConfig
 from .distributed import Distributed
-from .logging import ProgressLogger, truncate_metrics, write_loss_svg
+from .loggers import build_loggers, check_available
+from .logging import ProgressLogger, truncate_metrics
 from .optim import build_optimizer, build_scheduler
 from .evaluation import evaluate_task, reduce_sums
 from .history import History, TrainingInterrupted
-from .precision import Precision, prepare_model
+from .plots import write_loss_curve
+from .precision import Precision, prepare_model, warn_if_slow_cpu_bf16
 from .tasks import Metrics, add_metrics, metric_means, resolve_task
 
 
@@ -50,7 +53,7 @@ class _Run:
         self.history, self.saved_step, self.out, self.interrupted = History(), None, out, False
         self.bad_streak, self.best_eval, self.evals_since_best = 0, math.inf, 0
         self.data_stream = DataStream(len(train_data), cfg.seed, cfg.shuffle)
-        self.tokens, self.start = 0, time.perf_counter()
+        self.tokens, self.start, self.callbacks = 0, time.perf_counter(), Callbacks()
 
     def resume(self, where, n_train: int) -> bool:
         """Load the checkpoint `where` points to; False when there is nothing to resume."""
@@ -139,6 +142,7 @@ class _Run:
         dist.barrier()  # nobody reads or exits before rank 0's checkpoint is complete
         h.checkpoint = ckpt.checkpoint_dir(self.cfg.out_dir, h.step)
         self.saved_step = h.step
+        self.callbacks.save(h.step, h, h.checkpoint)  # committed (and every rank past the barrier)
 
     def _micro_batches(self) -> list[dict]:
         cfg, dist = self.cfg, self.dist
@@ -164,14 +168,6 @@ class _Run:
         (total,), _ = reduce_sums([total], {}, dist, self.cfg.device)
         return total, metrics
 
-    def _clip(self) -> bool:
-        if self.cfg.max_grad_norm is None:
-            return True
-        self.precision.unscale(self.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
-        # With a scaler, inf gradients are its business: it skips the step and lowers the scale.
-        return self.precision.scaler is not None or bool(torch.isfinite(norm))
-
     def _prepare(self, micro: list[dict]) -> tuple[list[list[dict]], Metrics, int]:
         """The step's updates (one of the drawn micro-batches, or what the task's `prepare` makes of them)."""
         task = self.task
@@ -180,16 +176,17 @@ class _Run:
         with self.precision.autocast():
             return task.prepare(self.model, micro, self.module)
 
-    def _update(self, update: list[dict]) -> tuple[float, bool, int, Metrics]:
-        """One optimizer update over `update`'s micro-batches: (loss, applied, scored units, local metrics)."""
+    def _update(self, update: list[dict]) -> tuple[float, bool, int, Metrics, float]:
+        """One optimizer update over `update`'s micro-batches: (loss, applied, scored units, local metrics, grad norm)."""
         (scored,) = self.dist.sum([sum(self.task.count(b) for b in update)], self.cfg.device)
         scored = int(scored)
         loss, metrics = self._accumulate(update, scored) if scored else (float("nan"), {})
-        applied = math.isfinite(loss) and self._clip()
+        applied, norm = (self.precision.clip(self.optimizer, self.params, self.cfg.max_grad_norm)
+                         if math.isfinite(loss) else (False, math.nan))
         if applied:
             self.precision.step(self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
-        return loss, applied, scored, metrics
+        return loss, applied, scored, metrics, norm
 
     def optimizer_step(self) -> tuple[float, bool, int, dict]:
         """One step: (mean loss of its updates, whether all were applied, scored units, metric means).
@@ -200,10 +197,11 @@ class _Run:
         updates, metrics, tokens = self._prepare(self._micro_batches())
         (tokens,) = self.dist.sum([tokens], self.cfg.device)
         self.tokens += int(tokens)
-        losses, applied, scored = [], True, 0
+        losses, applied, scored, norms = [], True, 0, []
         for update in updates:
-            loss, applied, n, more = self._update(update)
+            loss, applied, n, more, norm = self._update(update)
             losses.append(loss)
+            norms.append(norm)
             scored, metrics = scored + n, add_metrics(metrics, more)
             if not applied:
                 break
@@ -214,7 +212,8 @@ class _Run:
         if applied and self.task.after_step is not None:
             self.task.after_step(metrics)
         loss = sum(losses) / len(losses) if losses else float("nan")
-        return loss, applied and bool(losses), scored, metric_means(metrics)
+        grad_norm = sum(norms) / len(norms) if norms else math.nan
+        return loss, applied and bool(losses), scored, {"grad_norm": grad_norm, **metric_means(metrics)}
 
     def _record(self, loss: float, applied: bool, scored: int, metrics: dict, lr: float) -> str | None:
         h, cfg = self.history, self.cfg
@@ -245,6 +244,7 @@ class _Run:
         h, patience = self.history, self.cfg.early_stopping_patience
         result = evaluate_task(self.module, self.eval_data, self.cfg, self.precision, self.dist)
         loss = result.pop("loss")
+        result.update(self.callbacks.evaluate(h.step, h, {"loss": loss, **result}))
         h.eval_steps.append(h.step)
         h.eval_losses.append(loss)
         h.eval_metrics.append(result)
@@ -258,17 +258,19 @@ class _Run:
                     f"for {patience} evaluations")
         return None
 
-    def _step_and_decide(self, logger: ProgressLogger, callbacks, received) -> str | None:
-        h, cfg = self.history, self.cfg
+    def _step_and_decide(self, logger: ProgressLogger, received) -> str | None:
+        h, cfg, callbacks = self.history, self.cfg, self.callbacks
         lr = self.optimizer.param_groups[0]["lr"]
         reason = self._record(*self.optimizer_step(), lr=lr)
+        stop_asked, extra = callbacks.step(h.step, h, h.metrics[-1])
+        h.metrics[-1].update(extra)
         logger.step(h.step, h.losses[-1], lr, self.tokens / max(time.perf_counter() - self.start, 1e-9),
                     h.metrics[-1])
         if reason is not None:
             return reason  # no checkpoint now: the last good one stays the latest
         if self.eval_data is not None and cfg.eval_every and h.step % cfg.eval_every == 0:
             reason = self._evaluate(logger)
-        stop_asked = any([bool(cb(h.step, h)) for cb in callbacks])  # a list: every callback runs
+        stop_asked = callbacks.after_step(h.step, h) or stop_asked or h.stop_requested  # (every callback runs)
         if self.dist.active:  # every rank stops at the same step, whichever rank was asked to
             stop_asked, signalled = (v > 0 for v in self.dist.sum([stop_asked, bool(received)], self.cfg.device))
         else:
@@ -288,11 +290,12 @@ class _Run:
             self.save()
         return reason
 
-    def train(self, callbacks, received) -> History:
+    def train(self, callbacks: Callbacks, received) -> History:
         """Run steps until `cfg.steps` or an earlier stop; returns the history."""
-        cfg, h = self.cfg, self.history
+        cfg, h, self.callbacks = self.cfg, self.history, callbacks
         logger = ProgressLogger(cfg.steps, cfg.log_every, cfg.out_dir, self.out, first_step=h.step,
-                                quiet=not self.dist.is_main, shown=self.task.shown)
+                                quiet=not self.dist.is_main, shown=self.task.shown, mode=cfg.progress,
+                                loggers=build_loggers(cfg, h.step) if self.dist.is_main else ())
         model = self.module
         was_training = model.training
         was_checkpointing = bool(getattr(model, "is_gradient_checkpointing", False))
@@ -302,7 +305,7 @@ class _Run:
         self.start, reason = time.perf_counter(), ("completed" if h.step >= cfg.steps else None)
         try:
             while reason is None:
-                reason = self._step_and_decide(logger, callbacks, received)
+                reason = self._step_and_decide(logger, received)
         finally:
             model.train(was_training)
             if cfg.grad_checkpointing:
@@ -313,7 +316,7 @@ class _Run:
         if reason != "completed":
             logger.message(h.stopped_reason)
         if cfg.out_dir is not None and self.dist.is_main:
-            write_loss_svg(cfg.out_dir / "loss.svg", h.losses, h.eval_steps, h.eval_losses)
+            write_loss_curve(cfg.out_dir, h, f"{self.task.name} loss", cfg.log_every, logger.message)
         return h
 
 
@@ -348,33 +351,40 @@ def fit(model: nn.Module, train_data, cfg: TrainConfig, eval_data=None, *, resum
         cfg: a `TrainConfig`.
         eval_data: examples like `train_data`, evaluated every `cfg.eval_every` steps and at the end.
         resume_from: a checkpoint directory or an `out_dir`; overrides `cfg.resume`.
-        callbacks: called as `callback(step, history)` after every optimizer step; returning True
-            stops training (a checkpoint is saved when `out_dir` is set).
-        stream: where progress lines go (default: sys.stdout).
+        callbacks: plain callables `callback(step, history)`, run after every optimizer step (and its
+            evaluation); returning True stops training (a checkpoint is saved when `out_dir` is set);
+            and `tt.train.Callback` objects (`on_step`, `on_evaluate`, `on_save`; they may add metrics).
+        stream: where progress goes (default: sys.stdout; `cfg.progress` "auto" draws a bar on a terminal).
 
     Returns:
         A `History`.
 
     Raises:
+        ImportError: a tracker of `cfg.report_to` is not installed (before anything changes).
+        TypeError: a callback returned something else than it may (names the callback and the value).
         ValueError: malformed data (names the example), a model without trainable parameters or
             returning a wrong shape, a checkpoint that does not match (nothing is changed then), or a
             fresh run into an `out_dir` that holds another run's checkpoints.
         TrainingInterrupted: after SIGINT/SIGTERM, once the checkpoint is written (with `out_dir`).
     """
+    check_available(cfg.report_to)  # a missing tracker fails before the model or a file changes
     n_train = check_data(train_data, "train_data", cfg.task)
     if eval_data is not None:
         check_data(eval_data, "eval_data", cfg.task)
     dist = distributed.setup(cfg.device)  # before the model moves: "cuda" means this rank's device
     precision = Precision(cfg.dtype, cfg.device)
+    if dist.is_main:
+        warn_if_slow_cpu_bf16(cfg.dtype, cfg.device)
     prepare_model(model, cfg.device, cfg.base_dtype)
     run = _Run(model, train_data, cfg, eval_data, precision, stream, dist)
+    callbacks = Callbacks(callbacks)  # (checks them before the model trains)
     if not run.resume(resume_from if resume_from is not None else cfg.resume, n_train):
         _refuse_to_overwrite_a_run(cfg)
         # A fresh run starts from cfg.seed (a resumed one restored its RNG states above instead). Each rank
         # its own dropout stream; wrapping keeps seed + rank in numpy's range.
         seed_everything((cfg.seed + dist.rank) % (MAX_SEED + 1))
     with ckpt.catch_signals(cfg.out_dir is not None) as received:
-        history = run.train(list(callbacks), received)
+        history = run.train(callbacks, received)
     if run.interrupted:
         raise TrainingInterrupted(history.stopped_reason, history)
     return history
