@@ -106,8 +106,7 @@ def _model_metadata(writer, model: CausalLM, dtype: str, name: str) -> None:
 
 
 def _backend_json(tokenizer) -> dict:
-    backend = getattr(tokenizer, "backend", tokenizer)
-    data = json.loads(backend.to_str())
+    data = json.loads(tokenizer.backend.to_str())
     model = data.get("model") or {}
     if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(data.get("pre_tokenizer")):
         raise ValueError(f"save_gguf: only byte-level BPE tokenizers (GGUF tokenizer.ggml.model 'gpt2') are "
@@ -178,7 +177,7 @@ def save_gguf(model: CausalLM, path, dtype: str = "f16", tokenizer=None) -> Path
         path: the .gguf file to write; replaced as a whole, and only once the new file is on disk.
         dtype: "f32", "f16", "bf16" or "q8_0" for the matrices (Q8_0 rows not a multiple of 32 values
             fall back to F16); vectors (norms, biases) are always F32, as llama.cpp's converter writes them.
-        tokenizer: a byte-level BPE `tinytune.models.Tokenizer` (or `tokenizers.Tokenizer`): its tokens,
+        tokenizer: a byte-level BPE `tinytune.models.Tokenizer`: its tokens,
             types, merges, bos/eos/pad/unk ids, add_bos flag and, when it has a str `chat_template`
             attribute, the chat template. Without one only the model config's special ids are written.
 
@@ -192,6 +191,8 @@ def save_gguf(model: CausalLM, path, dtype: str = "f16", tokenizer=None) -> Path
     """
     gguf = import_gguf("save_gguf")
     _check_model(model, dtype)
+    if tokenizer is not None and not hasattr(tokenizer, "backend"):
+        raise TypeError(f"save_gguf: tokenizer must be a tinytune.models.Tokenizer, got {type(tokenizer).__name__}")
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"save_gguf: {path} is a directory; pass the .gguf file to write")
