@@ -2,6 +2,13 @@
 template, and multi-turn chats. Each loader returns `Examples`, a list of `{"input_ids", "labels"}` dicts
 (labels aligned with input_ids, -100 = not scored; the loss shifts them, as Hugging Face models do).
 
+Templates (instructions and chats): `template=None`, the default, uses the tokenizer's own chat template when
+it has one (`tokenizer.chat_template`, as the checkpoint ships it) and the built-in default otherwise ("alpaca"
+for instructions, "chatml" for chats); a built-in name or template object is used as given, even when the
+tokenizer has a chat template; "tokenizer" demands the chat template (`templates.resolve_template`). With the
+chat template the ids are exactly transformers' `apply_chat_template(messages)` (the template writes BOS; no
+BOS is added unless `add_bos=True`) and only the assistant turns are scored.
+
 Bad records (see `records.build_examples`) raise `ValueError("file:line: reason")` with on_error="raise" (the
 default) or are skipped and listed in `.bad_records` with on_error="skip". A sequence longer than `max_length`
 is a bad record unless `truncate=True`, which cuts it on the right.
@@ -10,7 +17,8 @@ from __future__ import annotations
 
 from .encoding import encode_segments, fit_length
 from .records import Examples, RecordError, build_examples, list_field, text_field
-from .templates import ChatTemplate, InstructionTemplate, Segment, check_message, get_template
+from .templates import (ChatTemplate, InstructionTemplate, Segment, TokenizerChatTemplate, check_message,
+                        resolve_template)
 
 
 def load_text(path, tokenizer, max_length: int, *, field: str = "text", on_error: str = "raise",
@@ -79,47 +87,55 @@ def load_pairs(path, tokenizer, *, max_length: int | None = None, truncate: bool
     return build_examples(path, build, on_error)
 
 
-def load_instructions(path, tokenizer, template="alpaca", *, max_length: int | None = None,
+def load_instructions(path, tokenizer, template=None, *, max_length: int | None = None,
                       truncate: bool = False, on_error: str = "raise", instruction_field: str = "instruction",
-                      input_field: str = "input", output_field: str = "output",
+                      input_field: str = "input", output_field: str = "output", system_field: str = "system",
                       add_bos: bool | None = None) -> Examples:
     """Instruction tuning: records `{"instruction", "input" (optional, may be empty), "output"}` rendered
     with a template, loss on the response only.
 
-    With an `InstructionTemplate` (Alpaca) the prompt is unscored and output + EOS are scored. With a
-    `ChatTemplate` (ChatML, Llama 3) the record becomes a user turn (instruction, then a blank line and the
-    input when there is one) and an assistant turn (output), scored as in `load_chats`.
+    With an `InstructionTemplate` (Alpaca) the prompt is unscored and output + EOS are scored. With a chat
+    template (the tokenizer's, ChatML, Llama 3) the record becomes messages [system (when the record has a
+    non-empty `system_field`), user (instruction, then a blank line and the input when there is one),
+    assistant (output)], scored as in `load_chats`.
 
     Args:
         path: the JSONL file.
         tokenizer: see `load_text`.
-        template: "alpaca", "chatml", "llama3" or a template object.
+        template: None (the tokenizer's chat template, else "alpaca": see the module docstring), "tokenizer",
+            "alpaca", "chatml", "llama3" or a template object.
         max_length, truncate, on_error, add_bos: see `load_pairs`.
-        instruction_field, input_field, output_field: field names.
+        instruction_field, input_field, output_field, system_field: field names (a system field with an
+            `InstructionTemplate` is a bad record: Alpaca has no place for it).
     Returns:
         `Examples` of `{"input_ids", "labels"}`.
     Raises:
         ValueError: an unknown template; a bad record with on_error="raise".
     """
     _check_max_length(max_length)
-    template = get_template(template)
+    template = resolve_template(template, tokenizer, "alpaca")
+    bos = _chat_bos(template, add_bos)
 
     def build(record: dict) -> dict:
         instruction = text_field(record, instruction_field)
         extra = text_field(record, input_field, allow_empty=True) if record.get(input_field) is not None else ""
         output = text_field(record, output_field)
+        system = text_field(record, system_field, allow_empty=True) if record.get(system_field) is not None else ""
         if isinstance(template, InstructionTemplate):
-            segments, add_eos = template.segments(instruction, extra, output), True
-        else:
-            user = f"{instruction}\n\n{extra}" if extra else instruction
-            messages = [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
-            segments, add_eos = template.segments(messages), False  # end_of_turn is the stop token
-        return _example(tokenizer, segments, add_bos, add_eos, max_length, truncate)
+            if system:
+                raise RecordError(f"field {system_field!r} is set, but the {template.name!r} template has no "
+                                  "system prompt; use a chat template")
+            return _example(tokenizer, template.segments(instruction, extra, output), bos, True, max_length, truncate)
+        user = f"{instruction}\n\n{extra}" if extra else instruction
+        messages = [{"role": "system", "content": system}] if system else []
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+        # end_of_turn is the stop token: no EOS added
+        return _example(tokenizer, _template_segments(template, messages), bos, False, max_length, truncate)
 
     return build_examples(path, build, on_error)
 
 
-def load_chats(path, tokenizer, template="chatml", *, max_length: int | None = None, truncate: bool = False,
+def load_chats(path, tokenizer, template=None, *, max_length: int | None = None, truncate: bool = False,
                on_error: str = "raise", field: str = "messages", add_bos: bool | None = None) -> Examples:
     """Multi-turn chats `{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}`, loss on
     assistant turns only: each assistant content and its end-of-turn token are scored; system and user turns
@@ -128,18 +144,21 @@ def load_chats(path, tokenizer, template="chatml", *, max_length: int | None = N
     Args:
         path: the JSONL file.
         tokenizer: see `load_text`.
-        template: "chatml", "llama3" or a `ChatTemplate`.
+        template: None (the tokenizer's chat template, else "chatml": see the module docstring), "tokenizer",
+            "chatml", "llama3" or a `ChatTemplate`.
         max_length, truncate, on_error, add_bos: see `load_pairs`.
         field: the messages field's name.
     Returns:
         `Examples` of `{"input_ids", "labels"}`.
     Raises:
         ValueError: a template that is not a chat template; a bad record (a message without a known role or
-            with empty content, no assistant turn, too long) with on_error="raise".
+            with empty content, no assistant turn, too long, a chat template that is not prefix-stable) with
+            on_error="raise".
     """
     _check_max_length(max_length)
-    template = get_template(template)
-    if not isinstance(template, ChatTemplate):
+    template = resolve_template(template, tokenizer, "chatml")
+    bos = _chat_bos(template, add_bos)
+    if not isinstance(template, (ChatTemplate, TokenizerChatTemplate)):
         raise ValueError(f"load_chats needs a chat template (chatml, llama3 or a ChatTemplate), got {template.name!r}")
 
     def build(record: dict) -> dict:
@@ -153,9 +172,57 @@ def load_chats(path, tokenizer, template="chatml", *, max_length: int | None = N
                 raise RecordError(f"message {i} ({role}) has empty content")
         if not any(m["role"] == "assistant" for m in messages):
             raise RecordError("no assistant message: nothing to train on")
-        return _example(tokenizer, template.segments(messages), add_bos, False, max_length, truncate)
+        return _example(tokenizer, _template_segments(template, messages), bos, False, max_length, truncate)
 
     return build_examples(path, build, on_error)
+
+
+def chat_prompt_ids(tokenizer, messages, template=None) -> list[int]:
+    """Token ids of a generation prompt: a chat (a list of messages) or a plain prompt (a str), rendered so
+    that the model's reply follows.
+
+    Templates, by `resolve_template`'s rule: with the tokenizer's chat template (template=None when it has
+    one, or "tokenizer") the ids are `tokenizer.apply_chat_template(messages, add_generation_prompt=True)`, a
+    plain prompt being one user message. Without one: a chat uses "chatml"; a plain prompt is used as is. An
+    explicit built-in template is used as given: a `ChatTemplate` makes a plain prompt a user turn, an
+    `InstructionTemplate` (e.g. "alpaca") wraps it as the instruction. Built-in templates add BOS as the
+    tokenizer does by default; the chat template writes its own.
+
+    Raises:
+        ValueError: bad messages; an `InstructionTemplate` for a chat; an error raised by the chat template.
+    """
+    is_chat = not isinstance(messages, str)
+    template = resolve_template(template, tokenizer, "chatml" if is_chat else None)
+    if is_chat:
+        for i, message in enumerate(messages):
+            check_message(message, i)
+    elif not isinstance(template, InstructionTemplate) and template is not None:
+        messages = [{"role": "user", "content": messages}]
+    if isinstance(template, TokenizerChatTemplate):
+        return tokenizer.encode(template.render(messages, add_generation_prompt=True), add_special_tokens=False)
+    if isinstance(template, ChatTemplate):
+        segments = template.segments(messages, add_generation_prompt=True)
+    elif isinstance(template, InstructionTemplate):
+        if is_chat:
+            raise ValueError(f"a chat (a list of messages) needs a chat template, got {template.name!r}")
+        segments = [Segment(template.prompt(messages))]
+    else:
+        segments = [Segment(messages)]
+    return encode_segments(tokenizer, segments)[0]
+
+
+def _chat_bos(template, add_bos: bool | None) -> bool | None:
+    """`add_bos` for `encode_segments`: with the tokenizer's chat template, None means none added (the
+    template writes BOS itself, and transformers encodes its text without special tokens)."""
+    return False if add_bos is None and isinstance(template, TokenizerChatTemplate) else add_bos
+
+
+def _template_segments(template, messages: list[dict]) -> list[Segment]:
+    """`template.segments(messages)`; a template error (e.g. not prefix-stable) is a bad record."""
+    try:
+        return template.segments(messages)
+    except ValueError as err:
+        raise RecordError(str(err)) from None
 
 
 def _example(tokenizer, segments, add_bos, add_eos, max_length, truncate) -> dict:

@@ -8,10 +8,13 @@ Formats (checked in tests against the published templates):
 - ChatML: `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message; generation prompt `<|im_start|>assistant\\n`.
 - Llama 3 chat: `<|begin_of_text|>` then `<|start_header_id|>{role}<|end_header_id|>\\n\\n{content.strip()}<|eot_id|>`
   per message; generation prompt `<|start_header_id|>assistant<|end_header_id|>\\n\\n`.
+
+A checkpoint's own Jinja chat template (`tokenizer.chat_template`) is used through `TokenizerChatTemplate`;
+which template a loader uses is decided by `resolve_template`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 ROLES = ("system", "user", "assistant")
 
@@ -145,5 +148,92 @@ def get_template(template) -> ChatTemplate | InstructionTemplate:
         return template
     if isinstance(template, str) and template in TEMPLATES:
         return TEMPLATES[template]
-    raise ValueError(f"unknown template {template!r}; built-in templates: {sorted(TEMPLATES)}, "
-                     "or pass a ChatTemplate / InstructionTemplate")
+    raise ValueError(f"unknown template {template!r}; built-in templates: {sorted(TEMPLATES)}, {USE_TOKENIZER!r} "
+                     "(the tokenizer's chat template), or pass a ChatTemplate / InstructionTemplate")
+
+
+USE_TOKENIZER = "tokenizer"  # the `template` value that asks for the tokenizer's own chat template
+
+
+@dataclass(frozen=True)
+class TokenizerChatTemplate:
+    """The tokenizer's Jinja chat template (`tokenizer.apply_chat_template`), split into segments so that
+    exactly the assistant turns are scored.
+
+    Each assistant message i is located by rendering prefixes: the text of `messages[:i]` with the generation
+    prompt ends where its turn starts, the text of `messages[:i + 1]` (less trailing whitespace, e.g. ChatML's
+    newline after <|im_end|>) ends where it stops. Its content and end-of-turn token are scored; everything
+    the template writes around them is not.
+
+    Attributes:
+        tokenizer: any object with `chat_template` and `apply_chat_template(messages, add_generation_prompt=,
+            tokenize=False, **kwargs)` (tinytune's `Tokenizer`, or a transformers tokenizer).
+        kwargs: extra template variables (e.g. `{"date_string": "26 Jul 2024"}` for Llama 3.1).
+    """
+
+    tokenizer: object
+    kwargs: dict = field(default_factory=dict)
+    name: str = "tokenizer"
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        """The conversation as the chat template renders it."""
+        return self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt,
+                                                  tokenize=False, **self.kwargs)
+
+    def segments(self, messages: list[dict], add_generation_prompt: bool = False) -> list[Segment]:
+        """The rendered conversation as segments, assistant turns scored (class docstring).
+
+        Raises:
+            ValueError: the first message is an assistant turn, or the template is not prefix-stable (what it
+                renders for the first i messages is not how the whole conversation starts), naming the index.
+        """
+        full = self.render(messages, add_generation_prompt)
+        out, pos = [], 0
+        for i, message in enumerate(messages):
+            if message.get("role") != "assistant":
+                continue
+            if i == 0:
+                raise ValueError("message 0 is an assistant turn: with a chat template the conversation must "
+                                 "start with a system or user message")
+            start, end = self.render(messages[:i], True), self.render(messages[:i + 1])
+            if not (end.startswith(start) and full.startswith(end) and len(start) >= pos):
+                raise ValueError(f"the chat template is not prefix-stable at message {i}: rendering the first "
+                                 f"{i} messages (with the generation prompt) and the first {i + 1} does not give "
+                                 "the start of the whole conversation, so the assistant turn cannot be located")
+            stop = max(len(end.rstrip()), len(start))
+            out += [Segment(full[pos:len(start)]), Segment(full[len(start):stop], True)]
+            pos = stop
+        out.append(Segment(full[pos:]))
+        return [s for s in out if s.text]
+
+
+def has_chat_template(tokenizer) -> bool:
+    """Whether `tokenizer` carries a Jinja chat template (a non-empty `chat_template` string)."""
+    template = getattr(tokenizer, "chat_template", None)
+    return isinstance(template, str) and bool(template) and hasattr(tokenizer, "apply_chat_template")
+
+
+def resolve_template(template, tokenizer, default):
+    """The template a loader uses, by one rule:
+
+    - None: the tokenizer's own chat template when it has one (a `TokenizerChatTemplate`), else `default`;
+    - "tokenizer": the tokenizer's chat template, which must exist;
+    - a built-in name or a template object: that template, even when the tokenizer has its own.
+
+    Args:
+        template: None, "tokenizer", a name in `TEMPLATES` or a template object.
+        tokenizer: the loader's tokenizer.
+        default: a built-in name, or None for no template.
+    Raises:
+        ValueError: "tokenizer" with a tokenizer without a chat template; an unknown name.
+    """
+    if isinstance(template, TokenizerChatTemplate):
+        return template
+    if template == USE_TOKENIZER or (template is None and has_chat_template(tokenizer)):
+        if not has_chat_template(tokenizer):
+            raise ValueError(f"template={USE_TOKENIZER!r} needs a tokenizer with a chat template "
+                             "(tokenizer.chat_template is not set)")
+        return TokenizerChatTemplate(tokenizer)
+    if template is None:
+        return None if default is None else get_template(default)
+    return get_template(template)

@@ -11,9 +11,12 @@ import tokenizers
 import torch
 
 from .._transaction import directory_transaction
-from .tokenizer_files import _NAMES, TOKENIZER_FILE, _config_ids, _load_backend, _named_tokens, _read_json
+from . import chat_template as _chat
+from .tokenizer_files import (_NAMES, TOKENIZER_FILE, _config_ids, _load_backend, _named_tokens, _read_json,
+                              _template_tokens)
 
-_FILES = (TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json")
+_FILES = (TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json", _chat.CHAT_TEMPLATE_FILE,
+          _chat.CHAT_TEMPLATE_DIR)
 _SIDES = ("left", "right")
 _PADDINGS = (True, "longest", "max_length", False)
 # transformers writes int(1e30) as model_max_length to mean "no limit"; anything this big is unset.
@@ -47,6 +50,8 @@ class Tokenizer:
         extra_eos_token_ids: further ids that end generation (e.g. Llama 3's <|eot_id|>).
         padding_side, truncation_side: "left" or "right".
         model_max_length: default `max_length` for `truncation=True`; None for no limit.
+        chat_template: the Jinja chat template (see `apply_chat_template`), or None. `chat_templates` holds
+            every named template, {name: Jinja text}; its "default" entry is `chat_template`.
     """
 
     bos_token_id = _SpecialId()
@@ -56,7 +61,7 @@ class Tokenizer:
 
     def __init__(self, backend: tokenizers.Tokenizer, *, bos_token_id=None, eos_token_id=None,
                  pad_token_id=None, unk_token_id=None, extra_eos_token_ids=(), padding_side="right",
-                 truncation_side="right", model_max_length: int | None = None):
+                 truncation_side="right", model_max_length: int | None = None, chat_template: str | None = None):
         self.backend = backend  # the wrapped `tokenizers.Tokenizer`, public for anything not wrapped here
         backend.no_padding()
         backend.no_truncation()
@@ -67,6 +72,10 @@ class Tokenizer:
         self.truncation_side = _check_side(truncation_side, "truncation_side")
         self.model_max_length = _check_max_length(model_max_length)
         self._layout = self._special_layout()  # the post-processor is fixed, so probe it once
+        self.chat_templates: dict[str, str] = {}  # public: {name: Jinja text}
+        self._template_sources: dict[str, tuple[str, str]] = {}  # name -> (text as read, file it came from)
+        self._template_tokens: dict[str, str] = {}  # {"sep_token": ...}: strings only, for chat templates
+        self.chat_template = chat_template
 
     @classmethod
     def from_dir(cls, path) -> Tokenizer:
@@ -83,7 +92,7 @@ class Tokenizer:
           3. `eos_token_ids` is `eos_token_id` plus every other eos id listed in those two files.
         `add_bos_token`/`add_eos_token` are informational: as in transformers 5, tokenizer.json's
         post-processor decides; a disagreement warns. `padding_side`, `truncation_side`, `model_max_length`
-        come from tokenizer_config.json.
+        come from tokenizer_config.json. Chat templates: see `tinytune.models.chat_template`.
 
         Raises:
             FileNotFoundError: the directory or its `tokenizer.json` is missing.
@@ -101,6 +110,9 @@ class Tokenizer:
         except ValueError as err:
             raise ValueError(f"{config_file}: {err}") from err
         tok._set_named_tokens(_named_tokens(directory, config, json_pad), directory)
+        tok._template_tokens = _template_tokens(directory, config)
+        tok._template_sources = _chat.read_chat_templates(directory, config, config_file)
+        tok.chat_templates = {name: text for name, (text, _) in tok._template_sources.items()}
         tok._fill_from_config_ids(_config_ids(directory))
         tok._warn_on_flag_mismatch(config, config_file)
         return tok
@@ -134,6 +146,45 @@ class Tokenizer:
             if flag in config and bool(config[flag]) != actual:
                 warnings.warn(f"{config_file} says {flag}={config[flag]}, but the post-processor in "
                               f"{TOKENIZER_FILE} {'adds' if actual else 'does not add'} it; following {TOKENIZER_FILE}")
+
+    @property
+    def chat_template(self) -> str | None:
+        """The default chat template (Jinja text), None when the tokenizer has none; settable (None removes it)."""
+        return self.chat_templates.get(_chat.DEFAULT)
+
+    @chat_template.setter
+    def chat_template(self, value: str | None) -> None:
+        _chat.set_default(self.chat_templates, value)
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = False, tokenize: bool = True, *,
+                            tools=None, documents=None, chat_template: str | None = None, **kwargs):
+        """Render a conversation with the chat template, as `transformers`' `apply_chat_template` does.
+
+        The template sees `messages`, `add_generation_prompt`, `tools`, `documents`, the special tokens as
+        strings (`bos_token`, `eos_token`, ...) and every extra keyword argument (overriding a special token of
+        the same name), e.g. Llama 3.1's `date_string`.
+
+        Args:
+            messages: a list of {"role", "content", ...} dicts.
+            add_generation_prompt: end with the header that starts an assistant turn.
+            tokenize: return ids (the text encoded without adding special tokens, as transformers does).
+            tools, documents: lists of dicts (JSON schemas for tools) for templates that use them.
+            chat_template: a name in `chat_templates` or Jinja text; None: the "tool_use" template when `tools`
+                are given and there is one, else the default.
+        Returns: list[int] when `tokenize`, else str.
+        Raises:
+            ValueError: no chat template; an error raised by the template (`raise_exception`), naming its file.
+        """
+        text, source = _chat.pick_template(self.chat_templates, self._template_sources, chat_template, tools)
+        variables = {**self._token_strings(), **kwargs}
+        rendered = _chat.render(text, source, messages, add_generation_prompt=add_generation_prompt, tools=tools,
+                                documents=documents, variables=variables)
+        return self.encode(rendered, add_special_tokens=False) if tokenize else rendered
+
+    def _token_strings(self) -> dict[str, str]:
+        """{"bos_token": "<s>", ...}: the set special tokens, then the config's sep/cls/mask strings."""
+        return {**{f"{n}_token": self.id_to_token(getattr(self, f"{n}_token_id"))
+                   for n in _NAMES if getattr(self, f"{n}_token_id") is not None}, **self._template_tokens}
 
     @property
     def vocab_size(self) -> int:
@@ -294,10 +345,9 @@ class Tokenizer:
         return ids
 
     def save(self, path) -> None:
-        """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into directory `path` (made
-        if needed) so that `transformers.AutoTokenizer.from_pretrained(path)` encodes identically, as one
-        transaction (the directory's other files are kept). Extra eos ids are not written: they belong in the
-        model's generation_config.json."""
+        """Write tokenizer.json, tokenizer_config.json, special_tokens_map.json and chat_template.jinja into
+        `path` (made if needed; other files kept) as one transaction, so that transformers' AutoTokenizer encodes
+        and renders identically (see `tinytune.models.chat_template`); extra eos ids go in generation_config.json."""
         with directory_transaction(path, owned=_FILES, what="Tokenizer.save") as staging:
             self.write_files(staging)
 
@@ -305,8 +355,7 @@ class Tokenizer:
         """Write the tokenizer's files into the existing `directory` (inside a caller's transaction)."""
         directory = Path(directory)
         self.backend.save(str(directory / TOKENIZER_FILE))
-        tokens = {f"{n}_token": self.id_to_token(getattr(self, f"{n}_token_id"))
-                  for n in _NAMES if getattr(self, f"{n}_token_id") is not None}
+        tokens = self._token_strings()
         added = {str(i): t.__getstate__() for i, t in sorted(self.backend.get_added_tokens_decoder().items())}
         # "PreTrainedTokenizerFast" makes every transformers version load the generic tokenizers-backed class
         # instead of a model-specific one that rebuilds the pipeline (and, for Llama in v5, pads on the left).
@@ -316,6 +365,8 @@ class Tokenizer:
                   "clean_up_tokenization_spaces": False, "added_tokens_decoder": added}
         if self.model_max_length is not None:
             config["model_max_length"] = self.model_max_length
+        if (named := _chat.write_chat_templates(directory, self.chat_templates)) is not None:
+            config["chat_template"] = named
         for file, data in (("tokenizer_config.json", config), ("special_tokens_map.json", tokens)):
             (directory / file).write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
 

@@ -11,6 +11,7 @@ from .._files import contained_file
 
 TOKENIZER_FILE = "tokenizer.json"
 _NAMES = ("bos", "eos", "pad", "unk")
+_TEMPLATE_NAMES = ("sep", "cls", "mask")  # read only as strings for chat templates (transformers' variables)
 
 
 def _read_json(path: Path) -> dict:
@@ -37,21 +38,29 @@ def _token_content(value, where: str) -> str | None:
     raise ValueError(f"{where} should be a string or a dict with a 'content' string, got {value!r}")
 
 
-def _named_tokens(directory: Path, config: dict, json_pad: dict | None) -> dict[str, tuple[str, str]]:
-    """Map "bos"/"eos"/"pad"/"unk" to (token, source file) as transformers does: special_tokens_map.json beats
-    tokenizer_config.json unless the latter has `added_tokens_decoder` (always, since transformers 4.34)."""
+def _named_tokens(directory: Path, config: dict, json_pad: dict | None,
+                  names=_NAMES) -> dict[str, tuple[str, str]]:
+    """Map each of `names` ("bos"/"eos"/"pad"/"unk") to (token, source file) as transformers does:
+    special_tokens_map.json beats tokenizer_config.json unless the latter has `added_tokens_decoder` (always,
+    since transformers 4.34)."""
     sources = [("tokenizer_config.json", config)]
     if "added_tokens_decoder" not in config:
         sources.append(("special_tokens_map.json", _read_json(directory / "special_tokens_map.json")))
     found = {}
-    if json_pad and json_pad.get("pad_token"):  # padding baked into tokenizer.json: the weakest source
+    if json_pad and json_pad.get("pad_token") and "pad" in names:  # padding in tokenizer.json: the weakest source
         found["pad"] = (json_pad["pad_token"], TOKENIZER_FILE)
     for file, data in sources:
-        for name in _NAMES:
+        for name in names:
             key = f"{name}_token"
             if key in data:  # an explicit null unsets the token, as in transformers
                 found[name] = (_token_content(data[key], f"{file} '{key}'"), file)
     return {name: hit for name, hit in found.items() if hit[0] is not None}
+
+
+def _template_tokens(directory: Path, config: dict) -> dict[str, str]:
+    """{"sep_token": ..., "cls_token": ..., "mask_token": ...} as named in the configs (those set), the strings
+    transformers passes to chat templates besides bos/eos/pad/unk."""
+    return {f"{n}_token": t for n, (t, _) in _named_tokens(directory, config, None, _TEMPLATE_NAMES).items()}
 
 
 def _config_ids(directory: Path) -> list[tuple[str, dict[str, list]]]:
