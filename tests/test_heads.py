@@ -128,7 +128,7 @@ def test_classification_loss_in_fit_and_evaluate():
     batch = tt.data.pad_batch(data, 0)
     with torch.no_grad():
         expected = F.cross_entropy(clf(batch["input_ids"], batch["attention_mask"]), batch["label"])
-    assert tt.train.evaluate(clf, data, cfg) == pytest.approx(float(expected), rel=1e-5)
+    assert tt.train.evaluate(clf, data, cfg)["loss"] == pytest.approx(float(expected), rel=1e-5)
     history = fit(clf, data, cfg, stream=io.StringIO())
     assert history.losses[0] == pytest.approx(float(expected), rel=1e-5)
 
@@ -142,7 +142,7 @@ def test_token_classification_loss_in_fit_has_no_shift():
     keep = batch["labels"] != -100
     expected = F.cross_entropy(logits[keep], batch["labels"][keep])
     cfg = _cfg(task="token_classification", steps=1)
-    assert tt.train.evaluate(tok, data, cfg) == pytest.approx(float(expected), rel=1e-5)
+    assert tt.train.evaluate(tok, data, cfg)["loss"] == pytest.approx(float(expected), rel=1e-5)
 
 
 @pytest.mark.parametrize("task", ["classification", "token_classification"])

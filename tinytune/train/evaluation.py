@@ -28,7 +28,10 @@ def evaluate_task(model: nn.Module, data, cfg: TrainConfig, precision: Precision
 
     Returns:
         {"loss": summed loss / the task's count (scored tokens, examples, groups) over all of `data`,
-        **the task's metrics (e.g. "rewards/accuracies" for DPO)}; NaN loss when nothing was scored.
+        **the task's metrics}: "perplexity" for "causal_lm"; "accuracy", "macro_f1" for "classification";
+        "accuracy", "macro_f1" and, with BIO label names on the model, "entity_precision", "entity_recall",
+        "entity_f1" for "token_classification" (see `eval_metrics.py`); the task's own metrics (e.g.
+        "rewards/accuracies" for DPO). NaN loss when nothing was scored.
     """
     task = resolve_task(cfg.task)
     task_loss = task.evaluate or task.loss
@@ -52,7 +55,8 @@ def evaluate_task(model: nn.Module, data, cfg: TrainConfig, precision: Precision
     finally:
         model.train(was_training)
     (total, scored), metrics = reduce_sums([total, scored], metrics, dist, cfg.device)
-    return {"loss": total / scored if scored else float("nan"), **metric_means(metrics)}
+    loss = total / scored if scored else float("nan")
+    return task.summarize(loss, metrics) if task.summarize is not None else {"loss": loss, **metric_means(metrics)}
 
 
 def reduce_sums(values: list[float], metrics: Metrics, dist: Distributed, device: str) -> tuple[list[float], Metrics]:
@@ -65,7 +69,12 @@ def reduce_sums(values: list[float], metrics: Metrics, dist: Distributed, device
 
 
 def evaluate(model: nn.Module, data, cfg: TrainConfig, precision: Precision | None = None,
-             dist: Distributed | None = None) -> float:
-    """Mean loss of `model` over `data` for `cfg.task` (the training loss: per token, per example, per
-    preference group): `evaluate_task(...)["loss"]`; see `evaluate_task` for the arguments."""
-    return evaluate_task(model, data, cfg, precision, dist)["loss"]
+             dist: Distributed | None = None) -> dict[str, float]:
+    """The metrics of `model` on `data` for `cfg.task`: {"loss", ...by task} (`evaluate_task`, which has
+    the arguments and the list of metrics).
+
+    `metrics["loss"]` is the training loss (per token, per example, per preference group);
+    `metrics["perplexity"]` for a causal LM, `metrics["accuracy"]` and `metrics["macro_f1"]` for a
+    classifier, `metrics["entity_f1"]` (with precision and recall) for a BIO tagger.
+    """
+    return evaluate_task(model, data, cfg, precision, dist)

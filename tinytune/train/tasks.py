@@ -19,11 +19,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from . import eval_metrics
 from .collate import check_lm_example, collate
 from .forward import batch_loss, forward_kwargs
 from .losses import num_scored
+from .metric_sums import Metrics, add_metrics, metric_means  # noqa: F401 (re-exported)
 
-Metrics = dict[str, tuple[float, int]]
 
 
 def attention_tokens(batch: dict) -> int:
@@ -58,6 +59,9 @@ class Task:
             `loss` (RL tasks: the negative mean reward of fresh completions). None: `loss`.
         after_step: `after_step(metrics)` with the step's `{name: (sum, n)}` summed over every process,
             after an applied step (PPO's adaptive KL coefficient follows the step's KL).
+        summarize: `summarize(loss, metrics) -> dict` turns evaluation's total loss and summed metrics into
+            the reported numbers (the built-in tasks add perplexity, accuracy, F1s: see `eval_metrics.py`).
+            None: {"loss": loss, name: sum / n for each metric}.
         state: an object with `state_dict() -> dict` (JSON values) and `load_state_dict(state)` (checks
             before it changes anything), saved with every checkpoint and restored on resume. None: none.
     """
@@ -75,6 +79,7 @@ class Task:
     evaluate: Callable[[nn.Module, dict, int, nn.Module], tuple[torch.Tensor, Metrics]] | None = None
     after_step: Callable[[Metrics], None] | None = None
     state: object | None = None
+    summarize: Callable[[float, Metrics], dict[str, float]] | None = None
 
     def describe(self) -> str | dict:
         """The task as a checkpoint records it: the name, or {"name", **settings} with settings."""
@@ -88,8 +93,17 @@ def _builtin(name: str, counts: str) -> Task:
     def loss(model, batch, count, module):
         return batch_loss(model, batch, forward_kwargs(module), name, count, module), {}
 
+    scorer = {"classification": eval_metrics.classification_eval,
+              "token_classification": eval_metrics.token_classification_eval}.get(name)
+
+    def evaluate(model, batch, count, module):  # the loss from the logits, plus the prediction counts
+        return scorer(model, batch, count, module, forward_kwargs(module))
+
+    def summarize(loss, metrics):
+        return eval_metrics.summarize(loss, metrics, name)
+
     return Task(name=name, check_example=check, collate=collate, count=lambda batch: num_scored(name, batch),
-                loss=loss, counts=counts)
+                loss=loss, counts=counts, evaluate=evaluate if scorer else None, summarize=summarize)
 
 
 BUILTIN_TASKS: dict[str, Task] = {
@@ -111,17 +125,3 @@ def resolve_task(task: str | Task) -> Task:
         raise ValueError(f"TrainConfig.task={task!r} is not one of {list(BUILTIN_TASKS)} or a tt.train.Task "
                          "(tt.rlhf.reward_task(), tt.rlhf.dpo_task(...))")
     return BUILTIN_TASKS[task]
-
-
-def add_metrics(total: Metrics, more: Metrics) -> Metrics:
-    """`total` with each of `more`'s (sum, n) added in (a new dict)."""
-    out = dict(total)
-    for key, (s, n) in more.items():
-        old = out.get(key, (0.0, 0))
-        out[key] = (old[0] + float(s), old[1] + int(n))
-    return out
-
-
-def metric_means(metrics: Metrics) -> dict[str, float]:
-    """{name: sum / n} (NaN where n is 0), keys sorted."""
-    return {k: (s / n if n else float("nan")) for k, (s, n) in sorted(metrics.items())}
