@@ -8,6 +8,10 @@
     tinytune dpo CHECKPOINT PREFS.jsonl --beta 0.1 --loss-type sigmoid --out runs/dpo  # a DPO adapter
     tinytune grpo CHECKPOINT PROMPTS.jsonl --reward my_rewards:exact --out runs/grpo   # a GRPO adapter
     tinytune ppo CHECKPOINT PROMPTS.jsonl --reward-model runs/rm/reward_model --out runs/ppo  # PPO
+    tinytune finetune CHECKPOINT reviews.jsonl --task classification --eval-data dev.jsonl --out runs/clf
+    tinytune eval CHECKPOINT --adapter runs/clf/adapter --data test.jsonl --json    # loss, accuracy, macro_f1
+    tinytune generate CHECKPOINT --adapter runs/x/adapter --prompt "Hello" --max-new-tokens 32
+    tinytune merge CHECKPOINT runs/x/adapter merged/       # LoRA folded in: a Hugging Face checkpoint
     tinytune demo                                          # offline end-to-end example, ~1-2 min on a CPU
     tinytune finetune ... --resume                         # go on from the latest checkpoint in --out
 
@@ -25,6 +29,7 @@ import sys
 
 from .options import COMMAND_DEFAULTS, DEFAULTS, LOSS_TYPES, CLIError, add_method_options, add_train_options, resolve
 from .options import _flag
+from .parsers import add_eval, add_generate, add_merge
 from ..rlhf import GRPO_LOSS_TYPES
 from ..rlhf.advantages import SCALES
 
@@ -66,11 +71,18 @@ def _add_finetune(sub) -> None:
           "--resume=DIR)", nargs="?", const=True, metavar="DIR")
     add_method_options(p)
     d = p.add_argument_group("data")
-    _flag(d, "--task", "text | pairs | instructions | chats", metavar="TASK")
+    _flag(d, "--task", "text | pairs | instructions | chats (a causal LM) | classification (JSONL text+label: a "
+          "SequenceClassifier) | ner (tokens+tags: a TokenClassifier)", metavar="TASK")
+    _flag(d, "--labels", "classification / ner: label names in id order (default: the data's, sorted); "
+          "saved with the adapter", metavar="A,B,C")
     _flag(d, "--template", "alpaca | chatml | llama3 (instructions: alpaca, chats: chatml)", metavar="NAME")
     _flag(d, "--max-length", "longest example in tokens; longer ones are truncated (text: row length, 512)", type=int)
     _flag(d, "--on-error", "bad records: raise (stop, naming file:line) or skip (report and go on)", metavar="MODE")
+    _flag(d, "--eval-data", "held-out examples (same --task), evaluated every --eval-every steps and at the end",
+          metavar="FILE")
+    _flag(d, "--eval-every", "evaluate --eval-data every N steps (0: only at the end)", type=int)
     add_train_options(p)
+    _flag(p, "--save-every", "write a checkpoint every N steps (0: only at the end and on an interrupt)", type=int)
 
 
 def _add_online_or_preference(sub, name: str, help: str, description: str, epilog: str, data: tuple[str, str],
@@ -243,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "PyTorch alone.", formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_finetune, _add_reward, _add_dpo, _add_grpo, _add_ppo, _add_params, _add_bench, _add_demo):
+    for add in (_add_finetune, _add_reward, _add_dpo, _add_grpo, _add_ppo, add_eval, add_generate, add_merge,
+                _add_params, _add_bench, _add_demo):
         add(sub)
     parser.commands = dict(sub.choices)
     return parser
@@ -268,6 +281,11 @@ def _run(args) -> None:
     if args.command == "ppo":
         from . import ppo
         ppo.ppo(resolve(args, ppo.PPO_KEYS, ppo.PPO_DEFAULTS))
+        return
+    if args.command in ("eval", "generate", "merge"):
+        from . import generation, inference
+        run = {"eval": inference.evaluate_adapter, "generate": generation.generate, "merge": inference.merge}
+        run[args.command](vars(args))
         return
     keys = {"finetune": commands.FINETUNE_KEYS, "params": commands.PARAMS_KEYS, "bench": commands.BENCH_KEYS}
     opts = resolve(args, keys[args.command])

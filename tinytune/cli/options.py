@@ -16,7 +16,9 @@ from ..rlhf import GRPO_LOSS_TYPES, LOSS_TYPES, DPOConfig, GRPOConfig
 from ..rlhf.advantages import SCALES
 
 METHODS = ("lora", "dora", "ia3", "adapter", "prefix", "prompt", "bitfit")
-TASKS = ("text", "pairs", "instructions", "chats")
+# the data formats of finetune's --task: four causal-LM formats (TrainConfig.task "causal_lm") and the two heads
+LM_TASKS = ("text", "pairs", "instructions", "chats")
+TASKS = LM_TASKS + ("classification", "ner")
 DTYPES = ("fp32", "bf16", "fp16")
 TEMPLATES = ("alpaca", "chatml", "llama3")
 
@@ -27,7 +29,7 @@ DEFAULTS: dict[str, object] = {
     "steps": 100, "lr": 2e-4, "batch_size": 8, "grad_accum": 1, "dtype": "fp32", "grad_checkpointing": False,
     "schedule": "constant", "warmup_steps": 0, "seed": 0, "log_every": 10, "device": "cpu",
     "seq_len": 256, "warmup": 2,
-    "eval_data": None, "eval_every": 0, "center_coef": 0.0,
+    "eval_data": None, "eval_every": 0, "save_every": 0, "labels": None, "center_coef": 0.0,
     "beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0, "precompute_ref": False, "sft_weight": 0.0,
 }
 
@@ -80,7 +82,8 @@ FILE_VALUES = {
     "schedule": partial(_check.string, choices=("constant", "linear", "cosine")), "warmup_steps": _count,
     "seed": _count, "log_every": _int, "device": _check.string, "seq_len": _int, "warmup": _count,
     "resume": _resume,
-    "eval_data": _optional_str, "eval_every": _count, "center_coef": partial(_check.number, low=0),
+    "eval_data": _optional_str, "eval_every": _count, "save_every": _count, "labels": _check.string_or_list,
+    "center_coef": partial(_check.number, low=0),
     "beta": partial(_check.number, low=0, low_open=True), "loss_type": partial(_check.string, choices=LOSS_TYPES),
     "label_smoothing": partial(_check.number, low=0, high=0.5, high_open=True), "precompute_ref": _check.boolean,
     "sft_weight": partial(_check.number, low=0),

@@ -116,17 +116,21 @@ def apply_method(model, opts: dict) -> list[str]:
         raise CLIError(f"--method {method}: {err}") from None
 
 
-def load_dataset(path: str, tokenizer, opts: dict):
-    """Examples from a JSONL file for `opts["task"]` (text, pairs, instructions, chats).
+def load_dataset(path: str, tokenizer, opts: dict, labels=None, flag: str = "DATA"):
+    """Examples from a JSONL file for `opts["task"]` (text, pairs, instructions, chats; classification and
+    ner with `labels`, see `tasks.load_task_data`); `flag` names the file in messages (DATA, --eval-data).
 
     Raises:
         CLIError: a missing file, an unknown task or template, a bad record (file:line from the loader).
     """
     file, task, max_length = Path(path), opts["task"], opts["max_length"]
-    if not file.is_file():
-        raise CLIError(f"DATA: {'not a file' if file.exists() else 'file not found'}: {file}")
     if task not in TASKS:
         raise CLIError(f"--task: unknown task {task!r}; choose from {list(TASKS)}")
+    if task in ("classification", "ner"):
+        from .tasks import load_task_data
+        return load_task_data(file, tokenizer, task, labels, opts, flag)
+    if not file.is_file():
+        raise CLIError(f"{flag}: {'not a file' if file.exists() else 'file not found'}: {file}")
     template = opts.get("template") or _DEFAULT_TEMPLATE.get(task)
     if template is not None and template not in TEMPLATES:
         raise CLIError(f"--template: unknown template {template!r}; choose from {list(TEMPLATES)}")
@@ -140,7 +144,7 @@ def load_dataset(path: str, tokenizer, opts: dict):
             return ttdata.load_instructions(file, tokenizer, template, **common)
         return ttdata.load_chats(file, tokenizer, template, **common)
     except (OSError, ValueError) as err:
-        raise CLIError(f"DATA {file}: {err}") from None
+        raise CLIError(f"{flag} {file}: {err}") from None
 
 
 def check_out_dir(path: str, flag: str = "--out") -> Path:
@@ -162,16 +166,57 @@ def check_out_dir(path: str, flag: str = "--out") -> Path:
     return out
 
 
+# what a tinytune run writes into its --out (fit: checkpoints, metrics, the loss curve, tensorboard / wandb
+# logs; the commands: their result)
+RUN_ENTRIES = ("checkpoints", "metrics.jsonl", "loss.svg", "loss.png", "runs", "wandb", "adapter", "reward_model",
+               "value_model")
+
+
+def _listing(names: list[str]) -> str:
+    return ", ".join(names[:6]) + (f", ... ({len(names)} entries)" if len(names) > 6 else "")
+
+
+def check_run_dir(out_dir: Path, resuming: bool) -> list[str]:
+    """Refuse an --out that a run cannot use; returns the checkpoints it holds (see `_checkpoints`).
+
+    An --out is new, empty, or a tinytune run (only RUN_ENTRIES, hidden leftovers of a killed save aside).
+    A run with checkpoints is continued only with --resume (`resume_option`); a run without any (its
+    metrics.jsonl, loss.svg or adapter, but nothing to go on from) is refused either way, since a fresh
+    start there would mix two runs in one metrics.jsonl.
+
+    Raises:
+        CLIError: --out holds anything else (named), or a run that cannot be resumed.
+    """
+    if not out_dir.is_dir():
+        return []
+    entries = sorted(e.name for e in out_dir.iterdir() if not e.name.startswith("."))
+    foreign = [name for name in entries if name not in RUN_ENTRIES]
+    if foreign:
+        raise CLIError(f"--out {out_dir} is not empty and is not a tinytune run: it holds {_listing(foreign)}; "
+                       "give a new or empty directory (a run writes checkpoints/, metrics.jsonl, loss.svg and "
+                       "its adapter there)")
+    found = _checkpoints(out_dir)
+    if entries and not found:
+        why = "--resume: nothing to resume from" if resuming else "a fresh start"
+        raise CLIError(f"--out {out_dir} holds an earlier run ({_listing(entries)}) but no checkpoint; {why} would "
+                       "write a second run into its metrics.jsonl: choose another --out (or remove this one)")
+    return found
+
+
 def resume_option(value, out_dir: Path):
     """`resume` for `TrainConfig`: None (start afresh), True (the latest checkpoint in --out, if any) or a
     directory that holds a checkpoint (a checkpoint itself or a run's --out). `fit` verifies it on load.
+    --out itself is checked by `check_run_dir` first.
 
     Raises:
-        CLIError: a value of another type, a directory with no checkpoint, or a fresh start into an --out
-            that holds another run's checkpoints (it would overwrite them); all before anything loads.
+        CLIError: a value of another type, a directory with no checkpoint, a fresh start into an --out
+            that holds another run's checkpoints (it would overwrite them), a checkpoint of one run
+            resumed into the --out of another, an --out that is no run (`check_run_dir`); all before
+            anything loads.
     """
+    found = check_run_dir(out_dir, value is not None and value is not False)
     if value is None or value is False:
-        if found := _checkpoints(out_dir):
+        if found:
             raise CLIError(f"--out {out_dir} already holds checkpoints of a run ({found[-1]}, ...): pass --resume "
                            "to continue it, or choose another --out")
         return None
@@ -184,6 +229,10 @@ def resume_option(value, out_dir: Path):
     if not _checkpoints(Path(value)):
         raise CLIError(f"--resume {value}: no checkpoint there (expected a checkpoint directory, or a run "
                        "directory with checkpoints/step-*)")
+    mine = Path(value).resolve() in (out_dir.resolve(), *[p.resolve() for p in (out_dir / "checkpoints").glob("*")])
+    if found and not mine:
+        raise CLIError(f"--resume {value}: --out {out_dir} holds checkpoints of another run ({found[-1]}, ...); "
+                       "resume a run into its own --out, or give a new --out")
     return value
 
 
@@ -235,3 +284,26 @@ def train_config(opts: dict, out_dir, pad_token_id: int | None, resume=None, con
                             resume=resume, **fields)
     except (ValueError, TypeError) as err:
         raise CLIError(str(err)) from None
+
+
+def world_size() -> int:
+    """The processes of this run: torchrun's WORLD_SIZE (1 without torchrun); see `tt.train.distributed`."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def is_main_process() -> bool:
+    """Rank 0 (or no torchrun): the process that prints and writes."""
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
+def world_line(batch_size: int, grad_accum: int | None = None) -> str:
+    """'world size W; global batch B x A x W = G examples per step' (training) or, without `grad_accum`
+    (evaluation), 'world size W; global batch B x W = G examples'."""
+    world = world_size()
+    if grad_accum is None:
+        return f"world size {world}; global batch {batch_size} x {world} = {batch_size * world} examples"
+    return (f"world size {world}; global batch {batch_size} x {grad_accum} x {world} = "
+            f"{batch_size * grad_accum * world} examples per step")

@@ -1,0 +1,124 @@
+"""`tinytune finetune --task classification | ner`, `eval`, `generate` and `merge`: every bad flag or input is
+one line naming the flag (or file) and what was expected, exit status 2, before anything is written."""
+import json
+
+import pytest
+
+from text_fixtures import run_cli, write_cli_inputs, write_jsonl
+from tinytune.cli import main
+
+WORDS = ["abc", "bad", "cab", "dab", "xyz", "yak", "zap", "wax"]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    """The CLI tests' one-layer llama-tiny checkpoint, classification and NER files, and a prompt adapter."""
+    root = tmp_path_factory.mktemp("cli_tasks")
+    write_cli_inputs(root)
+    write_jsonl(root / "clf.jsonl", [{"text": w, "label": "early" if w < "m" else "late"} for w in WORDS])
+    write_jsonl(root / "ner.jsonl", [{"tokens": [w, "is", "here"], "tags": ["B-X", "O", "O"]} for w in WORDS])
+    code = main([str(a) for a in _finetune(root, root / "prompt_run", "--method", "prompt",
+                                           "--num-virtual-tokens", 2)])
+    assert code == 0
+    return root
+
+
+def _finetune(root, out, *extra, data="data.jsonl"):
+    return ["finetune", root / "ckpt", root / data, "--out", out, "--steps", 1, "--batch-size", 2, *extra]
+
+
+def _error(err: str, command: str, *fragments: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"tinytune {command}: error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("extra, data, fragments", [
+    (["--task", "ner"], "clf.jsonl", ["DATA", "clf.jsonl: no labels found in field 'tags'",
+                                            '--task ner reads records {"tokens"']),
+    (["--task", "classification"], "ner.jsonl", ["DATA", "no labels found in field 'label'",
+                                                        "--task classification reads records"]),
+    (["--task", "classification", "--labels", "early,,late"], "clf.jsonl", ["--labels", "an empty label name"]),
+    (["--task", "classification", "--labels", "early,early"], "clf.jsonl", ["--labels", "['early'] given twice"]),
+    (["--task", "classification", "--labels", "early"], "clf.jsonl", ["--labels", "at least two labels"]),
+    (["--task", "classification", "--labels", "early,middle"], "clf.jsonl", ["clf.jsonl:", "unknown label 'late'"]),
+    (["--labels", "a,b"], "data.jsonl", ["--labels: only for --task classification or ner"]),
+    (["--task", "poems"], "data.jsonl", ["--task: unknown task 'poems'", "'classification', 'ner'"]),
+    (["--eval-every", "2"], "data.jsonl", ["--eval-every 2: there is nothing to evaluate; give --eval-data"]),
+    (["--eval-every", "-1", "--eval-data", "x.jsonl"], "data.jsonl", ["--eval-every must be an integer >= 0"]),
+    (["--save-every", "-2"], "data.jsonl", ["--save-every must be an integer >= 0"]),
+    (["--eval-data", "missing.jsonl"], "data.jsonl", ["--eval-data: file not found: missing.jsonl"]),
+    (["--task", "classification", "--method", "prompt"], "clf.jsonl", ["--method prompt with --task classification"]),
+])
+def test_finetune_task_errors(root, tmp_path, capsys, extra, data, fragments):
+    code, out, err = run_cli(capsys, *_finetune(root, tmp_path / "run", *extra, data=data))
+    assert code == 2 and out == ""
+    _error(err, "finetune", *fragments)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_a_non_empty_out_that_is_no_run_is_refused(root, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine\n")
+    (tmp_path / "photos").mkdir()
+    code, _, err = run_cli(capsys, *_finetune(root, tmp_path))
+    assert code == 2
+    _error(err, "finetune", f"--out {tmp_path} is not empty and is not a tinytune run: it holds notes.txt, photos")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "photos"]
+
+
+def test_a_run_without_checkpoints_is_never_mixed_with_a_new_one(root, tmp_path, capsys):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    for resume in ([], ["--resume"]):
+        code, _, err = run_cli(capsys, *_finetune(root, tmp_path, *resume))
+        assert code == 2
+        _error(err, "finetune", f"--out {tmp_path} holds an earlier run (metrics.jsonl) but no checkpoint")
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'
+
+
+def test_merge_refuses_a_prompt_tuning_adapter(root, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "merge", root / "ckpt", root / "prompt_run" / "adapter", tmp_path / "merged")
+    assert code == 2
+    _error(err, "merge", "a PROMPT_TUNING adapter", "does not fold into the weights", "tinytune generate")
+    assert not (tmp_path / "merged").exists()
+
+
+def test_merge_refuses_an_existing_non_empty_out(root, tmp_path, capsys):
+    (tmp_path / "merged").mkdir()
+    (tmp_path / "merged" / "config.json").write_text("{}\n")
+    code, _, err = run_cli(capsys, "merge", root / "ckpt", root / "prompt_run" / "adapter", tmp_path / "merged")
+    assert code == 2
+    _error(err, "merge", f"OUT {tmp_path / 'merged'} is not empty")
+    assert (tmp_path / "merged" / "config.json").read_text() == "{}\n"
+
+
+@pytest.mark.parametrize("argv, fragments", [
+    (["--prompt", "a", "--chat", "c.json"], ["exactly one of --prompt TEXT, --prompts", "--prompt and --chat"]),
+    ([], ["exactly one of", "got none"]),
+    (["--prompt", "a", "--max-new-tokens", "0"], ["--max-new-tokens must be an integer >= 1"]),
+    (["--prompt", "a", "--top-p", "1.5"], ["--top-p must be"]),
+    (["--prompt", "a", "--template", "vicuna"], ["--template: unknown template 'vicuna'"]),
+    (["--chat", "missing.json"], ["--chat: file not found: missing.json"]),
+])
+def test_generate_errors(root, capsys, argv, fragments):
+    code, _, err = run_cli(capsys, "generate", root / "ckpt", *argv)
+    assert code == 2
+    _error(err, "generate", *fragments)
+
+
+def test_eval_errors(root, tmp_path, capsys):
+    adapter = root / "prompt_run" / "adapter"
+    code, _, err = run_cli(capsys, "eval", root / "ckpt", "--adapter", tmp_path / "nope", "--data", root / "data.jsonl")
+    assert code == 2
+    _error(err, "eval", f"--adapter: no such directory: {tmp_path / 'nope'}")
+    code, _, err = run_cli(capsys, "eval", root / "ckpt", "--adapter", adapter, "--data", root / "clf.jsonl",
+                           "--task", "classification", "--labels", "early,late")
+    assert code == 2
+    _error(err, "eval", "--task classification: the adapter", "was trained for --task instructions")
+    code, _, err = run_cli(capsys, "eval", root / "ckpt", "--adapter", adapter, "--data", root / "data.jsonl",
+                           "--batch-size", 0)
+    assert code == 2
+    _error(err, "eval", "--batch-size must be an integer >= 1")
+    task = json.loads((adapter / "tinytune_task.json").read_text())
+    assert task["task"] == "instructions" and "labels" not in task
