@@ -15,10 +15,16 @@ LOG_SCALE_DECADES = 1.5  # a y axis spanning more than this many powers of ten i
 
 def smooth(values, window: int) -> list[float]:
     """Trailing mean of the finite `values` over the last `window` entries (NaN where none is finite)."""
-    out, window = [], max(1, int(window))
-    for i in range(len(values)):
-        kept = [v for v in values[max(0, i + 1 - window):i + 1] if math.isfinite(v)]
-        out.append(sum(kept) / len(kept) if kept else math.nan)
+    window, sums, counts = max(1, int(window)), [0.0], [0]  # prefix sums: O(n) for any window
+    for v in values:
+        finite = math.isfinite(v)
+        sums.append(sums[-1] + (v if finite else 0.0))
+        counts.append(counts[-1] + finite)
+    out = []
+    for i in range(1, len(sums)):
+        lo = max(0, i - window)
+        n = counts[i] - counts[lo]
+        out.append((sums[i] - sums[lo]) / n if n else math.nan)
     return out
 
 
