@@ -25,7 +25,8 @@ def _trained_lora(targets=("q_proj", "v_proj", "embed_tokens"), **kw):
 def test_files_and_keys_follow_peft_layout(tmp_path):
     model = _trained_lora()
     tt.save_adapter(model, tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors", "tinytune_manifest.json"]
+    assert sorted(os.listdir(tmp_path)) == ["README.md", "adapter_config.json", "adapter_model.safetensors",
+                                           "tinytune_manifest.json"]
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     for field in ("peft_type", "r", "lora_alpha", "target_modules", "lora_dropout", "use_rslora",
                   "fan_in_fan_out", "bias", "task_type"):
@@ -115,7 +116,8 @@ def test_write_is_atomic_old_files_survive_a_failed_save(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         tt.save_adapter(_trained_lora(), tmp_path)
     assert (tmp_path / "adapter_model.safetensors").read_bytes() == before
-    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors", "tinytune_manifest.json"]
+    assert sorted(os.listdir(tmp_path)) == ["README.md", "adapter_config.json", "adapter_model.safetensors",
+                                           "tinytune_manifest.json"]
     assert [p.name for p in tmp_path.parent.iterdir() if p.name.startswith(f".{tmp_path.name}.")] == []
 
 
