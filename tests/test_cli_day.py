@@ -177,3 +177,31 @@ def test_the_resume_command_printed_on_interrupt_names_this_run(classifier_run):
     interrupted = classifier_run[1]
     command = interrupted.stderr.strip().split("; resume with: ")[1]
     assert shlex.split(command)[-2] == "--resume" and "clf_run/checkpoints/step-" in command
+
+
+def test_generate_batches_prompts_and_chats_through_the_chat_template(root, lora_adapter, tmp_path, capsys):
+    """Two prompts of unequal length (one left-padded batch) print what each prints alone; a --chat file goes
+    through tt.data.chat_prompt_ids (chatml: the character tokenizer has no chat template of its own)."""
+    first, second = "abc", "Reverse. hello\n"
+    alone = []
+    for prompt in (first, second):
+        code, stdout, err = run_cli(capsys, "generate", root / "ckpt", "--adapter", lora_adapter, "--prompt", prompt,
+                                    "--max-new-tokens", 6)
+        assert code == 0, err
+        alone.append(stdout[:-1])
+    code, stdout, err = run_cli(capsys, "generate", root / "ckpt", "--adapter", lora_adapter, "--prompt", first,
+                                "--prompt", second, "--max-new-tokens", 6)
+    assert code == 0, err
+    assert stdout == f"--- 1 ---\n{alone[0]}\n--- 2 ---\n{alone[1]}\n"
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    (tmp_path / "chat.json").write_text(json.dumps(messages))
+    code, stdout, err = run_cli(capsys, "generate", root / "ckpt", "--adapter", lora_adapter, "--chat",
+                                tmp_path / "chat.json", "--max-new-tokens", 6, "--json")
+    assert code == 0, err
+    model, tok = tt.load_pretrained(root / "ckpt")
+    tt.load_adapter(model, lora_adapter)
+    ids = torch.tensor([tt.data.chat_prompt_ids(tok, messages)])
+    assert tok.decode(ids[0].tolist()).startswith("<s><|im_start|>system\nBe brief.<|im_end|>")
+    new = tt.generate(model, ids, max_new_tokens=6, eos_token_id=tok.eos_token_ids)[0, ids.shape[1]:].tolist()
+    end = next((i for i, t in enumerate(new) if t in tok.eos_token_ids), len(new))
+    assert json.loads(stdout) == {"prompt": messages, "completion": tok.decode(new[:end], skip_special_tokens=True)}

@@ -4,9 +4,10 @@
     tinytune generate CHECKPOINT --chat conversation.json --template chatml
     tinytune generate CHECKPOINT --prompts prompts.jsonl --temperature 0.7 --top-p 0.9 --seed 1
 
-A plain --prompt is encoded as it is (with the tokenizer's BOS); with --template or --system it becomes a
-user turn of a chat. Chats go through `chat_ids`: the tokenizer's own chat template when it has one and no
---template is given, else the named built-in template (chatml by default). All prompts run as one batch,
+Prompts are encoded by `tt.data.chat_prompt_ids`: with the tokenizer's own chat template (when it has one
+and no --template is given) or a built-in chat --template, a plain --prompt is a user turn; without any chat
+template a plain prompt is used as it is (BOS added as the tokenizer does) and a chat uses chatml; an
+instruction --template (alpaca) wraps a plain prompt as the instruction. All prompts run as one batch,
 left padded, through `tt.generate` (KV cache), stopping at the tokenizer's EOS ids and the template's
 end-of-turn token; each completion (new tokens only, decoded) is printed.
 """
@@ -22,22 +23,6 @@ from .. import data as ttdata
 from ..models import generate as tt_generate
 from .options import TEMPLATES, CLIError
 from .setup import check_device, load_model, seed_option
-
-
-def chat_ids(tokenizer, messages: list[dict], template: str | None = None) -> list[int]:
-    """The token ids of a chat ending in the assistant's header (the generation prompt).
-
-    `tt.data.chat_prompt_ids` when the library has it; until then the same rule here: template None takes the
-    tokenizer's Jinja chat template if it has one, else the built-in chatml; a name takes that built-in.
-    """
-    library = getattr(ttdata, "chat_prompt_ids", None)
-    if library is not None:
-        return list(library(tokenizer, messages, template=template))
-    if template is None and getattr(tokenizer, "chat_template", None):
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
-    from ..data.templates import get_template
-    text = get_template(template or "chatml").render(messages, add_generation_prompt=True)
-    return tokenizer.encode(text, add_special_tokens=False)
 
 
 def _read_prompts_file(path: Path) -> list:
@@ -92,25 +77,32 @@ def prompt_list(opts: dict) -> list:
 
 
 def encode_prompt(tokenizer, prompt, template: str | None, system: str | None) -> list[int]:
-    """A prompt's ids: plain text as it is (BOS added as the tokenizer does); with --template or --system,
-    or a list of messages, through the chat template (`chat_ids`)."""
-    if isinstance(prompt, str) and template is None and system is None:
-        return tokenizer.encode(prompt)
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    if system is not None and not (messages and isinstance(messages[0], dict) and messages[0].get("role") == "system"):
-        messages = [{"role": "system", "content": system}] + messages
+    """A prompt's ids by `tt.data.chat_prompt_ids` (a plain prompt becomes a user turn under a chat template;
+    without any it is used as is); --system puts a system message first."""
+    if system is not None:
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        if not (messages and isinstance(messages[0], dict) and messages[0].get("role") == "system"):
+            prompt = [{"role": "system", "content": system}] + messages
     try:
-        return chat_ids(tokenizer, messages, template)
+        return list(ttdata.chat_prompt_ids(tokenizer, prompt, template=template))
     except (ValueError, TypeError, KeyError) as err:
-        raise CLIError(f"chat template: {err}") from None
+        raise CLIError(f"prompt {_short(prompt)}: {err}") from None
 
 
-def stop_ids(tokenizer, template: str | None, chat: bool) -> list[int]:
-    """The tokenizer's EOS ids, plus the built-in chat template's end-of-turn token when it is one token."""
+def _short(prompt) -> str:
+    text = prompt if isinstance(prompt, str) else json.dumps(prompt)
+    return repr(text[:40] + ("..." if len(text) > 40 else ""))
+
+
+def stop_ids(tokenizer, template: str | None, prompts: list) -> list[int]:
+    """The tokenizer's EOS ids, plus the built-in chat template's end-of-turn token when it is one token: the
+    named --template's, or chatml's for chats when the tokenizer has no chat template of its own."""
     ids = list(tokenizer.eos_token_ids)
-    if chat:
+    if template is None and any(isinstance(p, list) for p in prompts) and not getattr(tokenizer, "chat_template", None):
+        template = "chatml"
+    if template is not None:
         from ..data.templates import ChatTemplate, get_template
-        named = get_template(template or "chatml")
+        named = get_template(template)
         turn_end = tokenizer.token_to_id(named.end_of_turn) if isinstance(named, ChatTemplate) else None
         if turn_end is not None and turn_end not in ids:
             ids.append(turn_end)
@@ -158,8 +150,7 @@ def generate(opts: dict, out=print) -> list[str]:
     else:
         model, tokenizer = load_model(opts["checkpoint"], opts.get("tokenizer"), need_tokenizer=True)
     rows = [encode_prompt(tokenizer, p, template, opts.get("system")) for p in prompts]
-    chat = template is not None or opts.get("system") is not None or any(isinstance(p, list) for p in prompts)
-    stops = stop_ids(tokenizer, template, chat)
+    stops = stop_ids(tokenizer, template, prompts)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops[0] if stops else 0)
     ids, mask = left_padded(rows, pad)
     model = model.to(opts["device"]).eval()

@@ -23,7 +23,8 @@ from ..rlhf import (LOSS_TYPES, DPOConfig, RewardConfig, RewardModel, dpo as tra
 from ..seeding import seed_everything
 from .commands import METHOD_KEYS, _require
 from .options import TEMPLATES, CLIError
-from .setup import apply_method, check_device, check_out_dir, load_model, resume_option, seed_option, train_config
+from .setup import (apply_method, check_device, check_out_dir, load_model, resume_option, seed_option, train_config,
+                    world_line)
 
 PREFERENCE_KEYS = METHOD_KEYS | {
     "checkpoint", "data", "out", "tokenizer", "template", "max_length", "on_error", "eval_data", "eval_every",
@@ -143,6 +144,7 @@ def reward(opts: dict, out=print) -> dict:
     """
     run = _prepare(opts, "reward", RewardConfig)
     out = out if run.is_main else (lambda *args, **kwargs: None)
+    out(world_line(run.cfg.batch_size, run.cfg.grad_accum))
     seed_everything(run.cfg.seed)  # before the head's and the method's random init: they follow --seed alone
     rm = RewardModel(run.model)
     apply_method(rm, opts)
@@ -175,6 +177,7 @@ def dpo(opts: dict, out=print) -> dict:
     """
     run = _prepare(opts, "dpo", DPOConfig)
     out = out if run.is_main else (lambda *args, **kwargs: None)
+    out(world_line(run.cfg.batch_size, run.cfg.grad_accum))
     seed_everything(run.cfg.seed)
     apply_method(run.model, opts)
     pc = count_parameters(run.model)

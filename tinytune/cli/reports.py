@@ -6,21 +6,10 @@ import math
 
 
 def final_metrics(model, data, cfg) -> dict[str, float]:
-    """The task's metrics of `model` on `data` (`tt.train.evaluate`: {"loss", "perplexity"} for a causal LM,
-    {"loss", "accuracy", "macro_f1"} for classification, entity scores for NER).
-
-    An older `evaluate` returned the loss alone; then `evaluate_task`'s dict is used (loss and whatever
-    metrics the task computes), with the perplexity added for a causal LM.
-    """
+    """The task's metrics of `model` on `data`: `tt.train.evaluate`'s dict ({"loss", "perplexity"} for a causal
+    LM, {"loss", "accuracy", "macro_f1"} for classification, entity precision/recall/F1 for NER) as floats."""
     from ..train import evaluate
-    result = evaluate(model, data, cfg)
-    if isinstance(result, dict):
-        return {k: float(v) for k, v in result.items()}
-    from ..train.evaluation import evaluate_task
-    metrics = {k: float(v) for k, v in evaluate_task(model, data, cfg).items()}
-    if cfg.task == "causal_lm" and "perplexity" not in metrics:
-        metrics["perplexity"] = math.exp(metrics["loss"]) if metrics["loss"] < 700 else float("inf")
-    return metrics
+    return {k: float(v) for k, v in evaluate(model, data, cfg).items()}
 
 
 def card_info(opts: dict, metrics: dict | None, cfg) -> dict:

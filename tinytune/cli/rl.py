@@ -25,7 +25,8 @@ from ..seeding import seed_everything
 from .commands import _require
 from .options import TEMPLATES, CLIError
 from .preference import PREFERENCE_KEYS, _final_line, load_records_file
-from .setup import apply_method, check_device, check_out_dir, load_model, resume_option, seed_option, train_config
+from .setup import (apply_method, check_device, check_out_dir, load_model, resume_option, seed_option, train_config,
+                    world_line)
 
 # what every online command (grpo, ppo) takes: the preference commands' options, sampling and reward functions
 ONLINE_KEYS = PREFERENCE_KEYS | {"reward", "reward_weights", "max_new_tokens", "temperature", "top_k", "top_p"}
@@ -189,6 +190,8 @@ def prepare_online(opts: dict, config_class, objective, load_rewards, out=print)
     stops = stop_token_ids(tokenizer, opts.get("template"), prompts)
     cfg = train_config(opts, out_dir, pad, resume, config_class, stop_token_ids=stops, **fields)
     is_main = int(os.environ.get("RANK", "0")) == 0
+    if is_main:
+        out(world_line(cfg.batch_size, cfg.grad_accum))  # --batch-size counts prompts here
     seed_everything(cfg.seed)  # before the method's random init: the adapter follows --seed alone
     apply_method(model, opts)
     return OnlineRun(out_dir, cfg, model, tokenizer, prompts, eval_prompts, rewards, is_main,
