@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from collections import deque
@@ -57,6 +58,14 @@ def _mode(progress: str, stream) -> str:
     return "bar" if stream is sys.stdout and _in_notebook() else "lines"
 
 
+def _columns(stream) -> int | None:
+    """The width of the terminal `stream` is, or None (not a terminal, or unknown)."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):  # (io.UnsupportedOperation is an OSError)
+        return None
+
+
 def _number(value: float, digits: int = 4) -> str:
     return f"{value:.{digits}g}" if math.isfinite(value) else str(value)
 
@@ -106,8 +115,10 @@ class ProgressLogger:
 
         # fit redraws the bar itself, once per step (set_description_str: {desc} is shown as given):
         # tqdm's timers are off (no automatic redraw, no first empty bar), so one redraw per step.
-        return tqdm(total=self.total_steps, initial=self.first_step, file=self.stream, dynamic_ncols=True,
-                    mininterval=math.inf, delay=math.inf, leave=True, unit="step",
+        # A terminal that reports 0 columns (a pty nobody sized, in some CI) would get no bar at all.
+        sized = _columns(self.stream) != 0
+        return tqdm(total=self.total_steps, initial=self.first_step, file=self.stream, dynamic_ncols=sized,
+                    ncols=None if sized else 120, nrows=None if sized else 24, mininterval=math.inf, delay=math.inf, leave=True, unit="step",
                     bar_format="step {n_fmt}/{total_fmt} |{bar:12}| {desc}  {elapsed} elapsed  ETA {remaining}")
 
     def _append(self, record: dict) -> None:
