@@ -122,3 +122,23 @@ def test_eval_errors(root, tmp_path, capsys):
     _error(err, "eval", "--batch-size must be an integer >= 1")
     task = json.loads((adapter / "tinytune_task.json").read_text())
     assert task["task"] == "instructions" and "labels" not in task
+
+
+def test_ner_trains_a_token_classifier_and_eval_reads_its_tags(root, tmp_path, capsys):
+    import tinytune as tt
+    code, stdout, err = run_cli(capsys, *_finetune(root, tmp_path / "ner", "--task", "ner", "--labels", "O,B-X",
+                                                   "--eval-data", root / "ner.jsonl", data="ner.jsonl"))
+    assert code == 0, err
+    assert "held-out: loss" in stdout
+    task = json.loads((tmp_path / "ner" / "adapter" / "tinytune_task.json").read_text())
+    assert task["task"] == "ner" and task["labels"] == ["O", "B-X"]  # --labels order, not sorted
+    code, stdout, err = run_cli(capsys, "eval", root / "ckpt", "--adapter", tmp_path / "ner" / "adapter", "--data",
+                                root / "ner.jsonl", "--json")
+    assert code == 0, err
+    printed = json.loads(stdout)
+    decoder, tok = tt.load_pretrained(root / "ckpt")
+    model = tt.load_adapter(tt.models.TokenClassifier(decoder, 2, label_names=["O", "B-X"]), tmp_path / "ner" / "adapter")
+    data = tt.data.load_ner(root / "ner.jsonl", tok, ["O", "B-X"])
+    cfg = tt.train.TrainConfig(task="token_classification", batch_size=8, pad_token_id=tok.pad_token_id)
+    expected = tt.train.evaluate(model, data, cfg)
+    assert "entity_f1" in printed and printed == pytest.approx(expected, rel=1e-6, abs=1e-9)

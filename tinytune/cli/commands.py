@@ -113,7 +113,7 @@ def finetune(opts: dict, out=print) -> dict:
     # Seeded after loading (which may or may not draw numbers) and before every random init that follows
     # (the head's, then the method's weights): the adapter depends on --seed and nothing else.
     seed_everything(run.cfg.seed)
-    model = task_model(run.model, opts["task"], len(run.labels) if run.labels else None)
+    model = task_model(run.model, opts["task"], run.labels)
     apply_method(model, opts)
     pc = count_parameters(model)
     out(pc)

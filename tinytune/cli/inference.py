@@ -73,7 +73,7 @@ def load_adapted(checkpoint, adapter_dir, tokenizer_dir=None, task_flag=None, la
         raise CLIError(f"--adapter: {'not a directory' if adapter.exists() else 'no such directory'}: {adapter}")
     task, labels, record = _adapter_task(adapter, task_flag, labels_flag)
     decoder, tokenizer = load_model(str(checkpoint), tokenizer_dir, need_tokenizer=True)
-    model = task_model(decoder, task, len(labels) if labels else None)
+    model = task_model(decoder, task, labels)
     try:
         load_adapter(model, adapter)
     except (OSError, ValueError, TypeError) as err:

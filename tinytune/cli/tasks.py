@@ -66,7 +66,7 @@ def _match_types(names: list[str], path: Path, task: str) -> list:
         found = discover_labels(path, "label" if task == "classification" else "tags")
     except (OSError, ValueError):
         return names  # the loader reports the file's problem with file:line
-    if found and isinstance(found[0], int) and all(n.lstrip("-").isdigit() for n in names):
+    if found and isinstance(found[0], int) and all(isinstance(n, str) and n.lstrip("-").isdigit() for n in names):
         return [int(n) for n in names]
     return names
 
@@ -92,14 +92,17 @@ def load_task_data(path, tokenizer, task: str, labels, opts: dict, flag: str):
         raise CLIError(f"{flag} {file}: {err} (--task {task} reads records {_RECORDS[task]})") from None
 
 
-def task_model(decoder, task: str, num_labels: int | None):
-    """`decoder` itself for a causal-LM task; a `SequenceClassifier` / `TokenClassifier` on it otherwise."""
+def task_model(decoder, task: str, labels):
+    """`decoder` itself for a causal-LM task; a `SequenceClassifier` / `TokenClassifier` on it otherwise, with
+    the label names (as strings: NER's entity scores read the BIO tags from them) where the head takes them."""
+    import inspect
+
     from ..models import SequenceClassifier, TokenClassifier
-    if task == "classification":
-        return SequenceClassifier(decoder, num_labels)
-    if task == "ner":
-        return TokenClassifier(decoder, num_labels)
-    return decoder
+    if task not in ("classification", "ner"):
+        return decoder
+    head = SequenceClassifier if task == "classification" else TokenClassifier
+    names = {"label_names": [str(n) for n in labels]} if "label_names" in inspect.signature(head).parameters else {}
+    return head(decoder, len(labels), **names)
 
 
 def task_record(task: str, opts: dict, labels) -> dict:
