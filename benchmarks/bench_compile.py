@@ -41,7 +41,6 @@ from charts import compile_chart as chart  # noqa: E402
 from common import (add_common_args, fill_defaults, machine_info, output_path, random_ids, replot,  # noqa: E402
                     setup_threads, write_results)
 
-from tinytune.train.losses import causal_lm_loss_from_hidden, fused_lm_head  # noqa: E402
 
 RANK, ALPHA, LR = 16, 32, 1e-4
 DROPOUTS = (0.05, 0.0)
@@ -59,8 +58,8 @@ def build(preset: str, layers: int, dropout: float):
 
 
 def train_loss(model, ids: torch.Tensor, count: int) -> torch.Tensor:
-    """The causal-LM loss `fit` computes for a plain head: chunked, from the final hidden states."""
-    return causal_lm_loss_from_hidden(model(ids, return_hidden=True), fused_lm_head(model), ids, count)
+    """The causal-LM loss `fit` computes for a plain head: the model's own, chunked from the final hidden states."""
+    return model(ids, labels=ids, num_items_in_batch=count).loss
 
 
 def make_step(model, ids: torch.Tensor, compiled: bool):

@@ -5,8 +5,8 @@ Setup (issue 4, point 10): the `llama-30m` preset (random weights, written with
 linear layer except lm_head, dropout 0.05, batch 8 x 256 random tokens (labels = inputs), AdamW
 (torch's, lr 1e-4) over the adapter parameters. One step = forward + loss + backward + AdamW step
 + zero_grad. tinytune: `tt.lora.apply` + the loss `fit` computes (`tinytune_loss` below: the LM head is a
-plain frozen `nn.Linear`, so `model(ids, return_hidden=True)` + `causal_lm_loss_from_hidden`, i.e. the
-chunked `tt.ops.linear_cross_entropy`, which never materialises the (8 x 256 x 8192) logits); HF:
+plain frozen `nn.Linear`, so `model(ids, labels=ids).loss` computes the chunked
+`tt.ops.linear_cross_entropy` from the hidden states and never materialises the (8 x 256 x 8192) logits); HF:
 `peft.get_peft_model(LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear"))`
 + `model(input_ids=ids, labels=ids).loss`. Gradient checkpointing: tinytune
 `model.set_gradient_checkpointing(True)`; HF `gradient_checkpointing_enable(use_reentrant=False)` +
@@ -49,7 +49,6 @@ from charts import train_step_chart as chart  # noqa: E402
 from common import (add_common_args, fill_defaults, machine_info, median_run, output_path, print_table,  # noqa: E402
                     random_ids, replot, setup_threads, worker_env, write_results)
 from tinytune.ops import PeakMemory, status_kib  # noqa: E402
-from tinytune.train.losses import causal_lm_loss_from_hidden, fused_lm_head  # noqa: E402
 
 RANK, ALPHA, DROPOUT, LR = 16, 32, 0.05, 1e-4
 TARGETS = {"speed": 1.4, "memory": 0.6, "speed_gc": 1.25, "memory_gc": 0.6}
@@ -75,11 +74,8 @@ def load_hf(ckpt: str, gc: bool):
 
 
 def tinytune_loss(model, ids: torch.Tensor) -> torch.Tensor:
-    """The causal-LM loss as `fit` computes it: chunked from hidden states when the head allows it."""
-    weight = fused_lm_head(model)
-    if weight is None:
-        return tt.train.causal_lm_loss(model(ids), ids)
-    return causal_lm_loss_from_hidden(model(ids, return_hidden=True), weight, ids)
+    """The causal-LM loss as `fit` computes it: the model's own (chunked from hidden states for a plain head)."""
+    return model(ids, labels=ids).loss
 
 
 def make_step(lib: str, model, ids: torch.Tensor, bf16: bool):

@@ -251,7 +251,9 @@ def save_pretrained(model: CausalLM, path, tokenizer=None, max_shard_size: int |
     generation = {k: getattr(cfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id") if getattr(cfg, k) is not None}
     path = Path(path)
     # one transaction: old weights (of any shard count) stay whole until the new set is complete on disk
-    with directory_transaction(path, owned=_OWNED, what="save_pretrained") as staging:
+    # a new tokenizer supersedes the old one's chat template file too (it may have none)
+    owned = _OWNED + (("chat_template.jinja",) if tokenizer is not None else ())
+    with directory_transaction(path, owned=owned, what="save_pretrained") as staging:
         _write_shards(staging, _shards(tensors, shard_bytes))
         _write_json(staging / "config.json", hf)
         _write_json(staging / "generation_config.json", generation)
