@@ -270,3 +270,20 @@ def test_chat_prompt_ids(pair):
 def test_import_tinytune_does_not_import_jinja2():
     code = "import sys, tinytune; sys.exit(1 if 'jinja2' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_preference_and_prompt_loaders_use_the_chat_template_for_chat_prompts(pair, tmp_path):
+    name, ours, hf, _ = pair
+    prompt = [{"role": "user", "content": "what is two plus two?"}]
+    rows = [{"prompt": prompt, "chosen": "four", "rejected": "five"}]
+    (pref,) = data.load_preferences(_jsonl(tmp_path / "p.jsonl", rows), ours)
+    start = hf.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    assert pref["prompt_ids"] == _hf_ids(hf, prompt, add_generation_prompt=True)
+    for completion, text in zip(pref["completion_ids"], ("four", "five")):
+        full = hf.apply_chat_template(prompt + [{"role": "assistant", "content": text}], tokenize=False)
+        assert ours.decode(completion) == full[len(start):].rstrip()  # the reply and its end-of-turn
+        assert ours.decode(completion) == SCORED[name](text)
+    (example,) = data.load_prompts(_jsonl(tmp_path / "q.jsonl", [{"prompt": prompt, "answer": "4"}]), ours)
+    assert example["prompt_ids"] == pref["prompt_ids"] and example["answer"] == "4"
+    (text_prompt,) = data.load_prompts(_jsonl(tmp_path / "t.jsonl", [{"prompt": "2+2="}]), ours)
+    assert ours.decode(text_prompt["prompt_ids"], skip_special_tokens=True) == "2+2="  # text stays text

@@ -27,7 +27,8 @@ import math
 
 from .encoding import IGNORE, encode_segments
 from .records import Examples, RecordError, build_examples, check_on_error, list_field, text_field
-from .templates import ChatTemplate, InstructionTemplate, Segment, check_message, get_template
+from .templates import (ChatTemplate, InstructionTemplate, Segment, TokenizerChatTemplate, check_message, get_template,
+                        has_chat_template, resolve_template)
 
 PAIR_FIELDS = ("chosen", "rejected")
 
@@ -43,7 +44,8 @@ def load_preferences(path, tokenizer, template=None, max_length: int | None = No
     message (the conversational form). Other fields are ignored.
 
     Templates: `template=None` uses none for text prompts (the completion follows the prompt text directly)
-    and "chatml" for chat prompts. An `InstructionTemplate` (e.g. "alpaca") wraps a text prompt as the
+    and, for chat prompts, the tokenizer's own chat template when it has one (else "chatml"); "tokenizer"
+    insists on the tokenizer's template. An `InstructionTemplate` (e.g. "alpaca") wraps a text prompt as the
     instruction; a `ChatTemplate` makes a text prompt a user turn. Chat prompts need a chat template.
 
     Length: a record whose prompt + longest completion exceeds `max_length` is a bad record, never truncated:
@@ -54,7 +56,7 @@ def load_preferences(path, tokenizer, template=None, max_length: int | None = No
         path: the JSONL file.
         tokenizer: `encode(text, add_special_tokens=...)`, `bos_token_id`, `eos_token_id` (without an EOS,
             text-prompt completions end with their last token).
-        template: None, a name in `TEMPLATES` or a template object.
+        template: None, "tokenizer", a name in `TEMPLATES` or a template object.
         max_length: longest allowed prompt + completion in tokens (None: no limit).
         on_error: "raise": the first bad record raises ValueError("path:line: reason"); "skip": bad records
             are left out and listed in `.bad_records`.
@@ -69,7 +71,7 @@ def load_preferences(path, tokenizer, template=None, max_length: int | None = No
     if max_length is not None and (not isinstance(max_length, int) or isinstance(max_length, bool)
                                    or max_length < 1):
         raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
-    template = get_template(template) if template is not None else None
+    template = resolve_template(template, tokenizer, None) if template is not None else None
     groups = [0]
 
     def build(record: dict) -> dict:
@@ -100,32 +102,56 @@ def _encode_record(record: dict, tokenizer, template) -> tuple[list[int], list[l
     """(prompt ids, completion ids best first, their names for messages, margin) of one record; RecordError
     saying why it is bad."""
     texts, margin = _completion_texts(record)
-    segments, template = _prompt_segments(record, template)
-    prompt_ids, _ = encode_segments(tokenizer, segments)
-    completions = [_encode_completion(tokenizer, text, template) for text in texts]
+    segments, template, messages = _prompt_segments(record, template, tokenizer)
+    prompt_ids = encode_prompt(tokenizer, segments, template)
+    completions = [_encode_completion(tokenizer, text, template, messages) for text in texts]
     ranked = "ranked" in record
     names = [f"ranked[{i}]" for i in range(len(texts))] if ranked else [f"{name!r}" for name in PAIR_FIELDS]
     _check_distinct(completions, names)
     return prompt_ids, completions, names, margin
 
 
-def _prompt_segments(record: dict, template) -> tuple[list[Segment], object]:
-    """The prompt rendered as segments (a chat one with the generation prompt), and the template used."""
+def _prompt_segments(record: dict, template, tokenizer=None) -> tuple[list[Segment], object, list[dict] | None]:
+    """The prompt rendered as segments (a chat one with the generation prompt), the template used, and the
+    prompt as chat messages (None for a text prompt used as text).
+
+    A chat prompt with `template=None` goes through the tokenizer's own chat template when it has one (as TRL
+    applies it to conversational examples only), else through "chatml"; a text prompt stays text unless a
+    template is given."""
     prompt = record.get("prompt")
     if isinstance(prompt, list):
-        template = get_template("chatml") if template is None else template
-        if not isinstance(template, ChatTemplate):
+        if template is None:
+            template = TokenizerChatTemplate(tokenizer) if has_chat_template(tokenizer) else get_template("chatml")
+        if not isinstance(template, (ChatTemplate, TokenizerChatTemplate)):
             raise RecordError(f"field 'prompt' is a chat (a list of messages), which needs a chat template "
-                              f"(chatml, llama3 or a ChatTemplate), got {template.name!r}")
-        return template.segments(_check_messages(prompt), add_generation_prompt=True), template
+                              f"(chatml, llama3, the tokenizer's or a ChatTemplate), got {template.name!r}")
+        messages = _check_messages(prompt)
+        return _chat_segments(template, messages), template, messages
     if "prompt" in record and not isinstance(prompt, str):
         raise RecordError(f"field 'prompt' should be a string or a list of chat messages, got {type(prompt).__name__}")
     text = text_field(record, "prompt")
     if isinstance(template, InstructionTemplate):
-        return [Segment(template.prompt(text))], template
-    if isinstance(template, ChatTemplate):
-        return template.segments([{"role": "user", "content": text}], add_generation_prompt=True), template
-    return [Segment(text)], template
+        return [Segment(template.prompt(text))], template, None
+    if isinstance(template, (ChatTemplate, TokenizerChatTemplate)):
+        messages = [{"role": "user", "content": text}]
+        return _chat_segments(template, messages), template, messages
+    return [Segment(text)], template, None
+
+
+def _chat_segments(template, messages: list[dict]) -> list[Segment]:
+    if isinstance(template, TokenizerChatTemplate):  # a template error is a bad record, named
+        try:
+            return [Segment(template.render(messages, add_generation_prompt=True))]
+        except ValueError as err:
+            raise RecordError(str(err)) from None
+    return template.segments(messages, add_generation_prompt=True)
+
+
+def encode_prompt(tokenizer, segments: list[Segment], template) -> list[int]:
+    """The prompt's ids: BOS as the tokenizer adds it, except with the tokenizer's chat template, which writes
+    its own (transformers encodes the rendered text without special tokens)."""
+    add_bos = False if isinstance(template, TokenizerChatTemplate) else None
+    return encode_segments(tokenizer, segments, add_bos=add_bos)[0]
 
 
 def _completion_texts(record: dict) -> tuple[list[str], float | None]:
@@ -194,8 +220,18 @@ def _check_messages(messages: list) -> list:
     return messages
 
 
-def _encode_completion(tokenizer, text: str, template) -> list[int]:
-    """A completion's ids, encoded on its own, ending with the stop token (end-of-turn in a chat, else EOS)."""
+def _encode_completion(tokenizer, text: str, template, messages: list[dict] | None) -> list[int]:
+    """A completion's ids, encoded on its own, ending with the stop token (end-of-turn in a chat, else EOS).
+
+    With the tokenizer's chat template the completion is what the template writes for an assistant turn
+    after the prompt (content and end-of-turn; trailing whitespace is not part of it)."""
+    if isinstance(template, TokenizerChatTemplate):
+        start = template.render(messages, add_generation_prompt=True)
+        full = template.render(messages + [{"role": "assistant", "content": text}])
+        if not full.startswith(start):
+            raise RecordError("the chat template is not prefix-stable: the prompt rendered with the generation "
+                              "prompt is not how the prompt plus a reply starts, so the reply cannot be located")
+        return tokenizer.encode(full[len(start):].rstrip(), add_special_tokens=False)
     if isinstance(template, ChatTemplate):
         text = (text.strip() if template.strip_content else text) + template.end_of_turn
         ids, _ = encode_segments(tokenizer, [Segment(text, True)], add_bos=False)
