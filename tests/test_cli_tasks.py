@@ -142,3 +142,13 @@ def test_ner_trains_a_token_classifier_and_eval_reads_its_tags(root, tmp_path, c
     cfg = tt.train.TrainConfig(task="token_classification", batch_size=8, pad_token_id=tok.pad_token_id)
     expected = tt.train.evaluate(model, data, cfg)
     assert "entity_f1" in printed and printed == pytest.approx(expected, rel=1e-6, abs=1e-9)
+
+
+def test_merge_refuses_a_classifier_adapter_before_loading(root, tmp_path, capsys):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"peft_type": "LORA", "task_type": "SEQ_CLS"}\n')
+    code, _, err = run_cli(capsys, "merge", root / "ckpt", adapter, tmp_path / "merged")
+    assert code == 2
+    _error(err, "merge", "a --task classification adapter (a classifier head)", "tinytune eval")
+    assert not (tmp_path / "merged").exists()

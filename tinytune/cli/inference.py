@@ -153,11 +153,15 @@ def merge(opts: dict, out=print) -> Path:
     if not adapter.is_dir():
         raise CLIError(f"ADAPTER: {'not a directory' if adapter.exists() else 'no such directory'}: {adapter}")
     _check_mergeable(adapter)
-    run = load_adapted(opts["checkpoint"], adapter, opts.get("tokenizer"), None, None)
-    if run.task in HEADS:
-        raise CLIError(f"ADAPTER {adapter}: a --task {run.task} adapter (a classifier head); merge writes causal "
+    try:
+        task = (read_task_file(adapter) or {}).get("task")
+    except ValueError as err:
+        raise CLIError(f"ADAPTER {adapter}: {err}") from None
+    if task in HEADS:
+        raise CLIError(f"ADAPTER {adapter}: a --task {task} adapter (a classifier head); merge writes causal "
                        "LM checkpoints (tt.save_pretrained), not *ForSequenceClassification / "
                        "*ForTokenClassification ones: evaluate it with tinytune eval")
+    run = load_adapted(opts["checkpoint"], adapter, opts.get("tokenizer"), None, None)
     save_pretrained(run.model, target, tokenizer=run.tokenizer)
     out(f"merged {adapter} into {opts['checkpoint']}: {target}")
     return target
