@@ -93,6 +93,7 @@ class Extra(Callback):
 
 
 def test_tensorboard_events_hold_train_and_eval_scalars(tmp_path):
+    pytest.importorskip("tensorboard")  # (a dev dependency; the extra tinytune[tensorboard])
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     h = fit(Tiny(), _data(), _cfg(report_to="tensorboard", out_dir=tmp_path, eval_every=2), eval_data=_data(4),
@@ -233,6 +234,7 @@ def test_bf16_on_a_cpu_without_bf16_instructions_warns_once(monkeypatch, tmp_pat
 
 
 def test_loss_png_is_written_and_log_scale_is_chosen_when_losses_span_decades(tmp_path):
+    pytest.importorskip("matplotlib")  # (a dev dependency; the extra tinytune[plot])
     fit(Tiny(), _data(), _cfg(out_dir=tmp_path, eval_every=2), eval_data=_data(4), stream=io.StringIO())
     assert (tmp_path / "loss.png").read_bytes()[:8] == PNG and not (tmp_path / "loss.svg").exists()
     assert plots.use_log_scale([10.0, 0.2]) and not plots.use_log_scale([10.0, 0.5])  # 1.7 vs 1.3 decades
