@@ -63,7 +63,7 @@ def _add_finetune(sub) -> None:
                        "too); one level of tables ([lora], [train]) is flattened. Flags override the file.")
     p.add_argument("checkpoint", nargs="?", default=argparse.SUPPRESS, metavar="CHECKPOINT", help=_CHECKPOINT_HELP)
     p.add_argument("data", nargs="?", default=argparse.SUPPRESS, metavar="DATA.jsonl", help="training data")
-    _flag(p, "--out", "output directory: adapter/, checkpoints, metrics.jsonl, loss.svg", metavar="DIR")
+    _flag(p, "--out", "output directory: adapter/, checkpoints, metrics.jsonl, loss.png", metavar="DIR")
     _flag(p, "--config", "a .toml or .json file of options", metavar="FILE")
     _flag(p, "--tokenizer", "tokenizer directory (tokenizer.json), required with a preset", metavar="DIR")
     _flag(p, "--resume", "go on from the latest checkpoint in --out (a fresh start when there is none), or "
@@ -94,7 +94,7 @@ def _add_online_or_preference(sub, name: str, help: str, description: str, epilo
     p = sub.add_parser(name, help=help, description=description, epilog=epilog)
     p.add_argument("checkpoint", nargs="?", default=argparse.SUPPRESS, metavar="CHECKPOINT", help=_CHECKPOINT_HELP)
     p.add_argument("data", nargs="?", default=argparse.SUPPRESS, metavar=data[0], help=data[1])
-    _flag(p, "--out", f"output directory: {out_files}, checkpoints, metrics.jsonl, loss.svg", metavar="DIR")
+    _flag(p, "--out", f"output directory: {out_files}, checkpoints, metrics.jsonl, loss.png", metavar="DIR")
     _flag(p, "--config", "a .toml or .json file of options", metavar="FILE")
     _flag(p, "--tokenizer", "tokenizer directory (tokenizer.json), required with a preset", metavar="DIR")
     _flag(p, "--resume", "go on from the latest checkpoint in --out, or from DIR (as finetune's)", nargs="?",

@@ -13,7 +13,7 @@ from .measure import measure_training_step
 from .options import DTYPES, CLIError
 from .reports import card_info, final_metrics
 from .setup import (apply_method, check_device, check_out_dir, is_main_process, load_dataset, load_model,
-                    resume_option, seed_option, train_config, world_line)
+                    resume_option, seed_option, train_config, where_line, world_line)
 from .tasks import TRAIN_TASKS, check_task, parse_labels, task_model, task_record, write_task_file
 
 METHOD_KEYS = {"method", "rank", "alpha", "dropout", "targets", "rslora", "bottleneck", "placement", "num_virtual_tokens"}
@@ -131,8 +131,7 @@ def finetune(opts: dict, out=print) -> dict:
         f"{history.tokens_per_s:,.0f} tokens/s")
     if metrics is not None:
         out("held-out: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-    curve = next((p for p in (run.out_dir / "loss.png", run.out_dir / "loss.svg") if p.is_file()), None)
-    out(f"adapter: {adapter}" + (f"\nloss curve: {curve}" if curve else "") + f"\nmetrics: {run.out_dir / 'metrics.jsonl'}")
+    out(f"adapter: {adapter}\n{where_line(run.out_dir)}")
     return {"adapter": adapter, "final_loss": final, "tokens_per_s": history.tokens_per_s,
             "trainable": pc.trainable, "metrics": metrics}
 

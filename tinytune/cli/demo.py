@@ -24,7 +24,7 @@ from ..seeding import seed_everything
 from ..train import TrainConfig, fit
 from . import demo_data
 from .options import CLIError
-from .setup import check_out_dir
+from .setup import check_out_dir, where_line
 
 FULL = dict(pretrain_steps=500, docs=20000, steps=150, n_train=400, n_eval=100)
 QUICK = dict(pretrain_steps=4, docs=64, steps=3, n_train=16, n_eval=4)
@@ -98,7 +98,7 @@ def _fresh_run_dir(out_dir: Path) -> Path:
 
 def run_demo(steps: int | None = None, out: str | None = None, use_cache: bool = True, quick: bool = False,
              print_fn=print) -> dict:
-    """Run the demo; returns {"before", "after", "adapter", "loss_svg", "tokens_per_s"}.
+    """Run the demo; returns {"before", "after", "adapter", "loss_curve", "tokens_per_s"}.
 
     Raises:
         CLIError: `steps` not an int >= 1, or an `out` that cannot be a directory (checked before any work).
@@ -128,11 +128,11 @@ def run_demo(steps: int | None = None, out: str | None = None, use_cache: bool =
     print_fn(f"\nexact match before -> after: {before:.0%} -> {after:.0%} on {len(held_out)} held-out words")
     print_fn(f"training: {history.step} steps, loss {history.losses[0]:.3f} -> {history.losses[-1]:.3f}, "
              f"{history.tokens_per_s:,.0f} tokens/s")
-    print_fn(f"adapter: {adapter}\nloss curve: {cfg.out_dir / 'loss.svg'}")
+    print_fn(f"adapter: {adapter}\n{where_line(cfg.out_dir)}")
     print_fn("generations:")
     for record, answer in list(zip(held_out, answers))[:5]:
         mark = "ok" if answer == record["output"] else f"expected {record['output']!r}"
         print_fn(f"  {record['input']!r} -> {answer!r}  ({mark})")
     print_fn(f"done in {time.perf_counter() - start:.0f} s")
-    return {"before": before, "after": after, "adapter": adapter, "loss_svg": cfg.out_dir / "loss.svg",
+    return {"before": before, "after": after, "adapter": adapter, "loss_curve": cfg.out_dir / "loss.png",
             "tokens_per_s": history.tokens_per_s}

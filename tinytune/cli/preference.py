@@ -24,7 +24,7 @@ from ..seeding import seed_everything
 from .commands import METHOD_KEYS, _require
 from .options import TEMPLATES, CLIError
 from .setup import (apply_method, check_device, check_out_dir, load_model, resume_option, seed_option, train_config,
-                    world_line)
+                    where_line, world_line)
 
 PREFERENCE_KEYS = METHOD_KEYS | {
     "checkpoint", "data", "out", "tokenizer", "template", "max_length", "on_error", "eval_data", "eval_every",
@@ -161,7 +161,7 @@ def reward(opts: dict, out=print) -> dict:
     out(f"{'held-out' if held_out else 'training'} accuracy {metrics['accuracy']:.2f}, margin "
         f"{metrics['margin']:.2f}; reward statistics: mean {rm.reward_mean.item():.4f}, std "
         f"{rm.reward_std.item():.4f}")
-    out(f"reward model: {path}\nloss curve: {run.out_dir / 'loss.svg'}\nmetrics: {run.out_dir / 'metrics.jsonl'}")
+    out(f"reward model: {path}\n{where_line(run.out_dir)}")
     final = history.losses[-1] if history.losses else float("nan")
     return {"reward_model": path, "final_loss": final, "metrics": metrics, "trainable": pc.trainable}
 
@@ -197,6 +197,6 @@ def dpo(opts: dict, out=print) -> dict:
         last = history.metrics[-1]
         out(f"last step: rewards/accuracies {last.get('rewards/accuracies', float('nan')):.2f}, "
             f"rewards/margins {last.get('rewards/margins', float('nan')):.3f}")
-    out(f"adapter: {adapter}\nloss curve: {run.out_dir / 'loss.svg'}\nmetrics: {run.out_dir / 'metrics.jsonl'}")
+    out(f"adapter: {adapter}\n{where_line(run.out_dir)}")
     final = history.losses[-1] if history.losses else float("nan")
     return {"adapter": adapter, "final_loss": final, "before": before, "after": after, "trainable": pc.trainable}

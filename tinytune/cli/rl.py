@@ -26,7 +26,7 @@ from .commands import _require
 from .options import TEMPLATES, CLIError
 from .preference import PREFERENCE_KEYS, _final_line, load_records_file
 from .setup import (apply_method, check_device, check_out_dir, load_model, resume_option, seed_option, train_config,
-                    world_line)
+                    where_line, world_line)
 
 # what every online command (grpo, ppo) takes: the preference commands' options, sampling and reward functions
 ONLINE_KEYS = PREFERENCE_KEYS | {"reward", "reward_weights", "max_new_tokens", "temperature", "top_k", "top_p"}
@@ -211,8 +211,7 @@ def finish_online(run: OnlineRun, history, summary: str, saved: dict | None = No
     adapter = save_adapter(run.model, run.out_dir / "adapter") if run.is_main else run.out_dir / "adapter"
     run.out(f"{_final_line(history)}; {summary}")
     more = "".join(f"\n{label}: {path}" for label, path in (saved or {}).items())
-    run.out(f"adapter: {adapter}{more}\nloss curve: {run.out_dir / 'loss.svg'}\nmetrics: "
-            f"{run.out_dir / 'metrics.jsonl'}")
+    run.out(f"adapter: {adapter}{more}\n{where_line(run.out_dir)}")
     return adapter
 
 

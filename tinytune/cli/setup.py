@@ -307,3 +307,9 @@ def world_line(batch_size: int, grad_accum: int | None = None) -> str:
         return f"world size {world}; global batch {batch_size} x {world} = {batch_size * world} examples"
     return (f"world size {world}; global batch {batch_size} x {grad_accum} x {world} = "
             f"{batch_size * grad_accum * world} examples per step")
+
+
+def where_line(out_dir: Path) -> str:
+    """"loss curve: OUT/loss.png\nmetrics: OUT/metrics.jsonl" (the curve only when fit drew it: matplotlib)."""
+    curve = out_dir / "loss.png"
+    return (f"loss curve: {curve}\n" if curve.is_file() else "") + f"metrics: {out_dir / 'metrics.jsonl'}"
