@@ -51,6 +51,8 @@ def _error(err: str, command: str, *fragments: str) -> str:
     (["--save-every", "-2"], "data.jsonl", ["--save-every must be an integer >= 0"]),
     (["--eval-data", "missing.jsonl"], "data.jsonl", ["--eval-data: file not found: missing.jsonl"]),
     (["--task", "classification", "--method", "prompt"], "clf.jsonl", ["--method prompt with --task classification"]),
+    (["--report-to", "tensorboard,comet"], "data.jsonl", ["--report-to: unknown tracker 'comet'"]),
+    (["--progress", "fancy"], "data.jsonl", ["--progress: unknown mode 'fancy'", "'lines'"]),
 ])
 def test_finetune_task_errors(root, tmp_path, capsys, extra, data, fragments):
     code, out, err = run_cli(capsys, *_finetune(root, tmp_path / "run", *extra, data=data))
@@ -152,3 +154,11 @@ def test_merge_refuses_a_classifier_adapter_before_loading(root, tmp_path, capsy
     assert code == 2
     _error(err, "merge", "a --task classification adapter (a classifier head)", "tinytune eval")
     assert not (tmp_path / "merged").exists()
+
+
+def test_finetune_reports_to_tensorboard_with_progress_lines(root, tmp_path, capsys):
+    pytest.importorskip("tensorboard")
+    code, out, _ = run_cli(capsys, *_finetune(root, tmp_path / "run", "--report-to", "tensorboard",
+                                               "--progress", "lines", "--log-every", 1))
+    assert code == 0 and "step 1/1" in out
+    assert list((tmp_path / "run" / "runs").glob("**/events.out.tfevents.*"))  # TrainConfig's TensorBoard logger

@@ -5,6 +5,7 @@ against the definitions in tests/test_data.py) computed from the model's own pre
 must not depend on the batch size (exact counts, so the tolerance is float rounding only).
 """
 import io
+import json
 import math
 
 import pytest
@@ -90,9 +91,15 @@ def test_tags_that_are_not_bio_give_tag_metrics_only():
     assert set(metrics) == {"loss", "accuracy", "macro_f1"}
 
 
-def test_fit_records_every_evaluation_metric():
+def test_fit_records_every_evaluation_metric(tmp_path):
     model, data = _model(SequenceClassifier, 3).train(), _cls_data()
     tt.lora.apply(model, tt.lora.LoraConfig(rank=2, targets="all-linear"))
-    history = fit(model, data, _cfg("classification", eval_every=1), eval_data=data, stream=io.StringIO())
+    stream = io.StringIO()
+    history = fit(model, data, _cfg("classification", eval_every=1, out_dir=tmp_path), eval_data=data, stream=stream)
     assert len(history.eval_metrics) == 2 and all({"accuracy", "macro_f1"} <= set(m) for m in history.eval_metrics)
     assert not any(k.startswith("count/") for m in history.eval_metrics for k in m)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [1, 2]
+    assert [r["eval_accuracy"] for r in evals] == [m["accuracy"] for m in history.eval_metrics]
+    assert "macro_f1" in stream.getvalue()  # and on the progress output

@@ -20,7 +20,7 @@ METHOD_KEYS = {"method", "rank", "alpha", "dropout", "targets", "rslora", "bottl
 FINETUNE_KEYS = METHOD_KEYS | {"checkpoint", "data", "out", "task",
                  "template", "max_length", "on_error", "tokenizer", "steps", "lr", "batch_size", "grad_accum",
                  "dtype", "grad_checkpointing", "schedule", "warmup_steps", "seed", "log_every", "device", "resume",
-                 "labels", "eval_data", "eval_every", "save_every"}
+                 "labels", "eval_data", "eval_every", "save_every", "progress", "report_to"}
 PARAMS_KEYS = METHOD_KEYS | {"checkpoint", "tokenizer"}
 BENCH_KEYS = PARAMS_KEYS | {"batch_size", "seq_len", "steps", "warmup", "dtype", "grad_checkpointing", "device"}
 

@@ -28,6 +28,7 @@ DEFAULTS: dict[str, object] = {
     "task": "instructions", "template": None, "max_length": None, "on_error": "raise", "tokenizer": None,
     "steps": 100, "lr": 2e-4, "batch_size": 8, "grad_accum": 1, "dtype": "fp32", "grad_checkpointing": False,
     "schedule": "constant", "warmup_steps": 0, "seed": 0, "log_every": 10, "device": "cpu",
+    "progress": "auto", "report_to": "none",
     "seq_len": 256, "warmup": 2,
     "eval_data": None, "eval_every": 0, "save_every": 0, "labels": None, "center_coef": 0.0,
     "beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0, "precompute_ref": False, "sft_weight": 0.0,
@@ -81,6 +82,7 @@ FILE_VALUES = {
     "dtype": partial(_check.string, choices=DTYPES), "grad_checkpointing": _check.boolean,
     "schedule": partial(_check.string, choices=("constant", "linear", "cosine")), "warmup_steps": _count,
     "seed": _count, "log_every": _int, "device": _check.string, "seq_len": _int, "warmup": _count,
+    "progress": partial(_check.string, choices=("auto", "bar", "lines", "none")), "report_to": _check.string_or_list,
     "resume": _resume,
     "eval_data": _optional_str, "eval_every": _count, "save_every": _count, "labels": _check.string_or_list,
     "center_coef": partial(_check.number, low=0),
@@ -150,6 +152,8 @@ def add_train_options(parser: argparse.ArgumentParser, defaults: dict = DEFAULTS
     _flag(g, "--seed", "seeds the method's initial weights and training (tt.seed_everything; 0 to 2**32-1): "
           "the same seed gives a byte-identical adapter on the CPU", type=int)
     _flag(g, "--log-every", "print a progress line every N steps (when not on a terminal)", type=int)
+    _flag(g, "--progress", "auto (a tqdm bar on a terminal, lines otherwise), bar, lines or none", metavar="MODE")
+    _flag(g, "--report-to", "experiment trackers: tensorboard, wandb, both comma-separated, or none", metavar="NAMES")
     _flag(g, "--device", "cpu or cuda", metavar="DEVICE")
 
 

@@ -29,7 +29,7 @@ from .setup import (apply_method, check_device, check_out_dir, load_model, resum
 PREFERENCE_KEYS = METHOD_KEYS | {
     "checkpoint", "data", "out", "tokenizer", "template", "max_length", "on_error", "eval_data", "eval_every",
     "steps", "lr", "batch_size", "grad_accum", "dtype", "grad_checkpointing", "schedule", "warmup_steps", "seed",
-    "log_every", "device", "resume"}
+    "log_every", "device", "resume", "progress", "report_to"}
 REWARD_KEYS = PREFERENCE_KEYS | {"center_coef"}
 DPO_KEYS = PREFERENCE_KEYS | {"beta", "loss_type", "label_smoothing", "precompute_ref", "sft_weight"}
 

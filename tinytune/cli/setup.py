@@ -14,6 +14,7 @@ from ..peft import adapter, freeze, ia3, lora, prefix, prompt
 from ..peft.methods import for_config
 from ..seeding import check_seed
 from ..train import TrainConfig
+from ..train.config import PROGRESS, REPORTERS
 from .options import DTYPES, METHODS, TASKS, TEMPLATES, CLIError
 
 _DEFAULT_TEMPLATE = {"instructions": "alpaca", "chats": "chatml"}
@@ -277,13 +278,25 @@ def train_config(opts: dict, out_dir, pad_token_id: int | None, resume=None, con
     """
     if opts["dtype"] not in DTYPES:
         raise CLIError(f"--dtype: unknown dtype {opts['dtype']!r}; choose from {list(DTYPES)}")
+    if opts["progress"] not in PROGRESS:
+        raise CLIError(f"--progress: unknown mode {opts['progress']!r}; choose from {list(PROGRESS)}")
     keys = ("lr", "steps", "batch_size", "grad_accum", "dtype", "grad_checkpointing", "schedule",
-            "warmup_steps", "seed", "log_every", "device")
+            "warmup_steps", "seed", "log_every", "device", "progress")
     try:
         return config_class(**{k: opts[k] for k in keys}, out_dir=out_dir, pad_token_id=pad_token_id or 0,
-                            resume=resume, **fields)
+                            resume=resume, report_to=_reporters(opts.get("report_to", "none")), **fields)
     except (ValueError, TypeError) as err:
         raise CLIError(str(err)) from None
+
+
+def _reporters(value) -> tuple[str, ...]:
+    """--report-to "tensorboard,wandb" (or a config file's list) as TrainConfig's tuple; "none": ()."""
+    names = [n.strip() for n in (value.split(",") if isinstance(value, str) else list(value))]
+    bad = [n for n in names if n not in REPORTERS + ("none", "")]
+    if bad:
+        raise CLIError(f"--report-to: unknown tracker {bad[0]!r}; choose from {list(REPORTERS)} (comma-separated) "
+                       "or none")
+    return tuple(n for n in names if n and n != "none")
 
 
 def world_size() -> int:
