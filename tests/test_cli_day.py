@@ -5,16 +5,14 @@ import io
 import json
 import os
 import shlex
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 import tinytune as tt
-from text_fixtures import run_cli, write_cli_inputs, write_jsonl
+from text_fixtures import interrupt_after_first_step, run_cli, write_cli_inputs, write_jsonl
 from tinytune.cli import main
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -45,21 +43,7 @@ def _classifier_argv(root, out):
 
 def _interrupt_after_first_step(argv) -> subprocess.CompletedProcess:
     """Run `python -m tinytune ARGV` and send SIGINT once it logged step 1 (a checkpoint is written every step)."""
-    proc = subprocess.Popen([sys.executable, "-m", "tinytune", *map(str, argv)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=ENV)
-    lines = []
-    try:
-        deadline = time.monotonic() + 120
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("step 1/"):
-                proc.send_signal(signal.SIGINT)
-                break
-            assert time.monotonic() < deadline, "no step logged"
-        stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    return subprocess.CompletedProcess(argv, proc.returncode, "".join(lines) + stdout, stderr)
+    return interrupt_after_first_step(argv, ENV)
 
 
 @pytest.fixture(scope="module")

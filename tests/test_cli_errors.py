@@ -3,17 +3,15 @@ stderr and exit status 2; an interrupt saves a checkpoint, prints how to resume 
 import json
 import os
 import shlex
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 import tinytune as tt
 from tinytune.cli import commands, main, resume_command
-from text_fixtures import write_cli_inputs
+from text_fixtures import interrupt_after_first_step, write_cli_inputs
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 ENV.pop("TINYTUNE_TRACEBACK", None)
@@ -276,18 +274,8 @@ def test_sigint_saves_a_checkpoint_and_prints_the_resume_command(root, tmp_path)
     # A preset with a tokenizer directory starts faster than a checkpoint directory.
     argv = ["finetune", "llama-tiny", root / "data.jsonl", "--tokenizer", root / "tok", "--out", out, "--steps", 8,
             "--batch-size", 4, "--grad-accum", 8, "--log-every", 1]
-    proc = subprocess.Popen([sys.executable, "-m", "tinytune", *map(str, argv)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=ENV)
-    try:
-        deadline = time.monotonic() + 120
-        for line in proc.stdout:
-            if line.startswith("step 1/"):
-                proc.send_signal(signal.SIGINT)
-                break
-            assert time.monotonic() < deadline, "no step logged"
-        stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
+    proc = interrupt_after_first_step(argv, ENV)
+    stderr = proc.stderr
     assert proc.returncode == 130, stderr
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in stderr, stderr

@@ -1,5 +1,9 @@
 """Shared by the data tests: a tiny byte-level BPE tokenizer trained on a corpus, and JSONL writing."""
 import json
+import signal
+import subprocess
+import sys
+import time
 
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
@@ -50,3 +54,23 @@ def run_cli(capsys, *argv):
     code = main([str(a) for a in argv])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+def interrupt_after_first_step(argv, env: dict) -> subprocess.CompletedProcess:
+    """Run `python -m tinytune ARGV` and send SIGINT once it logged step 1; the completed process, with every
+    stdout line (those read before the signal too)."""
+    proc = subprocess.Popen([sys.executable, "-m", "tinytune", *map(str, argv)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    lines = []
+    try:
+        deadline = time.monotonic() + 120
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("step 1/"):
+                proc.send_signal(signal.SIGINT)
+                break
+            assert time.monotonic() < deadline, "no step logged"
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    return subprocess.CompletedProcess(argv, proc.returncode, "".join(lines) + stdout, stderr)
