@@ -52,6 +52,8 @@ def evaluate_task(model: nn.Module, data, cfg: TrainConfig, precision: Precision
                 loss, more = task_loss(model, batch, max(n, 1), model)
             if ids:
                 total, scored, metrics = total + float(loss) * n, scored + n, add_metrics(metrics, more)
+            else:  # the same metric names on every rank (one all-reduce of them all), counting nothing
+                metrics = add_metrics(metrics, {k: (0.0, 0) for k in more})
     finally:
         model.train(was_training)
     (total, scored), metrics = reduce_sums([total, scored], metrics, dist, cfg.device)
