@@ -46,6 +46,14 @@ def _model(cls, n, names=None):
     return cls(tt.models.build("llama-tiny"), n, label_names=names).eval()
 
 
+def test_nothing_scored_gives_nan_metrics_under_the_tasks_names():
+    cfg = TrainConfig(batch_size=2)
+    lm = tt.train.evaluate(tt.models.build("llama-tiny"), [{"input_ids": [1, 2, 3], "labels": [-100] * 3}], cfg)
+    assert set(lm) == {"loss", "perplexity"} and all(math.isnan(v) for v in lm.values())
+    clf = tt.train.evaluate(_model(SequenceClassifier, 2), [], _cfg("classification"))
+    assert set(clf) == {"loss", "accuracy", "macro_f1"} and all(math.isnan(v) for v in clf.values())
+
+
 def test_causal_lm_reports_perplexity_of_its_loss():
     model = tt.models.build("llama-tiny")
     data = [{"input_ids": list(range(3, 12)), "labels": [-100] + list(range(4, 12))}] * 3

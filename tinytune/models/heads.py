@@ -184,7 +184,8 @@ class SequenceClassifier(_DecoderHead):
         if labels is None:
             return logits
         _check_targets(labels, (logits.shape[0],), self.num_labels, ignore=False)
-        return SequenceClassifierOutput(loss=classification_loss(logits, labels, num_items_in_batch), logits=logits)
+        loss = classification_loss(logits, labels.long(), num_items_in_batch)
+        return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
 class TokenClassifier(_DecoderHead):
@@ -225,7 +226,7 @@ class TokenClassifier(_DecoderHead):
         if labels is None:
             return logits
         _check_targets(labels, tuple(input_ids.shape), self.num_labels, ignore=True)
-        loss = token_classification_loss(logits, labels, num_items_in_batch)
+        loss = token_classification_loss(logits, labels.long(), num_items_in_batch)
         return TokenClassifierOutput(loss=loss, logits=logits)
 
 

@@ -29,6 +29,16 @@ class ModelOutput(dict):
             return self.get(name)
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r}; fields: {list(self.fields)}")
 
+    def __setattr__(self, name: str, value) -> None:
+        # `out.loss = out.loss + aux` must change what `out["loss"]` and `out[0]` read, as in transformers
+        if name in type(self).fields:
+            if value is None:
+                self.pop(name, None)
+            else:
+                self[name] = value
+        else:
+            super().__setattr__(name, value)
+
     def __getitem__(self, key):
         if isinstance(key, (int, slice)):  # transformers' tuple view: the set fields, in declared order
             return self.to_tuple()[key]

@@ -213,6 +213,7 @@ class CausalLM(nn.Module):
         self._check_inputs(input_ids, inputs_embeds, attention_mask, position_ids, past)
         if labels is not None:
             self._check_labels(labels, input_ids, inputs_embeds, logits_to_keep, return_hidden, num_items_in_batch)
+            labels = labels.long()  # cross_entropy's targets (int32 is accepted, as for input_ids)
         h = self._embed(input_ids, inputs_embeds)
         B, T, _ = h.shape
         block_mask = None
@@ -243,14 +244,14 @@ class CausalLM(nn.Module):
         """The next-token loss of `labels` on final hidden states `h` (B, T, d): chunked (no (B, T, V) logits)
         when the head allows it and no logits were asked for."""
         weight = None if return_logits else self.chunked_head_weight()
-        count = None if num_items is None else int(num_items)
+        count = num_items  # an int, a float or a 0-d tensor (transformers' Trainer passes a tensor): divided as given
         if weight is not None:
             return CausalLMOutput(loss=causal_lm_loss_from_hidden(h, weight, labels, count))
         logits = self.lm_head(h)  # (B, T, V)
         return CausalLMOutput(loss=causal_lm_loss(logits, labels, count), logits=logits if return_logits else None)
 
-    @staticmethod
-    def _check_labels(labels, input_ids, inputs_embeds, logits_to_keep, return_hidden, num_items) -> None:
+    def _check_labels(self, labels, input_ids, inputs_embeds, logits_to_keep, return_hidden, num_items) -> None:
+        vocab = self.config.vocab_size
         ref = input_ids if input_ids is not None else inputs_embeds
         lead = tuple(ref.shape[:2]) if isinstance(ref, torch.Tensor) else None
         if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32) \
@@ -261,8 +262,15 @@ class CausalLM(nn.Module):
         if logits_to_keep or return_hidden:
             raise ValueError("labels score every position: they cannot be combined with logits_to_keep or "
                              "return_hidden (pass one or the other)")
-        if num_items is not None and (isinstance(num_items, bool) or int(num_items) < 1):
+        if num_items is not None and not isinstance(num_items, torch.Tensor) and \
+                (isinstance(num_items, bool) or not isinstance(num_items, (int, float)) or num_items <= 0):
             raise ValueError(f"num_items_in_batch must be a positive count of scored tokens, got {num_items!r}")
+        if labels.numel() and values_checkable(labels):  # one host read, as for input_ids
+            scored = labels[labels != -100]
+            low, high = (int(v) for v in torch.aminmax(scored)) if scored.numel() else (0, 0)
+            if low < 0 or high >= vocab:
+                raise ValueError(f"labels hold id {low if low < 0 else high}, outside the vocabulary [0, {vocab}) "
+                                 "(-100 marks a position that is not scored)")
 
     @staticmethod
     def _check_block_mask(mask, cache, B: int, T: int) -> torch.Tensor:

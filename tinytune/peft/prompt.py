@@ -7,7 +7,8 @@ For input embeddings X (B, T, d) the model runs on [E; X] (B, P + T, d) with E (
 trainable parameters, P * d of them. The hooks (see `_virtual.py` for the calling protocol) also
 prepend P ones to a 2-D attention mask (a boolean 4-D mask gets the prompt as causal rows and
 always-visible columns), put the real tokens at positions P, P + 1, ... as PEFT does (given
-`position_ids` are shifted by P), prepend P ignored labels to `labels` (Hugging Face models), and
+`position_ids` are shifted by P), prepend P ignored labels to `labels` (models that compute their loss;
+the caller's first label stays unscored, see `_prompted_labels`), and
 cut the P virtual positions from the output: logits or hidden states come back (B, T, ...), aligned
 with the caller's tokens and labels, so `tinytune.train.fit` needs no change. With a KV cache, the
 prompt goes in on the call that finds the cache empty; later calls only shift mask and positions.
@@ -122,9 +123,8 @@ class SoftPrompt(nn.Module):
         if fresh:
             kw["inputs_embeds"] = self._prepend(model, kw, B)  # (B, P + T, d)
             kw["input_ids"] = None
-            if kw.get("labels") is not None:  # HF computes the loss inside: the prompt is never scored
-                labels = kw["labels"]
-                kw["labels"] = torch.cat((labels.new_full((B, P), IGNORE_INDEX), labels), dim=1)
+            if kw.get("labels") is not None:  # the model computes the loss inside: see `_prompted_labels`
+                kw["labels"] = _prompted_labels(kw["labels"], P)
             self._added, self._length = P, P + T
         if kw.get("attention_mask") is not None:
             kw["attention_mask"] = _extend_mask(kw["attention_mask"], P, fresh)
@@ -156,6 +156,15 @@ class SoftPrompt(nn.Module):
     def extra_repr(self) -> str:
         """The shapes and switches shown in `print(model)`."""
         return f"num_virtual_tokens={self.embedding.shape[0]}, dim={self.embedding.shape[1]}, enabled={self.enabled}"
+
+
+def _prompted_labels(labels: torch.Tensor, P: int) -> torch.Tensor:
+    """(B, T) labels for the (B, P + T) prompted sequence: the P virtual positions are never scored, and neither
+    is the caller's first token, so the scored positions (and the mean a loss takes over them) are the same as
+    without the prompt, whatever the method. PEFT scores that first token from the last virtual one; tinytune
+    does not, so that `fit`'s count (`labels[:, 1:] != -100`, the data's) is what the model averages over."""
+    ignored = labels.new_full((labels.shape[0], P + 1), IGNORE_INDEX)
+    return torch.cat((ignored, labels[:, 1:]), dim=1)  # (B, P + T)
 
 
 def _extend_mask(mask: torch.Tensor, P: int, fresh: bool) -> torch.Tensor:

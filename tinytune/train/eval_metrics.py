@@ -80,7 +80,9 @@ def summarize(loss: float, metrics: Metrics, task: str) -> dict[str, float]:
     """The reported metrics of `task` from the summed counts: {"loss", ...} (see the module table)."""
     out = {"loss": loss}
     if task == "causal_lm":
-        out["perplexity"] = math.exp(loss) if loss < 700 else math.inf  # NaN stays NaN
+        out["perplexity"] = math.nan if math.isnan(loss) else math.exp(loss) if loss < 700 else math.inf
+    if task in ("classification", "token_classification") and "count/correct" not in metrics:
+        out.update(accuracy=math.nan, macro_f1=math.nan)  # nothing was evaluated: the same keys, no numbers
     if "count/correct" in metrics:
         correct, n = metrics["count/correct"]
         classes = sorted({k.rsplit("/", 1)[1] for k in metrics if k.startswith("count/tp/")}, key=int)

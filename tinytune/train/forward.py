@@ -50,11 +50,14 @@ def _logits(model: nn.Module, batch: dict, accepted: set[str], task: str = "caus
 def loss_kwargs(model: nn.Module) -> set[str]:
     """Which of `labels` / `num_items_in_batch` `model.forward` takes: a model that takes `labels` computes
     its own loss (the Hugging Face convention), and one that also takes `num_items_in_batch` (by name or
-    through **kwargs, as transformers' models do) divides its summed loss by the count it is given."""
+    through **kwargs, as transformers' models do) divides its summed loss by the count it is given, unless it
+    sets `accepts_loss_kwargs = False` (transformers' Trainer reads the same attribute)."""
     params = inspect.signature(model.forward).parameters
     names = {"labels", "num_items_in_batch"} & set(params)
     if "labels" in names and any(p.kind is p.VAR_KEYWORD for p in params.values()):
         names.add("num_items_in_batch")
+    if getattr(model, "accepts_loss_kwargs", True) is False:  # transformers' opt-out: it averages its own batch
+        names.discard("num_items_in_batch")
     return names
 
 
