@@ -53,6 +53,8 @@ def _error(err: str, command: str, *fragments: str) -> str:
     (["--task", "classification", "--method", "prompt"], "clf.jsonl", ["--method prompt with --task classification"]),
     (["--report-to", "tensorboard,comet"], "data.jsonl", ["--report-to: unknown tracker 'comet'"]),
     (["--progress", "fancy"], "data.jsonl", ["--progress: unknown mode 'fancy'", "'lines'"]),
+    (["--steps", "0"], "data.jsonl", ["--steps must be an int >= 1"]),
+    (["--task", "classification", "--template", "llama3"], "clf.jsonl", ["--template llama3: --task classification"]),
 ])
 def test_finetune_task_errors(root, tmp_path, capsys, extra, data, fragments):
     code, out, err = run_cli(capsys, *_finetune(root, tmp_path / "run", *extra, data=data))
@@ -162,3 +164,25 @@ def test_finetune_reports_to_tensorboard_with_progress_lines(root, tmp_path, cap
                                                "--progress", "lines", "--log-every", 1))
     assert code == 0 and "step 1/1" in out
     assert list((tmp_path / "run" / "runs").glob("**/events.out.tfevents.*"))  # TrainConfig's TensorBoard logger
+
+
+def test_report_to_a_missing_package_is_a_user_error_before_loading(root, tmp_path, capsys, monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    code, out, err = run_cli(capsys, *_finetune(root, tmp_path / "run", "--report-to", "wandb"))
+    assert code == 2 and out == ""
+    _error(err, "finetune", "--report-to wandb: the wandb package is not installed (pip install wandb)")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_resume_with_other_labels_or_another_lr_is_refused(root, tmp_path, capsys):
+    run = tmp_path / "run"
+    first = _finetune(root, run, "--task", "classification", "--save-every", 1, data="clf.jsonl")
+    assert run_cli(capsys, *first)[0] == 0
+    more = ["--steps", 2, "--resume"]
+    code, _, err = run_cli(capsys, *first, *more, "--labels", "late,early")
+    assert code == 2 and "labels" in err and "['early', 'late']" in err and "['late', 'early']" in err, err
+    code, _, err = run_cli(capsys, *first, *more, "--lr", 1e-3)
+    assert code == 2 and "lr=0.0002" in err and "lr=0.001" in err, err
+    assert run_cli(capsys, *first, *more)[0] == 0  # the same settings resume

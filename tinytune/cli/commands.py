@@ -1,7 +1,6 @@
 """The `finetune`, `params` and `bench` subcommands: each takes resolved options and prints its report."""
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from .options import DTYPES, CLIError
 from .reports import card_info, final_metrics
 from .setup import (apply_method, check_device, check_out_dir, is_main_process, load_dataset, load_model,
                     resume_option, seed_option, train_config, where_line, world_line)
-from .tasks import TRAIN_TASKS, check_task, parse_labels, task_model, task_record, write_task_file
+from .tasks import TRAIN_TASKS, check_task, labelled_task, parse_labels, task_model, task_record, write_task_file
 
 METHOD_KEYS = {"method", "rank", "alpha", "dropout", "targets", "rslora", "bottleneck", "placement", "num_virtual_tokens"}
 FINETUNE_KEYS = METHOD_KEYS | {"checkpoint", "data", "out", "task",
@@ -62,6 +61,8 @@ def _check_options(opts: dict) -> tuple[str, list | None, dict]:
         raise CLIError(str(err)) from None
     if fields["eval_every"] and opts.get("eval_data") is None:
         raise CLIError(f"--eval-every {fields['eval_every']}: there is nothing to evaluate; give --eval-data FILE")
+    if task in ("classification", "ner") and opts.get("template") is not None:
+        raise CLIError(f"--template {opts['template']}: --task {task} reads plain text and tokens, no template")
     if task in ("classification", "ner") and opts["method"] in ("prefix", "prompt"):
         raise CLIError(f"--method {opts['method']} with --task {task}: soft prompts and prefixes train causal "
                        "LMs only here; use lora, dora, ia3, adapter or bitfit for a classifier")
@@ -88,16 +89,14 @@ def _prepare(opts: dict, out) -> _Finetune:
         if not eval_examples:
             raise CLIError(f"--eval-data {opts['eval_data']}: no usable examples")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    cfg = train_config(opts, out_dir, pad, resume, **fields)
+    cfg = train_config(opts, out_dir, pad, resume, **{**fields, "task": labelled_task(task, labels)})
     out(world_line(cfg.batch_size, cfg.grad_accum))
     return _Finetune(out_dir, cfg, model, tokenizer, examples, eval_examples, labels)
 
 
 def _save_adapter(model, path: Path, card: dict) -> Path:
-    """`save_adapter` with the model card's `card_info` where save_adapter takes it (an older one does not)."""
-    if "card_info" in inspect.signature(save_adapter).parameters:
-        return save_adapter(model, path, card_info=card)
-    return save_adapter(model, path)  # MODEL CARD: save_adapter has no card_info yet; `card` goes here
+    """`save_adapter` with the model card's `card_info` (training data, final metrics, hyperparameters)."""
+    return save_adapter(model, path, card_info=card)
 
 
 def finetune(opts: dict, out=print) -> dict:

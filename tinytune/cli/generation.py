@@ -22,7 +22,7 @@ from .. import _check
 from .. import data as ttdata
 from ..models import generate as tt_generate
 from .options import TEMPLATES, CLIError
-from .setup import check_device, load_model, seed_option
+from .setup import check_device, load_model, seed_option, stop_token_ids
 
 
 def _read_prompts_file(path: Path) -> list:
@@ -94,21 +94,6 @@ def _short(prompt) -> str:
     return repr(text[:40] + ("..." if len(text) > 40 else ""))
 
 
-def stop_ids(tokenizer, template: str | None, prompts: list) -> list[int]:
-    """The tokenizer's EOS ids, plus the built-in chat template's end-of-turn token when it is one token: the
-    named --template's, or chatml's for chats when the tokenizer has no chat template of its own."""
-    ids = list(tokenizer.eos_token_ids)
-    if template is None and any(isinstance(p, list) for p in prompts) and not getattr(tokenizer, "chat_template", None):
-        template = "chatml"
-    if template is not None:
-        from ..data.templates import ChatTemplate, get_template
-        named = get_template(template)
-        turn_end = tokenizer.token_to_id(named.end_of_turn) if isinstance(named, ChatTemplate) else None
-        if turn_end is not None and turn_end not in ids:
-            ids.append(turn_end)
-    return ids
-
-
 def _sampling(opts: dict) -> dict:
     try:
         return {"max_new_tokens": _check.integer(opts["max_new_tokens"], "--max-new-tokens", 1),
@@ -150,7 +135,7 @@ def generate(opts: dict, out=print) -> list[str]:
     else:
         model, tokenizer = load_model(opts["checkpoint"], opts.get("tokenizer"), need_tokenizer=True)
     rows = [encode_prompt(tokenizer, p, template, opts.get("system")) for p in prompts]
-    stops = stop_ids(tokenizer, template, prompts)
+    stops = stop_token_ids(tokenizer, template, any(isinstance(p, list) for p in prompts))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops[0] if stops else 0)
     ids, mask = left_padded(rows, pad)
     model = model.to(opts["device"]).eval()

@@ -20,7 +20,7 @@ METHODS = ("lora", "dora", "ia3", "adapter", "prefix", "prompt", "bitfit")
 LM_TASKS = ("text", "pairs", "instructions", "chats")
 TASKS = LM_TASKS + ("classification", "ner")
 DTYPES = ("fp32", "bf16", "fp16")
-TEMPLATES = ("alpaca", "chatml", "llama3")
+TEMPLATES = ("alpaca", "chatml", "llama3", "tokenizer")  # "tokenizer": the checkpoint's own chat template
 
 DEFAULTS: dict[str, object] = {
     "method": "lora", "rank": 8, "alpha": 16.0, "dropout": 0.05, "targets": "all-linear", "rslora": False,

@@ -17,7 +17,6 @@ from pathlib import Path
 
 from .. import _check
 from .. import data as ttdata
-from ..data.templates import ChatTemplate, get_template
 from ..peft import count_parameters, save_adapter
 from ..rlhf import GRPO_LOSS_TYPES, GRPOConfig, grpo as train_grpo, load_reward_function
 from ..rlhf.advantages import SCALES
@@ -26,7 +25,7 @@ from .commands import _require
 from .options import TEMPLATES, CLIError
 from .preference import PREFERENCE_KEYS, _final_line, load_records_file
 from .setup import (apply_method, check_device, check_out_dir, load_model, resume_option, seed_option, train_config,
-                    where_line, world_line)
+                    stop_token_ids, where_line, world_line)
 
 # what every online command (grpo, ppo) takes: the preference commands' options, sampling and reward functions
 ONLINE_KEYS = PREFERENCE_KEYS | {"reward", "reward_weights", "max_new_tokens", "temperature", "top_k", "top_p"}
@@ -121,20 +120,6 @@ def load_prompt_file(path, tokenizer, opts: dict, flag: str):
     return load_records_file(ttdata.load_prompts, path, tokenizer, opts, flag, "prompts")
 
 
-def stop_token_ids(tokenizer, template, prompts) -> list[int] | None:
-    """The tokenizer's EOS ids, plus the chat template's end-of-turn token when it is one token (chatml for
-    chat prompts without a template, as `load_prompts` renders them). None: no EOS known (the model's)."""
-    ids = list(tokenizer.eos_token_ids)
-    if template is None and any(isinstance(p.get("prompt"), list) for p in prompts):
-        template = "chatml"
-    chat = get_template(template) if template is not None else None
-    if isinstance(chat, ChatTemplate):
-        turn_end = tokenizer.token_to_id(chat.end_of_turn)
-        if turn_end is not None and turn_end not in ids:
-            ids.append(turn_end)
-    return ids or None
-
-
 def first_last(history, key: str, what: str) -> str:
     """'WHAT first step X -> last step Y' of the per-step metric `key` (or that no step has it)."""
     values = [m[key] for m in history.metrics if key in m]
@@ -187,7 +172,7 @@ def prepare_online(opts: dict, config_class, objective, load_rewards, out=print)
     if opts.get("eval_data") is not None:
         eval_prompts = load_prompt_file(opts["eval_data"], tokenizer, opts, "--eval-data")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    stops = stop_token_ids(tokenizer, opts.get("template"), prompts)
+    stops = stop_token_ids(tokenizer, opts.get("template"), any(isinstance(p.get("prompt"), list) for p in prompts)) or None
     cfg = train_config(opts, out_dir, pad, resume, config_class, stop_token_ids=stops, **fields)
     is_main = int(os.environ.get("RANK", "0")) == 0
     if is_main:

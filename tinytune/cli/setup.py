@@ -2,6 +2,7 @@
 the dataset and the `TrainConfig`. Each function raises `CLIError` naming the offending option."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import torch
 
 from .. import data as ttdata
+from ..data.templates import ChatTemplate, get_template
 from ..models import PRESETS, build, load_pretrained, load_tokenizer
 from ..peft import adapter, freeze, ia3, lora, prefix, prompt
 from ..peft.methods import for_config
@@ -17,7 +19,6 @@ from ..train import TrainConfig
 from ..train.config import PROGRESS, REPORTERS
 from .options import DTYPES, METHODS, TASKS, TEMPLATES, CLIError
 
-_DEFAULT_TEMPLATE = {"instructions": "alpaca", "chats": "chatml"}
 
 
 def load_model(name: str, tokenizer_dir: str | None = None, need_tokenizer: bool = False):
@@ -132,7 +133,7 @@ def load_dataset(path: str, tokenizer, opts: dict, labels=None, flag: str = "DAT
         return load_task_data(file, tokenizer, task, labels, opts, flag)
     if not file.is_file():
         raise CLIError(f"{flag}: {'not a file' if file.exists() else 'file not found'}: {file}")
-    template = opts.get("template") or _DEFAULT_TEMPLATE.get(task)
+    template = opts.get("template")  # None: the tokenizer's chat template if it has one, else the loader's default
     if template is not None and template not in TEMPLATES:
         raise CLIError(f"--template: unknown template {template!r}; choose from {list(TEMPLATES)}")
     common = dict(max_length=max_length, truncate=max_length is not None, on_error=opts["on_error"])
@@ -194,7 +195,7 @@ def check_run_dir(out_dir: Path, resuming: bool) -> list[str]:
     foreign = [name for name in entries if name not in RUN_ENTRIES]
     if foreign:
         raise CLIError(f"--out {out_dir} is not empty and is not a tinytune run: it holds {_listing(foreign)}; "
-                       "give a new or empty directory (a run writes checkpoints/, metrics.jsonl, loss.svg and "
+                       "give a new or empty directory (a run writes checkpoints/, metrics.jsonl, loss.png and "
                        "its adapter there)")
     found = _checkpoints(out_dir)
     if entries and not found:
@@ -285,8 +286,8 @@ def train_config(opts: dict, out_dir, pad_token_id: int | None, resume=None, con
     try:
         return config_class(**{k: opts[k] for k in keys}, out_dir=out_dir, pad_token_id=pad_token_id or 0,
                             resume=resume, report_to=_reporters(opts.get("report_to", "none")), **fields)
-    except (ValueError, TypeError) as err:
-        raise CLIError(str(err)) from None
+    except (ValueError, TypeError) as err:  # named by its flag: TrainConfig.warmup_steps -> --warmup-steps
+        raise CLIError(re.sub(r"TrainConfig\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), str(err))) from None
 
 
 def _reporters(value) -> tuple[str, ...]:
@@ -296,7 +297,11 @@ def _reporters(value) -> tuple[str, ...]:
     if bad:
         raise CLIError(f"--report-to: unknown tracker {bad[0]!r}; choose from {list(REPORTERS)} (comma-separated) "
                        "or none")
-    return tuple(n for n in names if n and n != "none")
+    names = tuple(n for n in names if n and n != "none")
+    for name in names:  # before anything loads, not as a traceback once training starts
+        if importlib.util.find_spec(name) is None:
+            raise CLIError(f"--report-to {name}: the {name} package is not installed (pip install {name})")
+    return names
 
 
 def world_size() -> int:
@@ -326,3 +331,18 @@ def where_line(out_dir: Path) -> str:
     """"loss curve: OUT/loss.png\nmetrics: OUT/metrics.jsonl" (the curve only when fit drew it: matplotlib)."""
     curve = out_dir / "loss.png"
     return (f"loss curve: {curve}\n" if curve.is_file() else "") + f"metrics: {out_dir / 'metrics.jsonl'}"
+
+
+def stop_token_ids(tokenizer, template: str | None, has_chats: bool) -> list[int]:
+    """Where generation stops: the tokenizer's EOS ids, plus a built-in chat template's end-of-turn token when
+    it is one token (the named --template's; chatml's for chats when the tokenizer has no chat template of its
+    own, as the loaders render them). With the tokenizer's own template its EOS ids are the stop."""
+    ids = list(tokenizer.eos_token_ids)
+    if template is None and has_chats and not ttdata.has_chat_template(tokenizer):
+        template = "chatml"
+    if template not in (None, "tokenizer"):
+        named = get_template(template)
+        turn_end = tokenizer.token_to_id(named.end_of_turn) if isinstance(named, ChatTemplate) else None
+        if turn_end is not None and turn_end not in ids:
+            ids.append(turn_end)
+    return ids

@@ -12,6 +12,7 @@ the sorted distinct labels of the training data (`tt.data.load_classification` /
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from .. import _check
 from .._files import parse_json
 from .._manifest import read_verified
 from .._transaction import directory_transaction
+from ..train.tasks import Task, resolve_task
 from .options import LM_TASKS, TASKS, CLIError
 
 TASK_FILE = "tinytune_task.json"
@@ -156,3 +158,13 @@ def _from_adapter_config(adapter_dir: Path) -> dict | None:
 def same_kind(a: str, b: str) -> bool:
     """Whether two --task values train the same model (every causal-LM format is one kind)."""
     return TRAIN_TASKS[a] == TRAIN_TASKS[b]
+
+
+def labelled_task(task: str, labels) -> str | Task:
+    """`TrainConfig.task` for `--task`: a head task carries its label names as the task's settings, so every
+    checkpoint records them and a resume with another label order is refused by `fit` (the trained head's
+    rows would then stand for other labels); a causal-LM task is its name."""
+    name = TRAIN_TASKS[task]
+    if task not in ("classification", "ner") or not labels:
+        return name
+    return dataclasses.replace(resolve_task(name), settings={"labels": [str(label) for label in labels]})

@@ -107,6 +107,10 @@ class _Run:
             if name in saved and saved[name] != mine[name]:
                 raise ValueError(f"resume: checkpoint {found} was trained with {name}={saved[name]!r}, this run has "
                                  f"{name}={mine[name]!r}; the data order or loss would not carry over")
+        if "lr" in saved and saved["lr"] != mine["lr"]:  # the restored optimizer and schedule keep the old rate
+            raise ValueError(f"resume: checkpoint {found} was trained with lr={saved['lr']!r}, this run has "
+                             f"lr={mine['lr']!r}; the optimizer and schedule states it restores carry the old "
+                             "rate, so the new one would be silently ignored: resume with the same lr")
         if self.task.state is not None and not isinstance(state.get("task_state"), dict):
             raise ValueError(f"resume: checkpoint {found} holds no state of task {self.task.name!r} "
                              "(e.g. PPO's KL coefficient): it was not written by this task")
