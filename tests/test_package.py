@@ -26,6 +26,8 @@ def test_import_is_light_and_does_not_touch_transformers_or_cuda():
         "import sys, time; t = time.perf_counter(); import tinytune; dt = time.perf_counter() - t\n"
         "import torch\n"
         "assert 'transformers' not in sys.modules and 'peft' not in sys.modules, 'heavy import'\n"
+        "heavy = [m for m in ('triton', 'jinja2', 'matplotlib', 'gguf', 'tensorboard', 'wandb') if m in sys.modules]\n"
+        "assert not heavy, f'optional packages imported by import tinytune: {heavy}'\n"
         "assert not torch.cuda.is_initialized(), 'CUDA initialised on import'\n"
         "print(dt)"
     )
