@@ -36,6 +36,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .backend import choose_backend
 from .dropout_mask import (MaskStream, draw_seed, keep_mask, pack_bits, quantised_probability, traceable_keep_mask,
                            unpack_bits)
 
@@ -248,6 +249,15 @@ def _check_arguments(x, weight, lora_A, lora_B, dropout: float) -> None:
         )
 
 
+def _function_for(backend: str | None, x: torch.Tensor):
+    """The autograd Function the chosen backend runs (`ops.backend.choose_backend`)."""
+    if choose_backend(backend, x) == "triton":
+        from .triton_kernels.lora_function import TritonLoRALinearFunction  # imports triton: only here
+
+        return TritonLoRALinearFunction
+    return LoRALinearFunction
+
+
 def lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -257,6 +267,7 @@ def lora_linear(
     scaling: float,
     dropout: float = 0.0,
     seed: int | None = None,
+    *, backend: str | None = None,
 ) -> torch.Tensor:
     """`x W^T + b + scaling * dropout(x) A^T B^T`, fused (see the module docstring).
 
@@ -272,6 +283,10 @@ def lora_linear(
         seed: mask seed; drawn from torch's default generator when None. A fixed seed gives a
             fixed mask (used by gradcheck). Under torch.compile the mask comes from torch's
             generator instead (`lora_linear_traceable`) and a seed is refused.
+        backend: "torch" (`LoRALinearFunction`), "triton" (`TritonLoRALinearFunction`: the low-rank side
+            products as Triton kernels, the mask hashed from the seed; see docs/kernels.md) or "auto"; None
+            reads `$TINYTUNE_KERNELS`, then "auto" (Triton on CUDA when installed). See `ops.backend`. A seed
+            gives a different mask on each backend. Ignored under torch.compile, which traces the twin.
 
     Returns:
         y of shape (..., d_out) in the compute dtype: the autocast dtype inside `torch.autocast`,
@@ -279,7 +294,9 @@ def lora_linear(
 
     Raises:
         ValueError: `dropout` outside [0, 1), shapes of `x`, `weight`, `lora_A`, `lora_B` that do
-            not fit together (the message names them), or a `seed` under torch.compile.
+            not fit together (the message names them), a `seed` under torch.compile, or an unknown
+            `backend`.
+        RuntimeError: backend "triton" where it cannot run (no triton; a CPU tensor without the interpreter).
     """
     _check_arguments(x, weight, lora_A, lora_B, dropout)
     dtype = _compute_dtype(x)
@@ -296,8 +313,9 @@ def lora_linear(
         return y.view(*lead, weight.shape[0])
     if dropout > 0.0 and seed is None:
         seed = draw_seed()
+    function = _function_for(backend, x2)
     with torch.autocast(x.device.type, enabled=False):
-        y = LoRALinearFunction.apply(x2, weight, bias, lora_A, lora_B, float(scaling), float(dropout), seed or 0)
+        y = function.apply(x2, weight, bias, lora_A, lora_B, float(scaling), float(dropout), seed or 0)
     return y.view(*lead, weight.shape[0])
 
 
