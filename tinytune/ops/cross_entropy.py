@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from .backend import choose_backend
+
 _REDUCTIONS = ("mean", "sum")
 
 
@@ -99,7 +101,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                         ignore_index: int = -100, reduction: str = "mean", chunk_size: int = 512) -> torch.Tensor:
+                         ignore_index: int = -100, reduction: str = "mean", chunk_size: int = 512,
+                         backend: str | None = None) -> torch.Tensor:
     """`F.cross_entropy(hidden @ weight.T, labels)` chunk by chunk, never holding the full logits.
 
     Under autocast the chunk logits are computed in the autocast dtype (as `hidden @ weight.T` would be)
@@ -113,6 +116,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         reduction: "mean" (over scored positions; NaN when none, as F.cross_entropy) or "sum" (divide it
             yourself, e.g. by the scored tokens of a whole accumulated batch).
         chunk_size: rows per chunk; peak extra memory is about chunk_size x V x 8 bytes.
+        backend: "torch", "triton" (the kernel of `tinytune.ops.triton_kernels.cross_entropy_kernels`:
+            softmax, loss and dlogits in one pass per chunk) or "auto"; None reads $TINYTUNE_KERNELS,
+            else "auto" (Triton on CUDA when installed). See `tinytune.ops.backend.choose_backend`.
 
     The gradients are computed during the forward pass (see `LinearCrossEntropyFunction`) when grad
     mode is on and an input requires grad; under `torch.no_grad()` only the loss is computed.
@@ -121,8 +127,13 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         A scalar fp32 loss.
 
     Raises:
-        ValueError: mismatched shapes, an unknown reduction or a chunk_size < 1.
+        ValueError: mismatched shapes, an unknown reduction, a chunk_size < 1 or an unknown backend.
+        RuntimeError: backend "triton" where it cannot run (see `choose_backend`).
     """
+    if choose_backend(backend, hidden) == "triton":
+        from .triton_kernels.cross_entropy_kernels import linear_cross_entropy_triton  # imports triton
+
+        return linear_cross_entropy_triton(hidden, weight, labels, ignore_index, reduction, chunk_size)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     _check_head_args(hidden, weight, labels, chunk_size, "labels")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from .backend import choose_backend
 from .cross_entropy import _check_head_args, _chunk_logits, _compute_dtype
 
 
@@ -100,7 +101,8 @@ def _chunk_grad_logits(logp: torch.Tensor, safe: torch.Tensor, valid: torch.Tens
 
 
 def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                          chunk_size: int = 512, ignore_index: int = -100, return_entropy: bool = False):
+                          chunk_size: int = 512, ignore_index: int = -100, return_entropy: bool = False,
+                          backend: str | None = None):
     """`log_softmax(hidden @ weight.T).gather(-1, targets)` chunk by chunk, never holding the full logits.
 
     Under autocast the chunk logits are computed in the autocast dtype (as `hidden @ weight.T` would be)
@@ -114,13 +116,21 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         chunk_size: rows per chunk; peak extra memory is about chunk_size x V x 8 bytes.
         ignore_index: the target of rows that get 0 (and no gradient).
         return_entropy: also return the entropy of each row's distribution (0 on ignored rows).
+        backend: "torch", "triton" (the kernels of `tinytune.ops.triton_kernels.logprob_kernels`; with a
+            frozen head they compute grad_hidden's rows in the forward) or "auto"; None reads
+            $TINYTUNE_KERNELS, else "auto" (Triton on CUDA when installed). See `choose_backend`.
 
     Returns:
         logprobs (...) in fp32 (fp64 for fp64 inputs), and entropy (...) when return_entropy.
 
     Raises:
-        ValueError: mismatched shapes or a chunk_size < 1.
+        ValueError: mismatched shapes, a chunk_size < 1 or an unknown backend.
+        RuntimeError: backend "triton" where it cannot run (see `tinytune.ops.backend.choose_backend`).
     """
+    if choose_backend(backend, hidden) == "triton":
+        from .triton_kernels.logprob_kernels import linear_token_logprobs_triton  # imports triton
+
+        return linear_token_logprobs_triton(hidden, weight, targets, chunk_size, ignore_index, return_entropy)
     _check_head_args(hidden, weight, targets, chunk_size, "targets")
     dtype = _compute_dtype(hidden, weight)
     flat_h, flat_y = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)  # (N, d), (N,)
