@@ -9,6 +9,10 @@ Rules (each a plain function, tested in tests/test_bench_common.py):
             test never touches the committed results (`output_path`).
   picture   `<name>.png` beside the JSON: horizontal bars of each variant's ratio against the script's
             baseline, a line at 1.0 (`ratio_chart`); matplotlib is optional and imported only here.
+  device    `--device cpu` (the default: the committed CPU rows) or `--device cuda` (the GPU rows of issue 14),
+            refused before anything is measured where torch sees no CUDA device (`check_device`); a CUDA run
+            times with CUDA events (`cuda_seconds`), records `torch.cuda.max_memory_allocated` above what was
+            allocated before (`cuda_peak`) and the card, driver, CUDA and Triton versions (`gpu_info`).
 
 Re-draw the committed pictures from their JSON (nothing is re-measured):
     python benchmarks/common.py replot [NAME.json ...]
@@ -31,6 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 QUICK = RESULTS / "quick"  # git-ignored (benchmarks/.gitignore)
+DEVICES = ("cpu", "cuda")
 COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b")
 
 
@@ -50,6 +55,100 @@ def add_common_args(p: argparse.ArgumentParser, repeats: str | None = None, repe
     if repeats:
         p.add_argument("--repeats", repeats, dest=repeats.lstrip("-").replace("-", "_"), type=int, default=None,
                        help=repeats_help or "timed repeats")
+
+
+def add_device_arg(p: argparse.ArgumentParser) -> None:
+    """Add `--device {cpu,cuda}` (default cpu) to `p`."""
+    p.add_argument("--device", choices=DEVICES, default="cpu",
+                   help="cpu (default) or cuda: the GPU rows (refused where no CUDA device is available)")
+
+
+def check_device(device: str, available=None) -> str:
+    """`device` if it can run here. Raises ValueError naming it when it is not one of DEVICES, or when it is
+    "cuda" and torch sees no CUDA device (`available()`, default `torch.cuda.is_available`)."""
+    if device not in DEVICES:
+        raise ValueError(f"--device must be one of {list(DEVICES)}, got {device!r}")
+    if device == "cuda" and not (available or torch.cuda.is_available)():
+        raise ValueError(f"--device cuda: no CUDA device is available here (torch {torch.__version__}, built with "
+                         f"CUDA {torch.version.cuda}; torch.cuda.is_available() is False); run the CPU rows with "
+                         "--device cpu, or benchmarks/gpu_check.sh on a GPU machine")
+    return device
+
+
+def require_device(p: argparse.ArgumentParser, device: str) -> str:
+    """`check_device(device)`, or exit 2 with its message as the usage error of `p` (nothing measured)."""
+    try:
+        return check_device(device)
+    except ValueError as err:
+        p.error(str(err))
+
+
+def cuda_seconds(fn) -> float:
+    """Seconds `fn()` takes on the GPU: CUDA events around it, the device synchronised before and after."""
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
+def cuda_peak(fn) -> dict:
+    """GPU memory `fn()` adds at its peak: `torch.cuda.max_memory_allocated` minus what was allocated before
+    (weights already loaded are not counted; what `fn` allocates and keeps, e.g. optimizer state, is)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return {"peak_bytes": torch.cuda.max_memory_allocated() - before, "allocated_before_bytes": before,
+            "method": "torch.cuda.max_memory_allocated - memory_allocated before"}
+
+
+def gpu_info() -> dict:
+    """The card and its software: name, capability, memory, driver (nvidia-smi), CUDA, cuDNN and Triton versions."""
+    import importlib.util
+    import subprocess
+    props = torch.cuda.get_device_properties(0)
+    info = {"gpu": props.name, "gpu_capability": f"{props.major}.{props.minor}", "gpu_memory_bytes": props.total_memory,
+            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+            "triton": importlib.import_module("triton").__version__ if importlib.util.find_spec("triton") else None}
+    try:
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+        info["driver"] = smi.stdout.strip().splitlines()[0] if smi.returncode == 0 and smi.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        info["driver"] = None
+    return info
+
+
+def on_device(chart_fn, device: str):
+    """`chart_fn`, its title naming CUDA instead of CPU for a `--device cuda` result."""
+    if device == "cpu":
+        return chart_fn
+    return lambda result: (lambda c: {**c, "title": c["title"].replace(", CPU", ", CUDA")})(chart_fn(result))
+
+
+def llama_1b_config():
+    """A ~1.2B-parameter Llama (the Llama-3.2-1B shape: d 2048, 16 layers, GQA 32/8, vocabulary 128256, tied head),
+    for the CUDA rows; random weights."""
+    from tinytune.models import ModelConfig
+    return ModelConfig(model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16,
+                       num_heads=32, num_kv_heads=8, max_position_embeddings=4096, rope_theta=500000.0,
+                       tie_word_embeddings=True)
+
+
+def write_cuda_checkpoint(config, path: str, dtype=torch.bfloat16) -> int:
+    """Write a randomly initialised model of `config` to `path`, built on the GPU (seeded; fast for 1B); returns
+    its vocabulary size."""
+    import tinytune as tt
+    with torch.device("cuda"):
+        model = tt.models.build(config, dtype=dtype, device="cuda")
+    tt.save_pretrained(model, path)
+    del model
+    torch.cuda.empty_cache()
+    return config.vocab_size
 
 
 def fill_defaults(args: argparse.Namespace, full: dict, quick: dict) -> None:
