@@ -31,3 +31,13 @@ def test_bad_names_and_impossible_choices_are_named(monkeypatch):
     monkeypatch.setattr(be, "interpreting", lambda: False)
     with pytest.raises(RuntimeError, match="needs Triton's interpreter: set TRITON_INTERPRET=1"):
         be.choose_backend("triton", cpu)
+
+
+def test_auto_is_torch_under_torch_compile(monkeypatch):
+    monkeypatch.setattr(be, "triton_installed", lambda: True)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    cuda_like = torch.zeros(1, device="meta")
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    assert be.choose_backend("auto", cuda_like) == "torch"
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    assert be.choose_backend("auto", cuda_like) == "triton"

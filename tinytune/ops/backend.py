@@ -4,7 +4,7 @@
 
 The choice, in order: the op's `backend=` argument, then the `TINYTUNE_KERNELS` environment variable, then
 "auto". "auto" picks Triton for CUDA tensors when the `triton` package is importable, torch otherwise (the
-CPU path stays pure torch). "triton" forces the kernels: on CPU tensors that needs Triton's interpreter
+CPU path stays pure torch, and so does code under `torch.compile`, which fuses it itself). "triton" forces the kernels: on CPU tensors that needs Triton's interpreter
 (`TRITON_INTERPRET=1`, set before triton is first imported), which is how the kernels are tested without a
 GPU. `import tinytune` never imports triton; this module only asks whether it is installed.
 """
@@ -42,7 +42,9 @@ def choose_backend(backend: str | None, tensor: torch.Tensor) -> str:
         backend, where = os.environ.get(ENV_VAR, "auto") or "auto", f"${ENV_VAR}"
     if backend not in BACKENDS:
         raise ValueError(f"{where}={backend!r} is not one of {list(BACKENDS)}")
-    if backend == "auto":
+    if backend == "auto":  # compiled code stays torch: the compiler traces and fuses it (a kernel would break the graph)
+        if torch.compiler.is_compiling():
+            return "torch"
         return "triton" if tensor.is_cuda and triton_installed() else "torch"
     if backend == "triton":
         if not triton_installed():
