@@ -1,6 +1,6 @@
 """CUDA checks (issue 14, point 4): the fused LoRA op, the fused loss, fit in bf16 and fp16 (GradScaler), DDP over
 nccl with one process, and generation, each on a tiny shape against its reference. Every test is `gpu`-marked and
-skipped without CUDA (conftest.py); `benchmarks/gpu_check.sh` runs them on a GPU machine, without TRITON_INTERPRET.
+skipped without CUDA (conftest.py); `benchmarks/gpu_check.sh` runs them on a GPU machine with TRITON_INTERPRET=0.
 
 Run as a script (`torchrun --nproc-per-node 1 tests/test_gpu.py OUT`) it is the one-process nccl worker of
 `test_ddp_nccl_one_process`.
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 import tinytune as tt
 from tinytune.ops import linear_cross_entropy, lora_linear, lora_linear_reference
-from tinytune.ops.backend import triton_installed
+from tinytune.ops.backend import interpreting, triton_installed
 
 HERE = Path(__file__).parent
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -48,9 +48,11 @@ def takes_backend(fn) -> bool:
 
 
 def backends(fn) -> list:
-    """"torch" always; "triton" where the op takes `backend=` and triton is installed (else a skip)."""
+    """"torch" always; "triton" where the op takes `backend=`, triton is installed and its interpreter is off
+    (these tests are of the compiled kernels: tests/test_triton_*.py cover the interpreter), else a skip."""
     triton = pytest.param("triton", marks=pytest.mark.skipif(
-        not (takes_backend(fn) and triton_installed()), reason="op takes no backend= yet, or triton missing"))
+        not (takes_backend(fn) and triton_installed()) or interpreting(),
+        reason="op takes no backend= yet, triton is missing, or TRITON_INTERPRET is on"))
     return ["torch", triton]
 
 
