@@ -7,6 +7,11 @@ import pytest
 import torch
 import torch.nn as nn
 
+# Without a GPU the Triton kernels are tested in Triton's interpreter, which must be chosen before anything
+# imports triton (torch._dynamo does, when the first compile test runs): so here, once, for the whole session.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture(autouse=True)
 def _seed_and_restore_dtype():
