@@ -1,4 +1,5 @@
 """Hot kernels, written on torch alone. Knows nothing of modules or PEFT methods."""
+from .backend import BACKENDS, choose_backend
 from .cross_entropy import LinearCrossEntropyFunction, linear_cross_entropy
 from .dropout_mask import MaskStream, PackedMask, keep_mask, quantised_probability, traceable_keep_mask
 from .lora_matmul import LoRALinearFunction, lora_linear, lora_linear_reference, lora_linear_traceable
@@ -7,12 +8,14 @@ from .peak_memory import PeakMemory, reset_peak_rss, status_kib
 from .token_logprobs import LinearTokenLogprobsFunction, linear_token_logprobs
 
 __all__ = [
+    "BACKENDS",
     "LinearCrossEntropyFunction",
     "LinearTokenLogprobsFunction",
     "LoRALinearFunction",
     "MaskStream",
     "PackedMask",
     "PeakMemory",
+    "choose_backend",
     "keep_mask",
     "linear_cross_entropy",
     "linear_token_logprobs",
