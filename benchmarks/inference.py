@@ -21,9 +21,16 @@ checkpoint and again after loading it and touching every weight (fp32 weights ma
 memory-mapped and be paged in on first use); the increase is compared with the checkpoint's size
 on disk. "Loading adds no more than one copy of the weights" means a ratio near 1.
 
-Writes `benchmarks/results/inference_cpu.json` and `inference_cpu.png` beside it (see benchmarks/common.py for
-`--out`, `--quick`, `--threads` and `--replot`).
-Usage: python benchmarks/inference.py [--quick] [--repeats N] [--threads N] [--out PATH] [--replot]
+`--device cuda` (issue 14): the same prefill and decode measurements on the GPU for a ~1.2B-parameter Llama
+(`common.llama_1b_config`, random weights, bf16 for both libraries; --quick: llama-30m), tinytune's plain layout
+only (the decode layout is a CPU optimisation), 5 timed rounds, every time taken with CUDA events. Greedy agreement
+is recorded, not required (bf16 rounding may flip a near tie between the libraries); load memory is not measured
+there (it is a CPU resident-set measurement).
+
+Writes `benchmarks/results/inference_<device>.json` and its `.png` beside it (see benchmarks/common.py for
+`--out`, `--quick`, `--threads`, `--device` and `--replot`).
+Usage: python benchmarks/inference.py [--quick] [--repeats N] [--threads N] [--device cpu|cuda] [--out PATH]
+       [--replot]
 (The machine should be otherwise idle: with all cores busy elsewhere, OpenMP stalls swamp the
 measurement; the JSON records the load average before and after, and each runner's spread.)
 """
@@ -44,8 +51,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from charts import inference_chart as chart  # noqa: E402
-from common import add_common_args, machine_info, output_path, replot, setup_threads, worker_env, write_results  # noqa: E402,E501
-from tinytune.models import build, load_model, save_pretrained  # noqa: E402
+from common import (add_common_args, add_device_arg, cuda_seconds, gpu_info, llama_1b_config,  # noqa: E402
+                    machine_info, on_device, output_path, replot, require_device, setup_threads, worker_env,
+                    write_cuda_checkpoint, write_results)
+from tinytune.models import build, load_model, preset_config as build_config, save_pretrained  # noqa: E402
 from tinytune.models.generate import generate  # noqa: E402
 
 PROMPT, NEW = 128, 64
@@ -53,7 +62,9 @@ BATCHES = (1, 8)
 TARGETS = {("decode", 1): 1.3, ("decode", 8): 1.0, ("prefill", 1): 1.0, ("prefill", 8): 1.0}
 
 
-def _timed(fn) -> float:
+def _timed(fn, device: str = "cpu") -> float:
+    if device == "cuda":
+        return cuda_seconds(fn)
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
@@ -67,7 +78,7 @@ def _runners(models: dict, ids, new: int) -> dict:
     """name -> zero-argument callable, for each (library, measurement)."""
     batch = ids.shape[0]
     runners = {}
-    for lib in OURS:
+    for lib in (k for k in models if k != "hf"):
         model = models[lib]
         runners[f"{lib} prefill"] = lambda m=model: m(ids, cache=m.new_cache(batch, ids.shape[1] + new), logits_to_keep=1)
         runners[f"{lib} generate"] = lambda m=model: generate(m, ids, max_new_tokens=new, eos_token_id=[])
@@ -80,7 +91,9 @@ def _runners(models: dict, ids, new: int) -> dict:
 def bench_batch(models: dict, batch: int, prompt: int, new: int, reps: int) -> dict:
     """Median seconds of every runner, interleaved across libraries, plus derived throughputs."""
     vocab = models["hf"].config.vocab_size
-    ids = torch.randint(0, vocab, (batch, prompt), generator=torch.Generator().manual_seed(batch))
+    device = models["hf"].device.type
+    libs, ours = tuple(models), tuple(k for k in models if k != "hf")  # the CPU run: LIBS and OURS
+    ids = torch.randint(0, vocab, (batch, prompt), generator=torch.Generator().manual_seed(batch)).to(device)
     runners = _runners(models, ids, new)
     times = {name: [] for name in runners}
     with torch.inference_mode():
@@ -89,21 +102,21 @@ def bench_batch(models: dict, batch: int, prompt: int, new: int, reps: int) -> d
         for rep in range(reps):
             # Rotate which library goes first: the one that runs later inherits the allocator and
             # cache state of the earlier ones, a bias that should not favour any of them.
-            order = LIBS[rep % len(LIBS):] + LIBS[:rep % len(LIBS)]
+            order = libs[rep % len(libs):] + libs[:rep % len(libs)]
             for kind in ("prefill", "generate"):
                 for lib in order:
                     name = f"{lib} {kind}"
-                    times[name].append(_timed(runners[name]))
+                    times[name].append(_timed(runners[name], device))
     med = {name: statistics.median(t) for name, t in times.items()}
     # Spread of each runner (interquartile range / median): a check on how noisy the machine was.
     spread = {name: (statistics.quantiles(t, n=4)[2] - statistics.quantiles(t, n=4)[0]) / med[name]
               for name, t in times.items() if len(t) >= 2}
     row = {"batch": batch, "prompt": prompt, "new_tokens": new, "reps": reps, "median_s": med,
            "iqr_over_median": spread, "all_s": times}
-    for lib in LIBS:
+    for lib in libs:
         row[f"{lib} prefill tok/s"] = batch * prompt / med[f"{lib} prefill"]
         row[f"{lib} decode tok/s"] = batch * new / (med[f"{lib} generate"] - med[f"{lib} prefill"])
-    for lib in OURS:
+    for lib in ours:
         for kind in ("prefill", "decode"):
             ratio = row[f"{lib} {kind} tok/s"] / row[f"hf {kind} tok/s"]
             row[f"{lib} {kind} ratio"] = ratio
@@ -116,6 +129,7 @@ def bench_batch(models: dict, batch: int, prompt: int, new: int, reps: int) -> d
 def check_greedy_agreement(ours, hf, prompt: int, new: int) -> bool:
     """Both libraries produce the same greedy tokens on the benchmark checkpoint (a sanity check)."""
     ids = torch.randint(0, ours.config.vocab_size, (2, prompt), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(hf.device)
     with torch.inference_mode():
         a = generate(ours, ids, max_new_tokens=new, eos_token_id=[])
         b = hf.generate(ids, do_sample=False, max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
@@ -158,28 +172,61 @@ def measure_load_memory(path: Path, warmup_path: Path, threads: int) -> dict:
     return out
 
 
-def print_table(rows: list[dict], memory: dict) -> None:
+def print_table(rows: list[dict], memory: dict | None) -> None:
     print(f"{'batch':>5} {'phase':>8} {'variant':>24} {'tok/s':>9} {'HF tok/s':>9} {'ratio':>6} {'target':>6}  met")
     for row in rows:
         for kind in ("prefill", "decode"):
-            for lib in OURS:
+            for lib in (lib for lib in OURS if f"{lib} {kind} ratio" in row):
                 print(f"{row['batch']:>5} {kind:>8} {lib:>24} {row[f'{lib} {kind} tok/s']:>9.1f} "
                       f"{row[f'hf {kind} tok/s']:>9.1f} {row[f'{lib} {kind} ratio']:>5.2f}x "
                       f"{row[f'{kind} target']:>5.1f}x  {'yes' if row[f'{lib} {kind} met'] else 'NO'}")
+    if memory is None:
+        return
     size = memory["checkpoint_bytes"]
     print(f"load: checkpoint {size / 2**20:.1f} MiB; peak RSS added: " + ", ".join(
         f"{lib} {memory[lib]['peak_rss_added_bytes'] / 2**20:.1f} MiB ({memory[lib]['ratio_to_checkpoint']:.2f}x)"
         for lib in ("tinytune", "hf")))
 
 
+def cuda_main(args, out: Path, threads: int) -> None:
+    """The `--device cuda` rows (module docstring): tinytune against transformers, bf16 on the GPU."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    info = machine_info(threads, ("transformers",)) | gpu_info()
+    config = build_config("llama-30m") if args.quick else llama_1b_config()
+    preset = "llama-30m" if args.quick else "llama-1b (random, Llama-3.2-1B shape)"
+    prompt, new, reps = (16, 8, 2) if args.quick else (PROMPT, NEW, 5)
+    reps = args.reps or reps
+    with tempfile.TemporaryDirectory() as tmp:
+        write_cuda_checkpoint(config, tmp)
+        ours = load_model(tmp, dtype=torch.bfloat16, device="cuda")
+        hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.bfloat16).to("cuda").eval()
+        agree = check_greedy_agreement(ours, hf, prompt, new)
+        rows = [bench_batch({"tinytune": ours, "hf": hf}, b, prompt, new, reps) for b in BATCHES]
+    print(f"{preset}, bf16 on {info['gpu']}, prompt {prompt}, {new} new tokens greedy, median of {reps}; "
+          f"greedy tokens agree: {agree}")
+    print_table(rows, None)
+    result = {"benchmark": "inference", "preset": preset, "dtype": "bfloat16", "device": "cuda", "method": __doc__,
+              "greedy_tokens_agree": agree, "machine": dict(info, load_avg_after=os.getloadavg()), "rows": rows,
+              "load_memory": None}
+    write_results(out, result, on_device(chart, "cuda"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser, "--reps", "timed rounds (default 9; --quick 2; quick: llama-tiny, 16 + 8 tokens)")
+    add_device_arg(parser)
     args = parser.parse_args()
-    out = output_path("inference_cpu", args.out, args.quick)
+    out = output_path(f"inference_{args.device}", args.out, args.quick)
     if args.replot:
-        return replot(out, chart)
+        return replot(out, on_device(chart, args.device))
+    require_device(parser, args.device)
     threads = setup_threads(args.threads)
+    if args.device == "cuda":
+        return cuda_main(args, out, threads)
     info = machine_info(threads, ("transformers",))
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging

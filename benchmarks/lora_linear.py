@@ -179,7 +179,8 @@ def print_rows(rows, qkv) -> None:
         shape = f"{row['tokens']}x{row['d_in']}x{row['d_out']}"
         print(f"{row['device']:4} {shape:>18} {row['rank']:>3} {row['dropout']:>4} {ms['a']:8.2f} "
               f"{ms['b']:8.2f} {ms['c']:8.2f} {row['c_over_a']:6.3f} {row['b_over_a']:6.3f} "
-              f"{row['overhead_ratio']:11.2f} {row['flop_floor']:6.3f}" + (f" {row['d_over_a']:6.3f}" if triton else ""))
+              f"{row['overhead_ratio']:11.2f} {row['flop_floor']:6.3f}"
+              + (f" {row['d_over_a']:6.3f}" if triton else ""))
     for q in qkv:
         mb = {k: v / 2**20 for k, v in q["saved_bytes"].items()}
         print(f"q/k/v memory kept ({q['device']}, N={q['tokens']}, d={q['d']}, r={q['rank']}, "

@@ -21,10 +21,18 @@ loads the model, applies LoRA, resets the resident-set high-water mark (writes "
 the memory the training steps add on top of the loaded model (activations kept for backward, logits,
 gradients, AdamW state, allocator slack).
 
-Writes `benchmarks/results/train_step_cpu.json` and `train_step_cpu.png` beside it (see benchmarks/common.py
-for `--out`, `--quick`, `--threads` and `--replot`).
+`--device cuda` (issue 14): a ~1.2B-parameter Llama (`common.llama_1b_config`, random weights written once in
+bf16 and loaded by both libraries in bf16 onto the GPU), batch 4 x 2048 (--quick: llama-30m, 2 x 256), the same
+LoRA, AdamW and loss, bf16 autocast on CUDA (adapters fp32), with and without gradient checkpointing; tinytune's
+kernels as `lora_linear` chooses them (Triton on CUDA when installed; TINYTUNE_KERNELS=torch forces the torch
+path, recorded in the JSON). Step times by CUDA events; peak memory in the same process, each variant's
+`torch.cuda.max_memory_allocated` above what was allocated before its 3 steps (fresh optimizer), so the loaded
+weights of every variant are left out. Targets: >= 2x transformers + peft tokens/s at <= 0.5x its peak memory.
+
+Writes `benchmarks/results/train_step_<device>.json` and its `.png` beside it (see benchmarks/common.py
+for `--out`, `--quick`, `--threads`, `--device` and `--replot`).
 Usage: python benchmarks/train_step.py [--quick] [--repeats N] [--memory-runs N] [--no-bf16] [--threads N]
-       [--out PATH] [--replot]
+       [--device cpu|cuda] [--out PATH] [--replot]
 (`--memory-runs 0`: speed only.) Run it on an otherwise idle machine: the JSON records the load average before
 and after.
 """
@@ -46,25 +54,27 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import tinytune as tt  # noqa: E402
 from charts import train_step_chart as chart  # noqa: E402
-from common import (add_common_args, fill_defaults, machine_info, median_run, output_path, print_table,  # noqa: E402
-                    random_ids, replot, setup_threads, worker_env, write_results)
+from common import (add_common_args, add_device_arg, cuda_peak, cuda_seconds, fill_defaults, gpu_info,  # noqa: E402
+                    llama_1b_config, machine_info, median_run, on_device, output_path, print_table, random_ids,
+                    replot, require_device, setup_threads, worker_env, write_cuda_checkpoint, write_results)
 from tinytune.ops import PeakMemory, status_kib  # noqa: E402
 
 RANK, ALPHA, DROPOUT, LR = 16, 32, 0.05, 1e-4
 TARGETS = {"speed": 1.4, "memory": 0.6, "speed_gc": 1.25, "memory_gc": 0.6}
+CUDA_TARGETS = {"speed": 2.0, "memory": 0.5, "speed_gc": 2.0, "memory_gc": 0.5}  # issue 14
 
 
-def load_tinytune(ckpt: str, gc: bool):
-    model, _ = tt.load_pretrained(ckpt, dtype=torch.float32)
+def load_tinytune(ckpt: str, gc: bool, dtype=torch.float32, device: str = "cpu"):
+    model, _ = tt.load_pretrained(ckpt, dtype=dtype, device=device)
     tt.lora.apply(model, tt.lora.LoraConfig(rank=RANK, alpha=ALPHA, dropout=DROPOUT, targets="all-linear"))
     model.set_gradient_checkpointing(gc)
     return model.train()
 
 
-def load_hf(ckpt: str, gc: bool):
+def load_hf(ckpt: str, gc: bool, dtype=torch.float32, device: str = "cpu"):
     import peft
     import transformers
-    model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype).to(device)
     if gc:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -83,7 +93,7 @@ def make_step(lib: str, model, ids: torch.Tensor, bf16: bool):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
 
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
             if lib == "tinytune":
                 loss = tinytune_loss(model, ids)
             else:
@@ -183,17 +193,77 @@ def parse_args():
     p.add_argument("--memory-runs", type=int, default=None,
                    help="fresh processes per variant for peak memory, median (default 3; --quick 1; 0: none)")
     p.add_argument("--no-bf16", dest="bf16", action="store_false", help="skip the bf16 autocast rows")
+    add_device_arg(p)
     for flag in ("--worker", "--ckpt", "--batch", "--seq", "--vocab"):  # internal: the memory subprocess
         p.add_argument(flag, help=argparse.SUPPRESS)
-    return p.parse_args()
+    args = p.parse_args()
+    if not args.replot:
+        require_device(p, args.device)
+    return args
+
+
+def cuda_variants(bf16: bool) -> list[tuple[str, bool, bool]]:
+    return [(lib, gc, bf16) for gc in (False, True) for lib in ("tinytune", "hf")]
+
+
+def cuda_load(ckpt: str, v, dtype):
+    return (load_tinytune if v[0] == "tinytune" else load_hf)(ckpt, v[1], dtype, "cuda")
+
+
+def measure_cuda(args, ckpt: str, vs, dtype) -> tuple[dict, dict, int]:
+    """Speed and peak memory of every variant on the GPU, in this process (all models loaded once), and the
+    parameter count of tinytune's model (adapters included)."""
+    ids = random_ids(args.batch, args.seq, args.vocab).cuda()
+    models = {v: cuda_load(ckpt, v, dtype) for v in vs}
+    params = sum(p.numel() for p in models[vs[0]].parameters())
+    memory = {}
+    for v in vs:  # a fresh optimizer: its state is part of what 3 steps add, as on the CPU
+        step = make_step(v[0], models[v], ids, v[2])
+        peak = cuda_peak(lambda: [step() for _ in range(3)])
+        memory[v] = {"peak_bytes": peak["peak_bytes"], "peak_bytes_runs": [peak["peak_bytes"]],
+                     "process_hwm_bytes": torch.cuda.max_memory_allocated()}
+    steps = {v: make_step(v[0], models[v], ids, v[2]) for v in vs}
+    times = {v: [] for v in vs}
+    for r in range(args.warmup + args.rounds):
+        for v in vs[r % len(vs):] + vs[:r % len(vs)]:
+            seconds = cuda_seconds(steps[v])
+            if r >= args.warmup:
+                times[v].append(seconds)
+    return times, memory, params
+
+
+def cuda_main(args, out) -> None:
+    """The `--device cuda` rows (module docstring)."""
+    config = llama_1b_config()
+    if args.quick:
+        config = tt.models.preset_config("llama-30m")
+    args.preset = "llama-30m" if args.quick else "llama-1b (random, Llama-3.2-1B shape)"
+    args.batch, args.seq = (2, 256) if args.quick else (4, 2048)
+    fill_defaults(args, dict(rounds=5, warmup=2, memory_runs=1), dict(rounds=2, warmup=1, memory_runs=1))
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    info = machine_info(args.threads, ("transformers", "peft")) | gpu_info()
+    vs = cuda_variants(args.bf16)
+    with tempfile.TemporaryDirectory() as ckpt:
+        args.vocab = write_cuda_checkpoint(config, ckpt, dtype)
+        times, memory, params = measure_cuda(args, ckpt, vs, dtype)
+    info["load_avg_after"] = os.getloadavg()
+    result = {"machine": info, **report(args, vs, times, memory)}
+    result["setup"] |= {"device": "cuda", "weights_dtype": str(dtype).removeprefix("torch."),
+                        "params": params, "kernels": os.environ.get("TINYTUNE_KERNELS", "auto"),
+                        "memory_method": "in-process torch.cuda.max_memory_allocated above memory_allocated before"}
+    result["targets"] = CUDA_TARGETS
+    print_table(result)
+    write_results(out, result, on_device(chart, "cuda"))
 
 
 def main() -> None:
     args = parse_args()
-    out = output_path("train_step_cpu", args.out, args.quick)
+    out = output_path(f"train_step_{args.device}", args.out, args.quick)
     if args.replot:
-        return replot(out, chart)
+        return replot(out, on_device(chart, args.device))
     args.threads = setup_threads(args.threads)
+    if args.device == "cuda":
+        return cuda_main(args, out)
     if args.worker:
         args.batch, args.seq, args.vocab = int(args.batch), int(args.seq), int(args.vocab)
         return worker(args)

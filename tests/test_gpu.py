@@ -62,7 +62,7 @@ def call(fn, *args, backend: str, **kw):
 
 
 def lora_inputs(lead, d_in, d_out, r, dtype):
-    """x (input, requires grad) and the frozen base in `dtype`; A, B fp32 trainable adapters (as tinytune keeps them)."""
+    """x (requires grad) and the frozen base in `dtype`; A, B fp32 trainable adapters (as tinytune keeps them)."""
     g = torch.Generator(device="cuda").manual_seed(0)
     rand = lambda *s, scale=1.0: (torch.randn(*s, device="cuda", generator=g) * scale)  # noqa: E731
     x = rand(*lead, d_in).to(dtype).requires_grad_()
