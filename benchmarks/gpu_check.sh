@@ -7,7 +7,7 @@
 # 3. the CUDA benchmark rows: benchmarks/lora_linear.py, train_step.py and inference.py with --device cuda
 #    (--quick: their smallest settings, a smoke run of a minute or two).
 # JSON, pictures and one log per step go to $OUT if set, else benchmarks/results/gpu/. Every step runs under its
-# own `timeout` and within a total deadline (GPU_CHECK_DEADLINE seconds, default 540), and runs even if an
+# own `timeout` and within a total deadline (GPU_CHECK_DEADLINE seconds, default 450), and runs even if an
 # earlier one failed. Exit status: 0 when every step passed, 1 when one failed or timed out, 2 (nothing run)
 # where no CUDA device is available.
 set -u
@@ -16,7 +16,7 @@ PY="${PYTHON:-python}"
 DEST="${OUT:-benchmarks/results/gpu}"
 QUICK=()
 [ "${1:-}" = "--quick" ] && QUICK=(--quick)
-DEADLINE="${GPU_CHECK_DEADLINE:-540}"
+DEADLINE="${GPU_CHECK_DEADLINE:-450}"
 export TRITON_INTERPRET=0  # the tests default it to 1 (the interpreter) when it is unset
 export PYTHONUNBUFFERED=1
 
@@ -78,10 +78,10 @@ TESTS=()
 for f in tests/test_gpu.py tests/test_triton_lora.py tests/test_triton_loss.py; do
     [ -f "$f" ] && TESTS+=("$f")
 done
-step tests 170 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rs "${TESTS[@]}"
-step lora_linear 100 "$PY" benchmarks/lora_linear.py --device cuda ${QUICK[@]+"${QUICK[@]}"} --out "$DEST/lora_linear_cuda.json"
-step train_step 150 "$PY" benchmarks/train_step.py --device cuda ${QUICK[@]+"${QUICK[@]}"} --out "$DEST/train_step_cuda.json"
-step inference 90 "$PY" benchmarks/inference.py --device cuda ${QUICK[@]+"${QUICK[@]}"} --out "$DEST/inference_cuda.json"
+step tests 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rs "${TESTS[@]}"
+step lora_linear 80 "$PY" benchmarks/lora_linear.py --device cuda ${QUICK[@]+"${QUICK[@]}"} --out "$DEST/lora_linear_cuda.json"
+step train_step 120 "$PY" benchmarks/train_step.py --device cuda ${QUICK[@]+"${QUICK[@]}"} --out "$DEST/train_step_cuda.json"
+step inference 80 "$PY" benchmarks/inference.py --device cuda ${QUICK[@]+"${QUICK[@]}"} --out "$DEST/inference_cuda.json"
 
 {
     echo "gpu_check.sh $(date -u +%Y-%m-%dT%H:%M:%SZ), $((SECONDS - START)) s in all, results in $DEST"
