@@ -92,12 +92,18 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total):
-        grad_h, grad_w = ctx.saved_tensors
-        if grad_h is not None:
-            grad_h = grad_h * grad_total.to(grad_h.dtype)
-        if grad_w is not None:
-            grad_w = (grad_w * grad_total.to(grad_w.dtype)).to(ctx.weight_dtype)
-        return grad_h, grad_w, None, None, None, None, None
+        return (*scaled_saved_grads(ctx, grad_total), None, None, None, None, None)
+
+
+def scaled_saved_grads(ctx, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The (grad_hidden, grad_weight) a forward computed and saved, times the upstream scalar gradient (the
+    weight's in its own dtype): the whole backward of a loss whose gradient is made in the forward."""
+    grad_h, grad_w = ctx.saved_tensors
+    if grad_h is not None:
+        grad_h = grad_h * grad_total.to(grad_h.dtype)
+    if grad_w is not None:
+        grad_w = (grad_w * grad_total.to(grad_w.dtype)).to(ctx.weight_dtype)
+    return grad_h, grad_w
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ..backend import interpreting
-from ..cross_entropy import _check_head_args, _chunk_logits, _compute_dtype
+from ..cross_entropy import _check_head_args, _chunk_logits, _compute_dtype, scaled_saved_grads
 
 MAX_BLOCK_V = 4096  # columns per step of the row loop
 # Rows per program: one on a GPU (a row's V-long loop is the parallel unit, as in Liger); a tile of rows
@@ -162,12 +162,7 @@ class TritonLinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total):
-        grad_h, grad_w = ctx.saved_tensors
-        if grad_h is not None:
-            grad_h = grad_h * grad_total.to(grad_h.dtype)
-        if grad_w is not None:
-            grad_w = (grad_w * grad_total.to(grad_w.dtype)).to(ctx.weight_dtype)
-        return grad_h, grad_w, None, None, None, None, None, None
+        return (*scaled_saved_grads(ctx, grad_total), None, None, None, None, None, None)
 
 
 def linear_cross_entropy_triton(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
