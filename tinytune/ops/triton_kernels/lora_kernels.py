@@ -7,6 +7,7 @@ low-rank work around them, each reading the big (N, d) operand once and never ma
     expand      y += scale * u B^T                       in place  reads and writes y once
     grad_g      gu = scale * g B ; dB = scale * g^T u    (N, r), (d_out, r)   reads g once
     grad_x      dA = gu^T (x * keep) ; gx += keep * (gu A)          reads x and gx once
+                (or gx = gu A, written only: the shared shrink's backward, `tinytune.ops.lora_shared`)
 
 `keep` is the counter-based hash of `hash_dropout` (bit for bit `hash_keep_mask`), and `scale` is
 `s / (1 - p_quantised)`: the inverted-dropout factor is folded into the scale, so `u` is the unscaled
@@ -120,8 +121,8 @@ def _grad_g_kernel(g_ptr, b_ptr, u_ptr, gu_ptr, db_ptr, N, DO, R, sgm, sgn, sbn,
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
 def _grad_x_kernel(x_ptr, a_ptr, gu_ptr, gx_ptr, da_ptr, N, D, R, sxm, sxk, sar, sak, sgxm, sgxk, seed_lo, seed_hi,
                    THRESHOLD: tl.constexpr, DROPOUT: tl.constexpr, NEED_DA: tl.constexpr, NEED_GX: tl.constexpr,
-                   ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr,
-                   BK: tl.constexpr, BR: tl.constexpr):
+                   ACCUMULATE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                   BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     cols = tl.program_id(1) * BK + tl.arange(0, BK)
     rr = tl.arange(0, BR)
@@ -143,8 +144,9 @@ def _grad_x_kernel(x_ptr, a_ptr, gu_ptr, gx_ptr, da_ptr, N, D, R, sxm, sxk, sar,
         if DROPOUT:
             low = tl.where(keep, low, 0.0)
         gx_ptrs = gx_ptr + rows[:, None].to(tl.int64) * sgxm + cols[None, :] * sgxk
-        gx = tl.load(gx_ptrs, mask=tile_mask, other=0.0).to(ACC) + low
-        tl.store(gx_ptrs, gx.to(gx_ptr.dtype.element_ty), mask=tile_mask)
+        if ACCUMULATE:  # onto the base part g W; else grad_x is this kernel's own output (the shared shrink's)
+            low = tl.load(gx_ptrs, mask=tile_mask, other=0.0).to(ACC) + low
+        tl.store(gx_ptrs, low.to(gx_ptr.dtype.element_ty), mask=tile_mask)
 
 
 def _blocks(r: int) -> tuple[int, int, int]:
@@ -215,9 +217,10 @@ def grad_g(g: torch.Tensor, lora_B: torch.Tensor, u: torch.Tensor, scale: float,
 
 
 def grad_x_(x: torch.Tensor, lora_A: torch.Tensor, gu: torch.Tensor, grad_x: torch.Tensor | None, p: float,
-            seed: int, need_da: bool):
-    """One pass over x (N, d_in): `grad_x += keep * (gu A)` in place (if `grad_x` is given) and, if `need_da`,
-    returns `dA = gu^T (x * keep)` (r, d_in, fp32 buffer; fp64 for fp64 inputs). `gu` is contiguous, scaled."""
+            seed: int, need_da: bool, accumulate: bool = True):
+    """One pass over x (N, d_in): `grad_x += keep * (gu A)` in place (if `grad_x` is given; with
+    `accumulate=False`, `grad_x = keep * (gu A)`: written, never read) and, if `need_da`, returns
+    `dA = gu^T (x * keep)` (r, d_in, fp32 buffer; fp64 for fp64 inputs). `gu` is contiguous, scaled."""
     n, d = x.shape
     r = lora_A.shape[0]
     da = _reduce_buffer((r, d), x.dtype, x.device) if need_da else gu  # gu: an unused placeholder
@@ -227,5 +230,5 @@ def grad_x_(x: torch.Tensor, lora_A: torch.Tensor, gu: torch.Tensor, grad_x: tor
     _grad_x_kernel[(triton.cdiv(n, bm), triton.cdiv(d, bk))](
         x, lora_A, gu, gx, da, n, d, r, x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
         gx.stride(0), gx.stride(1), lo, hi, THRESHOLD=threshold, DROPOUT=dropout, NEED_DA=need_da,
-        NEED_GX=grad_x is not None, **_dot_args(x.dtype), BM=bm, BK=bk, BR=br)
+        NEED_GX=grad_x is not None, ACCUMULATE=accumulate, **_dot_args(x.dtype), BM=bm, BK=bk, BR=br)
     return da if need_da else None

@@ -13,7 +13,7 @@ The subpackage, by concept: `config` (LoraConfig, the frozen LoraSpec), `base` (
 layer shares), `layers` (nn.Linear, nn.Embedding), `mha` (nn.MultiheadAttention), `registry` (which
 module types take LoRA, and `register_layer` for user types), `inject` (apply, add_adapter),
 `merging`, `multi` (named adapters), `rows` (mixed-adapter batches), `files` (PEFT's config and key
-layout), `variants` (DoRA, PiSSA, LoRA+).
+layout), `variants` (DoRA, PiSSA, LoRA+), `shared_shrink` (one shrink pass for q/k/v reading one input).
 """
 import torch.nn as nn
 
@@ -35,6 +35,7 @@ from .multi import (
     set_adapter,
 )
 from .registry import register_layer, register_layer_by_name, registered_types
+from .shared_shrink import ShrinkGroup, share_shrink
 from .variants import loraplus_param_groups
 
 PEFT_TYPE = "LORA"
@@ -47,7 +48,7 @@ __all__ = [
     "add_weighted_adapter", "adapter_per_row", "adapter_layers", "DEFAULT_ADAPTER", "register_layer",
     "registered_types", "register_layer_by_name", "adaptable_modules", "PEFT_TYPE", "is_applied", "peft_config_dict", "config_from_peft",
     "merged_state", "inference_merged", "METHOD", "LoRAConv1d", "LoRAConv2d", "LoRAConv3d", "LoRAConv1D",
-    "register_transformers_conv1d",
+    "register_transformers_conv1d", "share_shrink", "ShrinkGroup",
 ]
 
 

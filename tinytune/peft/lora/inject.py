@@ -22,6 +22,7 @@ from .base import LORA_LAYER_TYPES, LoRALayer
 from .config import DEFAULT_ADAPTER, LoraConfig, check_adapter_name
 from .multi import active_adapter, list_adapters
 from .registry import cannot_wrap, is_linear_kind, layer_entry
+from .shared_shrink import link_groups
 
 __all__ = ["apply", "add_adapter", "adaptable_modules"]
 
@@ -210,6 +211,7 @@ def apply(model: nn.Module, cfg: LoraConfig, adapter_name: str = DEFAULT_ADAPTER
                 module.bias.requires_grad_(True)
             replace_module(model, name, layer)
             guard_fused_fast_paths(model, name, layer)
+    link_groups(model)  # siblings reading one input share one shrink pass (shared_shrink; "auto")
     return [name for name, _ in found]
 
 
@@ -277,4 +279,5 @@ def add_adapter(model: nn.Module, name: str, cfg: LoraConfig) -> list[str]:
             new[path].set_adapter(active)  # computes its base until `name` is set active; `name` frozen
             replace_module(model, path, new[path])
             guard_fused_fast_paths(model, path, new[path])
+    link_groups(model)  # new layers join their siblings' groups, in the mode those had
     return [n for n, _ in found]

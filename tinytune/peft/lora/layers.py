@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ...ops import lora_linear
+from ...ops import lora_expand_linear, lora_linear
 from .base import LoRALayer, init_lora_A, param_key
 from .config import DEFAULT_ADAPTER, LoraSpec
 from .registry import register_layer
@@ -46,6 +46,7 @@ class LoRALinear(LoRALayer):
     """
 
     _merges_for_inference = True  # generation_context(): one matmul with the merged weight (see `inference`)
+    _shrink_group = None  # a shared_shrink.ShrinkGroup with its siblings reading one input, set by apply
     lora_A = property(lambda self: self._factor("lora_A"), doc="The active adapter's A, (rank, in_features).")
     lora_B = property(lambda self: self._factor("lora_B"), doc="The active adapter's B, (out_features, rank).")
 
@@ -125,6 +126,10 @@ class LoRALinear(LoRALayer):
         if spec.dora:  # plain ops around the fused op; see variants.dora_linear for the cost
             return dora_linear(x, weight, self.base.bias, lora_A, lora_B,
                                self._factor("lora_magnitude_vector", name), self.dora_weight_norm(name), spec.scaling, p)
+        if p == 0.0 and self._shrink_group is not None and self._rows is None and name == self.active_adapter:
+            u = self._shrink_group.low_rank_input(self, x)  # this layer's slice of one pass shared with siblings
+            if u is not None:
+                return lora_expand_linear(x, weight, self.base.bias, u, lora_B, spec.scaling)
         return lora_linear(x, weight, self.base.bias, lora_A, lora_B, spec.scaling, p)
 
     def _linear_weight(self) -> torch.Tensor:

@@ -1,0 +1,256 @@
+"""One shrink pass for the LoRA linears that read the same input (q/k/v, gate/up): `ShrinkGroup`.
+
+    tt.lora.apply(model, cfg)                # links sibling LoRALinear layers into groups ("auto")
+    tt.lora.share_shrink(model, "on")        # or force it: "auto" | "on" | "off"
+
+Why: on a GPU a LoRA layer's side products are bandwidth-bound, so their cost is the passes over the
+N x d activation, not the skinny matmuls. q_proj, k_proj and v_proj each read the same `x` to compute
+`x A^T`; stacking their A along the rank (`tinytune.ops.lora_shrink(x, cat[A_q, A_k, A_v])`) reads x
+once in the forward and once (instead of three times) for `dA` in the backward. Each projection then
+adds its slice with `ops.lora_expand_linear`. Same values and gradients, up to the order of float sums.
+
+Which layers: when LoRA is applied, the LoRALinear children of one parent module with the same
+in_features form a group (a parent may hold o_proj beside q/k/v, with the same width but another input).
+Who really reads one tensor is learned while the model runs, so nothing depends on names: the first
+time two members are called with the same tensor (same object, unmodified), they become sharers; from
+the next call on, the first sharer to see a new input computes the slices of all sharers, and each
+takes its own when called with that very tensor. A sharer called with another tensor, or whose factor
+changed since, computes its own (always correct), and a sharer that did not come for its slice stops
+being one. So the worst case costs one wasted slice (N x r) per group, once.
+
+When: only without dropout (dropout 0, or eval mode), since independent dropout masks per projection
+(PEFT's semantics) cannot share one masked input; not for DoRA, mixed per-row adapters, merged or
+disabled layers, under torch.compile (which fuses the plain ops itself) or in inference mode. Mode
+"auto" (the default) shares where the Triton kernels run (`ops.choose_backend` gives "triton": a CUDA
+tensor with triton installed, or `TINYTUNE_KERNELS=triton`); on the CPU, measured, it does not pay
+(see docs/kernels.md), so "auto" leaves the CPU path as it was. "on" shares on every backend, "off" never.
+
+A group holds its members strongly (so `copy.deepcopy` of a model copies its groups with it) and a
+weak reference to the last input; the slices it keeps for members not yet called are dropped as soon
+as every sharer took its own. Groups are not saved: they are rebuilt by `apply` / `add_adapter`.
+"""
+from __future__ import annotations
+
+import weakref
+from copy import deepcopy
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from ...ops import choose_backend, lora_shrink
+from .base import param_key
+from .layers import LoRALinear
+
+MODES = ("auto", "on", "off")
+
+
+@dataclass
+class _Slices:
+    """One shared shrink: the input it was computed from, and the slices not yet taken (by member index)."""
+
+    source: weakref.ref
+    version: int
+    grad_enabled: bool
+    dtype: torch.dtype
+    pending: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = field(default_factory=dict)  # u, A, A's version
+
+    def matches(self, x: torch.Tensor, dtype: torch.dtype) -> bool:
+        return (self.source() is x and x._version == self.version and self.grad_enabled == torch.is_grad_enabled()
+                and self.dtype == dtype)
+
+
+def _input_dtype(x: torch.Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def shareable_factor(layer: nn.Module) -> torch.Tensor | None:
+    """The active adapter's A if `layer` would now run the plain fused path without dropout, else None."""
+    if layer.merged or layer._disabled or layer._rows is not None or layer._inference_weight is not None:
+        return None
+    spec = layer.adapters.get(layer.active_adapter)
+    if spec is None or spec.dora or (layer.training and spec.dropout > 0.0):
+        return None
+    return layer._parameters[param_key("lora_A", layer.active_adapter)]
+
+
+class ShrinkGroup:
+    """LoRALinear children of one `parent` with one input width; see the module docstring.
+
+    Sharing happens only inside a call of the parent's forward: hooks on the parent open the group when
+    its forward starts and close it (dropping what was not taken) when it ends, so a slice never outlives
+    the forward that computed it (the graph of an earlier forward may have been freed by its backward).
+    """
+
+    def __init__(self, members: list[nn.Module], parent: nn.Module, mode: str = "auto"):
+        self.members, self.parent, self.mode = list(members), parent, mode
+        self.sharers: set[int] = set()  # indices of members seen reading one tensor
+        self._reset_round()
+        self._open = False
+        self._handles = [parent.register_forward_pre_hook(self._begin),
+                         parent.register_forward_hook(self._end, always_call=True)]
+
+    def _reset_round(self) -> None:
+        self._slices: _Slices | None = None
+        self._last: tuple[weakref.ref, int, int] | None = None  # (input, its version, member index)
+        self._called: set[int] = set()  # members called in this forward of the parent
+
+    def _begin(self, *_) -> None:
+        if not torch.compiler.is_compiling():
+            self._reset_round()
+            self._open = True
+
+    def _end(self, *_) -> None:
+        if not torch.compiler.is_compiling():
+            if self._slices is not None:  # sharers that never came for their slice stop being sharers
+                self.sharers.difference_update(self._slices.pending)
+            self._reset_round()
+            self._open = False
+
+    def detach(self) -> None:
+        """Remove the hooks from the parent (the group is replaced or its layers are gone)."""
+        for handle in self._handles:
+            handle.remove()
+        for member in self.members:
+            if member._shrink_group is self:
+                member._shrink_group = None
+
+    def __getstate__(self) -> dict:
+        # what was learned, the members, the parent and the hook handles; not the live slices (autograd
+        # tensors of a running forward) nor the weak references
+        return {"members": self.members, "parent": self.parent, "mode": self.mode, "sharers": set(self.sharers),
+                "handles": self._handles}
+
+    def __setstate__(self, state: dict) -> None:
+        self.members, self.parent, self.mode = state["members"], state["parent"], state["mode"]
+        self.sharers, self._handles = set(state["sharers"]), state["handles"]
+        self._reset_round()
+        self._open = False
+
+    def __deepcopy__(self, memo: dict) -> "ShrinkGroup":
+        copy = ShrinkGroup.__new__(ShrinkGroup)
+        memo[id(self)] = copy
+        copy.__setstate__(deepcopy(self.__getstate__(), memo))
+        return copy
+
+    def __repr__(self) -> str:
+        return f"ShrinkGroup({len(self.members)} members, sharers={sorted(self.sharers)}, mode={self.mode!r})"
+
+    def _active(self, x: torch.Tensor) -> bool:
+        if not self._open or self.mode == "off" or torch.compiler.is_compiling():
+            return False
+        if torch.is_inference_mode_enabled() or x.is_inference():  # inference tensors have no version counter
+            return False
+        return self.mode == "on" or choose_backend(None, x) == "triton"
+
+    def low_rank_input(self, member: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """`x A^T` of `member`'s active adapter from a shared pass, or None: the member computes its own.
+
+        Called by a member's forward (which checked that it runs without dropout) with its input x.
+        """
+        if not self._active(x):
+            return None
+        index = next(i for i, m in enumerate(self.members) if m is member)
+        dtype = _input_dtype(x)
+        slices = self._slices
+        if slices is not None and index in slices.pending and slices.matches(x, dtype):
+            return self._take(index)
+        self._observe(index, x)
+        self._called.add(index)
+        if index not in self.sharers:
+            return None
+        return self._compute(index, x, dtype)
+
+    def _take(self, index: int) -> torch.Tensor | None:
+        """The member's pending slice; None (it computes its own) if its factor is no longer the one used."""
+        slices = self._slices
+        u, factor, version = slices.pending.pop(index)
+        if not slices.pending:
+            self._slices = None  # every sharer served: keep nothing alive
+        current = shareable_factor(self.members[index])
+        if current is not factor or current._version != version:  # another adapter, or A changed in place
+            return None
+        return u
+
+    def _observe(self, index: int, x: torch.Tensor) -> None:
+        """Learn sharers: a member called with the very tensor another member was last called with."""
+        last = self._last
+        if last is not None and last[0]() is x and last[1] == x._version and last[2] != index:
+            self.sharers.update((index, last[2]))
+        self._last = (weakref.ref(x), x._version, index)
+
+    def _compute(self, index: int, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        if self._slices is not None:  # sharers that never came for their slice stop being sharers
+            self.sharers.difference_update(self._slices.pending)
+            self._slices = None
+        # the members still to come in this forward (one called already will not come for a slice)
+        factors = {i: shareable_factor(self.members[i]) for i in sorted(self.sharers - (self._called - {index}))}
+        factors = {i: a for i, a in factors.items() if a is not None and a.device == x.device}
+        if index not in factors or len(factors) < 2:
+            return None
+        stacked = torch.cat([a.to(dtype) for a in factors.values()])  # (sum of ranks, d_in)
+        parts = lora_shrink(x, stacked).split([a.shape[0] for a in factors.values()], dim=-1)
+        slices = _Slices(weakref.ref(x), x._version, torch.is_grad_enabled(), dtype)
+        for (i, factor), u in zip(factors.items(), parts):
+            if i != index:
+                slices.pending[i] = (u, factor, factor._version)
+        self._slices = slices
+        return parts[list(factors).index(index)]
+
+
+def _is_member(module: nn.Module) -> bool:
+    """A LoRALinear (or subclass) running LoRALinear's own forward, which consults the group."""
+    return isinstance(module, LoRALinear) and type(module)._forward_adapter is LoRALinear._forward_adapter
+
+
+def _group_members(parent: nn.Module) -> list[list[nn.Module]]:
+    """The parent's direct LoRA-linear children, by input width, in groups of two or more."""
+    by_width: dict[int, list[nn.Module]] = {}
+    for child in parent.children():
+        if _is_member(child):
+            by_width.setdefault(child.in_features, []).append(child)
+    return [members for members in by_width.values() if len(members) > 1]
+
+
+def link_groups(model: nn.Module, mode: str | None = None) -> list[ShrinkGroup]:
+    """(Re)build every group of `model` (what `apply` and `add_adapter` call). Each group keeps the mode
+    its first member's old group had, unless `mode` is given; layers in no group lose theirs."""
+    old_modes = {}
+    for module in model.modules():
+        if _is_member(module) and module._shrink_group is not None:
+            old_modes[id(module)] = module._shrink_group.mode
+            module._shrink_group.detach()
+    groups = []
+    for parent in model.modules():
+        for members in _group_members(parent):
+            group = ShrinkGroup(members, parent, mode or old_modes.get(id(members[0]), "auto"))
+            for member in members:
+                member._shrink_group = group
+            groups.append(group)
+    return groups
+
+
+def share_shrink(model: nn.Module, mode: str = "auto") -> list[list[str]]:
+    """Set whether the LoRA linears of `model` that read one input share one shrink pass.
+
+    Args:
+        model: a model with LoRA applied.
+        mode: "auto" (the default `apply` sets: share where the Triton kernels run), "on" (every backend,
+            the CPU's too) or "off". See the module docstring for when sharing applies.
+
+    Returns:
+        The groups, each as the dotted names of its members (which of them really share is learned while
+        the model runs).
+
+    Raises:
+        ValueError: `mode` is not one of "auto", "on", "off".
+    """
+    if mode not in MODES:
+        raise ValueError(f"share_shrink: mode={mode!r} is not one of {list(MODES)}")
+    names = {id(m): n for n, m in model.named_modules()}
+    return [[names[id(m)] for m in group.members] for group in link_groups(model, mode)]
+
+
+__all__ = ["MODES", "ShrinkGroup", "share_shrink"]
