@@ -155,3 +155,81 @@ def test_dispatch(device, monkeypatch):
         lora_linear(x3, w, b, a, bb, SCALING, dropout=0.1, seed=-1)
     with pytest.raises(ValueError, match="backend='cuda' is not one of"):
         lora_linear(x3, w, b, a, bb, SCALING, backend="cuda")
+
+
+# ------------------------------------------------------------------ the shared-shrink halves (ops.lora_shared)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,bias", [(torch.float32, True), (torch.bfloat16, False), (torch.float16, True)])
+def test_shared_halves_match_float64_reference(device, dtype, bias):
+    """u = x [A_1; A_2]^T by the shrink kernel, then the second member's slice through expand_ / grad_g, and
+    the shrink's backward writing grad_x and dA in one pass (`grad_x_(accumulate=False)`)."""
+    from tinytune.ops import lora_expand_linear, lora_shrink
+
+    x, w, b, a, bb = _inputs(device, dtype, bias)
+    other = (torch.randn(R + 2, D_IN, dtype=torch.float64) * D_IN**-0.5).to(device, dtype).requires_grad_()
+    stacked = torch.cat([other, a])  # (2R + 2, d_in): this member's rows second, at an offset
+    u = lora_shrink(x, stacked, backend="triton")
+    y = lora_expand_linear(x, w, b, u[:, R + 2:], bb, SCALING, backend="triton")
+    assert y.grad_fn.next_functions[0][0].name() == "TritonLoRAExpandFunctionBackward"
+    grad = torch.randn_like(y)
+    got = _grads(y, grad, (x, b, a, bb))
+
+    ref_in = [t.detach().double().requires_grad_(t.requires_grad) if t is not None else None for t in (x, w, b, a, bb)]
+    ref = lora_linear_reference(*ref_in, SCALING)
+    want = _grads(ref, grad.double(), [ref_in[i] for i in (0, 2, 3, 4)])
+    _assert_near(y, ref, TOL[dtype], "y")
+    for name, g, r in zip(("x", "bias", "A", "B") if bias else ("x", "A", "B"), got, want):
+        assert g.dtype == dtype, name
+        _assert_near(g, r, TOL[dtype], f"grad {name}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_shared_halves_gradcheck_float64(device):
+    from tinytune.ops.triton_kernels.shared_function import TritonLoRAExpandFunction, TritonLoRAShrinkFunction
+
+    x, w, b, a, bb = _inputs(device, torch.float64, True, n=6, d_in=19, d_out=7, r=3)
+    w.requires_grad_(True)
+
+    def fn(x, w, b, a, bb):
+        u = TritonLoRAShrinkFunction.apply(x, a)
+        return TritonLoRAExpandFunction.apply(x, w, b, u, bb, SCALING)
+
+    assert torch.autograd.gradcheck(fn, (x, w, b, a, bb), fast_mode=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_auto_mode_shares_where_triton_runs(device, monkeypatch):
+    """`share_shrink(model, "auto")` (apply's default) shares on the Triton backend: q/k/v of one attention."""
+    import copy
+
+    import tinytune as tt
+
+    monkeypatch.setenv("TINYTUNE_KERNELS", "triton")
+
+    class Attention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v = (torch.nn.Linear(D_IN, 16) for _ in range(3))
+
+        def forward(self, x):
+            q, k, v = self.q(x), self.k(x), self.v(x)
+            self.node = k.grad_fn.next_functions[0][0].name()
+            return torch.tanh(q * k) * v
+
+    model = Attention().to(device)
+    tt.lora.apply(model, tt.lora.LoraConfig(rank=R, alpha=2 * R, targets=["q", "k", "v"]))
+    with torch.no_grad():
+        for _, layer in tt.lora.lora_layers(model):
+            layer.lora_B.normal_(0.0, 0.3)
+    separate = copy.deepcopy(model)
+    tt.lora.share_shrink(separate, "off")
+    x = torch.randn(N, D_IN, device=device)
+    for _ in range(2):
+        model.zero_grad(), separate.zero_grad()
+        y, y_ref = model(x), separate(x)
+        (y.square().sum() + y_ref.square().sum()).backward()
+    assert model.node == "TritonLoRAExpandFunctionBackward" and separate.node == "TritonLoRALinearFunctionBackward"
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    for (name, p), p_ref in zip(model.named_parameters(), separate.parameters()):
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-5, atol=1e-5, msg=name)

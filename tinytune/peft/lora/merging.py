@@ -8,6 +8,7 @@ import torch.nn as nn
 
 from .._targets import layers_disabled, refuse_shared_merge, replace_module
 from .multi import lora_layers, require_lora as _require_lora
+from .shared_shrink import link_groups
 
 __all__ = ["merge", "unmerge", "merge_and_unload", "disabled", "merged_state", "inference_merged"]
 
@@ -61,6 +62,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     for name, layer in layers:
         layer.merge()
         replace_module(model, name, layer.base)
+    link_groups(model)  # the shared-shrink hooks of the parents go with the layers
     return model
 
 

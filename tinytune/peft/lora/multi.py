@@ -128,6 +128,9 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         layer.delete_adapter(name)
         if not layer.adapters:
             replace_module(model, path, layer.base)
+    from .shared_shrink import link_groups  # shared_shrink imports layers, which this module's users import first
+
+    link_groups(model)  # groups without the layers that left
 
 
 @contextlib.contextmanager

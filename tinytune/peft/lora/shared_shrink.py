@@ -217,11 +217,13 @@ def _group_members(parent: nn.Module) -> list[list[nn.Module]]:
 def link_groups(model: nn.Module, mode: str | None = None) -> list[ShrinkGroup]:
     """(Re)build every group of `model` (what `apply` and `add_adapter` call). Each group keeps the mode
     its first member's old group had, unless `mode` is given; layers in no group lose theirs."""
-    old_modes = {}
-    for module in model.modules():
-        if _is_member(module) and module._shrink_group is not None:
-            old_modes[id(module)] = module._shrink_group.mode
-            module._shrink_group.detach()
+    old = {id(m): m._shrink_group for m in model.modules() if _is_member(m) and m._shrink_group is not None}
+    old_modes = {key: group.mode for key, group in old.items()}
+    for module in model.modules():  # also the groups whose members left the model: their hooks are here
+        old.update((id(h), h.__self__) for h in module._forward_pre_hooks.values()
+                   if isinstance(getattr(h, "__self__", None), ShrinkGroup))
+    for group in set(old.values()):
+        group.detach()
     groups = []
     for parent in model.modules():
         for members in _group_members(parent):

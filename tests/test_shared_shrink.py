@@ -1,0 +1,290 @@
+"""One shrink pass for sibling LoRA linears reading one input (`tt.lora.share_shrink`, `ops.lora_shrink`).
+
+Checked against the same model with sharing off (each layer's own fused `lora_linear`): in float64 the outputs
+and every gradient agree to 1e-12 (the only difference is the order of float sums); the decoder in float32
+to 1e-5 relative. Which layers share is learned at run time, so the tests also pin what is learned (q/k/v,
+gate/up; never o_proj or a cross-attention query) and what must never happen (a slice of an earlier forward
+reused, a stale slice after an in-place change of A, sharing with dropout, under compile, outside the parent's
+forward). The Triton halves are checked under the interpreter in tests/test_triton_lora.py.
+"""
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+import torch._dynamo as dynamo
+from torch import nn
+
+import tinytune as tt
+from tinytune.ops import lora_expand_linear, lora_linear, lora_shrink
+
+F64 = dict(dtype=torch.float64)
+
+
+def _node(y: torch.Tensor) -> str:
+    """The autograd Function under a LoRA layer's final view (a per-row batch: the row scatter)."""
+    below = y.grad_fn.next_functions[0][0]
+    return below.name() if below is not None else y.grad_fn.name()
+
+
+class Attention(nn.Module):
+    """q/k/v read x; o reads the attention output; `post` has q's width but reads another tensor; with
+    `cross`, k and v read `memory` instead of x. Records each projection's backward node."""
+
+    def __init__(self, d=12, d_kv=6, cross=False, tamper=False):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(d, d_kv), nn.Linear(d, d_kv), nn.Linear(d, d_kv)
+        self.o, self.post = nn.Linear(d_kv, d), nn.Linear(d, d)
+        self.cross, self.tamper, self.nodes = cross, tamper, {}
+
+    def forward(self, x, memory=None):
+        source = memory if self.cross else x
+        q = self.q(x)
+        if self.tamper:  # the factor changes in place between q's shared pass and k's call
+            with torch.no_grad():
+                self.k.lora_A.add_(0.5)
+        k, v = self.k(source), self.v(source)
+        self.nodes.update(q=_node(q), k=_node(k), v=_node(v))
+        out = self.o(torch.tanh(q * k) * v)
+        return self.post(out + x)
+
+
+def lora_attention(mode: str, **kw) -> Attention:
+    torch.manual_seed(0)
+    model = Attention(**kw).double()
+    tt.lora.apply(model, tt.lora.LoraConfig(rank=3, alpha=6, targets=["q", "k", "v", "o", "post"]))
+    with torch.no_grad():
+        for layer in tt.lora.lora_layers(model):
+            layer[1].lora_B.normal_(0.0, 0.3)
+    tt.lora.share_shrink(model, mode)
+    return model
+
+
+def grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def run(model, x, memory=None, steps=3):
+    """Forward + backward `steps` times on the same input objects; returns the last output and grads."""
+    for _ in range(steps):
+        model.zero_grad()
+        y = model(x, memory)
+        y.square().sum().backward()
+    return y.detach(), grads(model)
+
+
+def assert_same(a, b, tol=1e-12):
+    (ya, ga), (yb, gb) = a, b
+    assert torch.allclose(ya, yb, rtol=0, atol=tol)
+    assert ga.keys() == gb.keys()
+    for name in ga:
+        assert torch.allclose(ga[name], gb[name], rtol=0, atol=tol), name
+
+
+# ------------------------------------------------------------------------------ the ops
+@pytest.mark.parametrize("bias", [False, True])
+def test_shrink_then_expand_gradcheck_float64(bias):
+    """Both Functions, a slice of a stacked shrink as u (as the group uses it), trainable W."""
+    torch.manual_seed(1)
+    x = torch.randn(2, 5, 7, **F64, requires_grad=True)
+    w = torch.randn(4, 7, **F64, requires_grad=True)
+    b = torch.randn(4, **F64, requires_grad=True) if bias else None
+    stacked = torch.randn(5, 7, **F64, requires_grad=True)
+    lora_b = torch.randn(4, 2, **F64, requires_grad=True)
+
+    def layer(x, w, stacked, lora_b, *b):
+        u = lora_shrink(x, stacked)[..., 3:]  # the second member's slice
+        return lora_expand_linear(x, w, b[0] if b else None, u, lora_b, 1.5)
+
+    assert torch.autograd.gradcheck(layer, (x, w, stacked, lora_b, *([b] if bias else [])))
+
+
+def test_shrink_then_expand_equals_lora_linear():
+    torch.manual_seed(2)
+    x = torch.randn(9, 16, requires_grad=True)
+    w, b = torch.randn(8, 16), torch.randn(8)
+    a, lora_b = torch.randn(4, 16, requires_grad=True), torch.randn(8, 4, requires_grad=True)
+    fused = lora_linear(x, w, b, a, lora_b, 2.0)
+    split = lora_expand_linear(x, w, b, lora_shrink(x, a), lora_b, 2.0)
+    g = torch.randn_like(fused)
+    want = torch.autograd.grad(fused, (x, a, lora_b), g)
+    got = torch.autograd.grad(split, (x, a, lora_b), g)
+    assert torch.allclose(split, fused, atol=1e-5)
+    for w_, g_ in zip(want, got):
+        assert torch.allclose(g_, w_, atol=1e-4)
+    assert split.grad_fn.next_functions[0][0].name() == "LoRAExpandFunctionBackward"
+
+
+def test_ops_name_bad_shapes_and_follow_autocast():
+    x = torch.randn(3, 8)
+    with pytest.raises(ValueError, match=r"lora_A has shape \(4, 6\), expected \(r, 8\)"):
+        lora_shrink(x, torch.randn(4, 6))
+    with pytest.raises(ValueError, match=r"lora_B has shape \(5, 3\), expected \(5, 4\)"):
+        lora_expand_linear(x, torch.randn(5, 8), None, torch.randn(3, 4), torch.randn(5, 3), 1.0)
+    with pytest.raises(ValueError, match=r"u has shape \(2, 4\)"):
+        lora_expand_linear(x, torch.randn(5, 8), None, torch.randn(2, 4), torch.randn(5, 4), 1.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        u = lora_shrink(x, torch.randn(4, 8))
+        y = lora_expand_linear(x, torch.randn(5, 8), None, u, torch.randn(5, 4), 1.0)
+    assert u.dtype == y.dtype == torch.bfloat16
+
+
+# ------------------------------------------------------------------------------ groups and what is learned
+def test_groups_are_siblings_of_one_width_and_share_equals_separate():
+    shared, separate = lora_attention("on"), lora_attention("off")
+    assert tt.lora.share_shrink(shared, "on") == [["q", "k", "v", "post"]]  # o: another width
+    x = torch.randn(2, 5, 12, **F64)
+    assert_same(run(shared, x), run(separate, x))
+    assert shared.q._shrink_group.sharers == {0, 1, 2}  # post reads another tensor
+    assert shared.nodes == dict(q="LoRAExpandFunctionBackward", k="LoRAExpandFunctionBackward",
+                                v="LoRAExpandFunctionBackward")
+    assert separate.nodes["k"] == "LoRALinearFunctionBackward"
+
+
+def test_a_member_reading_another_tensor_never_joins():
+    """Cross-attention: q reads x, k and v read memory. Only k and v share; q computes its own."""
+    shared, separate = lora_attention("on", cross=True), lora_attention("off", cross=True)
+    x, memory = torch.randn(2, 5, 12, **F64), torch.randn(2, 5, 12, **F64)
+    assert_same(run(shared, x, memory), run(separate, x, memory))
+    assert shared.q._shrink_group.sharers == {1, 2}
+    assert shared.nodes["q"] == "LoRALinearFunctionBackward" and shared.nodes["v"] == "LoRAExpandFunctionBackward"
+
+
+def test_same_width_sibling_with_another_input_is_not_a_sharer():
+    """A parent whose q/k/v and o all have one width (Llama's self_attn): o reads the attention output."""
+    model = tt.models.build("llama-tiny", num_layers=1)
+    tt.lora.apply(model, tt.lora.LoraConfig(rank=4, alpha=8, targets="all-linear", exclude=["lm_head"]))
+    groups = tt.lora.share_shrink(model, "on")
+    assert [[n.rpartition(".")[2] for n in g] for g in groups] == [["q_proj", "k_proj", "v_proj", "o_proj"],
+                                                                   ["gate_proj", "up_proj"]]
+    ids = torch.randint(0, 256, (2, 12))
+    for _ in range(2):
+        model(ids, labels=ids).loss.backward()
+    layer = model.model.layers[0]
+    assert layer.self_attn.q_proj._shrink_group.sharers == {0, 1, 2}
+    assert layer.mlp.gate_proj._shrink_group.sharers == {0, 1}
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_decoder_training_equals_separate(checkpointing):
+    def model_and_grads(mode):
+        torch.manual_seed(3)
+        model = tt.models.build("llama-tiny", num_layers=1)
+        tt.lora.apply(model, tt.lora.LoraConfig(rank=4, alpha=8, targets="all-linear", exclude=["lm_head"]))
+        with torch.no_grad():
+            for _, layer in tt.lora.lora_layers(model):
+                layer.lora_B.normal_(0.0, 0.02)
+        tt.lora.share_shrink(model, mode)
+        if checkpointing:
+            model.set_gradient_checkpointing(True)
+        ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(4))
+        for _ in range(2):
+            model.zero_grad()
+            loss = model(ids, labels=ids).loss
+            loss.backward()
+        return loss.detach(), grads(model)
+
+    (loss_on, g_on), (loss_off, g_off) = model_and_grads("on"), model_and_grads("off")
+    assert torch.allclose(loss_on, loss_off, rtol=1e-6)
+    assert g_on.keys() == g_off.keys() and len(g_on) == 14
+    for name in g_on:
+        scale = g_off[name].abs().max()
+        assert (g_on[name] - g_off[name]).abs().max() <= 1e-5 * scale + 1e-9, name
+
+
+# ------------------------------------------------------------------------------ what must never happen
+def test_no_sharing_with_dropout_in_training_but_in_eval():
+    model = Attention().double()
+    tt.lora.apply(model, tt.lora.LoraConfig(rank=3, alpha=6, dropout=0.2, targets=["q", "k", "v"]))
+    tt.lora.share_shrink(model, "on")
+    x = torch.randn(2, 5, 12, **F64)
+    for _ in range(2):
+        model(x)
+    assert model.nodes["k"] == "LoRALinearFunctionBackward"  # independent masks per projection, as PEFT
+    model.eval()
+    for _ in range(2):
+        model(x)
+    assert model.nodes["k"] == "LoRAExpandFunctionBackward"
+
+
+def test_a_factor_changed_in_place_after_the_shared_pass_is_recomputed():
+    shared, separate = lora_attention("on", tamper=True), lora_attention("off", tamper=True)
+    x = torch.randn(2, 5, 12, **F64)
+    assert_same(run(shared, x), run(separate, x))
+    assert shared.nodes["k"] == "LoRALinearFunctionBackward"  # its slice was stale: computed its own
+
+
+def test_nothing_is_shared_outside_the_parents_forward_or_in_auto_mode_on_cpu():
+    model = lora_attention("on")
+    x = torch.randn(2, 5, 12, **F64)
+    run(model, x)
+    assert _node(model.k(x)) == "LoRALinearFunctionBackward"  # called directly: the group is closed
+    assert model.q._shrink_group._slices is None  # nothing kept after the forward
+    auto = lora_attention("auto")
+    run(auto, x)
+    assert auto.nodes["k"] == "LoRALinearFunctionBackward"  # CPU torch backend: "auto" does not share
+
+
+def test_other_adapters_and_per_row_adapters_stay_correct():
+    model, separate = lora_attention("on"), lora_attention("off")
+    cfg = tt.lora.LoraConfig(rank=5, alpha=5, targets=["q", "k", "v"])
+    x = torch.randn(2, 5, 12, **F64)
+    for m in (model, separate):
+        tt.lora.add_adapter(m, "other", cfg)
+    with torch.no_grad():
+        for _, layer in tt.lora.lora_layers(model):
+            if "other" in layer.adapters:
+                layer._factor("lora_B", "other").normal_(0.0, 0.3)
+    separate.load_state_dict(model.state_dict())
+    run(model, x)  # sharers learned with "default"
+    for m in (model, separate):
+        tt.lora.set_adapter(m, "other")
+    assert_same(run(model, x), run(separate, x))
+    assert model.nodes["k"] == "LoRAExpandFunctionBackward"
+    with tt.lora.adapter_per_row(model, ["default", "other"]), tt.lora.adapter_per_row(separate, ["default", "other"]):
+        assert_same(run(model, x, steps=1), run(separate, x, steps=1))
+
+
+def test_deepcopy_and_torch_save_keep_their_own_groups():
+    model = lora_attention("on")
+    x = torch.randn(2, 5, 12, **F64)
+    run(model, x)
+    clone = copy.deepcopy(model)
+    group = clone.q._shrink_group
+    assert group is not model.q._shrink_group and group.members[1] is clone.k and group.parent is clone
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    for other in (clone, loaded):
+        assert_same(run(other, x), run(model, x))
+        assert other.nodes["k"] == "LoRAExpandFunctionBackward"
+        assert len(other._forward_pre_hooks) == 1  # its own group's hook, once
+
+
+def test_relinking_replaces_hooks_and_merge_and_unload_leaves_none():
+    model = lora_attention("on")
+    for mode in ("off", "auto", "on"):
+        tt.lora.share_shrink(model, mode)
+    assert len(model._forward_pre_hooks) == len(model._forward_hooks) == 1
+    assert model.q._shrink_group.mode == "on"
+    tt.lora.add_adapter(model, "other", tt.lora.LoraConfig(rank=2, alpha=2, targets=["q", "k"]))
+    assert model.q._shrink_group.mode == "on" and len(model._forward_pre_hooks) == 1  # mode kept on relink
+    tt.lora.merge_and_unload(model)
+    assert len(model._forward_pre_hooks) == len(model._forward_hooks) == 0
+    with pytest.raises(ValueError, match=r"mode='sometimes' is not one of \['auto', 'on', 'off'\]"):
+        tt.lora.share_shrink(model, "sometimes")
+
+
+def test_compiled_model_with_sharing_on_is_one_graph():
+    dynamo.reset()
+    model = tt.models.build("llama-tiny", num_layers=1)
+    tt.lora.apply(model, tt.lora.LoraConfig(rank=4, alpha=8, targets="all-linear", exclude=["lm_head"]))
+    tt.lora.share_shrink(model, "on")
+    ids = torch.randint(0, 256, (2, 8))
+    model(ids, labels=ids).loss.backward()
+    explained = dynamo.explain(lambda i: model(i, labels=i, num_items_in_batch=14).loss)(ids)
+    dynamo.reset()
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
