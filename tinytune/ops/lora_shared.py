@@ -60,19 +60,23 @@ class LoRAExpandFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, weight, u, lora_B = ctx.saved_tensors
-        need_x, need_w, need_b, need_u, need_b_lora = ctx.needs_input_grad[:5]
-        grad_x = grad_w = grad_bias = grad_u = grad_b = None
+        need_u, need_b_lora = ctx.needs_input_grad[3:5]
+        grad_u = grad_b = None
         if need_u:
             grad_u = torch.mm(grad_y, _col_major(lora_B)).mul_(ctx.scale)  # (N, r)
         if need_b_lora:
             grad_b = _tn(u.contiguous(), grad_y).t().mul_(ctx.scale)  # (d_out, r); u is a slice of the group's
-        if need_x:
-            grad_x = torch.mm(grad_y, weight)  # (N, d_in): the base part; the shrink adds the low-rank part
-        if need_w:
-            grad_w = torch.mm(grad_y.t(), x)
-        if need_b and ctx.has_bias:
-            grad_bias = grad_y.sum(0)
-        return grad_x, grad_w, grad_bias, grad_u, grad_b, None
+        return (*expand_base_grads(ctx, grad_y, x, weight), grad_u, grad_b, None)
+
+
+def expand_base_grads(ctx, grad_y, x, weight) -> tuple:
+    """The base part of an expand Function's backward, (grad_x, grad_W, grad_b): `g W` (the shrink adds the
+    low-rank part of grad_x), `g^T x` only for a trainable W, the bias sum; None where not needed."""
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    grad_x = torch.mm(grad_y, weight) if need_x else None  # (N, d_in)
+    grad_w = torch.mm(grad_y.t(), x) if need_w else None  # (d_out, d_in)
+    grad_bias = grad_y.sum(0) if need_b and ctx.has_bias else None
+    return grad_x, grad_w, grad_bias
 
 
 def _functions(backend: str | None, x: torch.Tensor):

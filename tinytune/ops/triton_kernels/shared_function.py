@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from ..lora_matmul import _base_forward
+from ..lora_shared import expand_base_grads
 from .lora_kernels import expand_, grad_g, grad_x_, shrink
 
 
@@ -39,7 +41,7 @@ class TritonLoRAExpandFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, u, lora_B, scaling: float):
-        y = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
+        y = _base_forward(x, weight, bias)
         expand_(y, u, lora_B, scaling)
         ctx.scale, ctx.has_bias = scaling, bias is not None
         if any(ctx.needs_input_grad):
@@ -49,16 +51,10 @@ class TritonLoRAExpandFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, weight, u, lora_B = ctx.saved_tensors
-        need_x, need_w, need_b, need_u, need_b_lora = ctx.needs_input_grad[:5]
-        grad_x = grad_w = grad_bias = grad_u = grad_b = None
+        need_u, need_b_lora = ctx.needs_input_grad[3:5]
+        grad_u = grad_b = None
         if need_u or need_b_lora:
             gu, db = grad_g(grad_y, lora_B, u, ctx.scale, need_b_lora)  # (N, r) scaled; (d_out, r)
             grad_u = gu if need_u else None
             grad_b = db.to(lora_B.dtype) if need_b_lora else None
-        if need_x:
-            grad_x = torch.mm(grad_y, weight)
-        if need_w:
-            grad_w = torch.mm(grad_y.t(), x)
-        if need_b and ctx.has_bias:
-            grad_bias = grad_y.sum(0)
-        return grad_x, grad_w, grad_bias, grad_u, grad_b, None
+        return (*expand_base_grads(ctx, grad_y, x, weight), grad_u, grad_b, None)
