@@ -4,7 +4,8 @@
 # 1. versions: nvidia-smi, torch (CUDA, cuDNN), triton, transformers, peft;
 # 2. the gpu-marked tests (tests/test_gpu.py and, where they exist, tests/test_triton_lora.py and
 #    tests/test_triton_loss.py), with Triton's interpreter OFF (TRITON_INTERPRET=0: the compiled kernels);
-# 3. the CUDA benchmark rows: benchmarks/lora_linear.py, train_step.py and inference.py with --device cuda
+# 3. the CUDA benchmark rows: benchmarks/lora_linear.py, train_step.py, inference.py and shared_shrink.py with
+#    --device cuda
 #    (--quick: their smallest settings, a smoke run of a minute or two).
 # JSON, pictures and one log per step go to $OUT if set, else benchmarks/results/gpu/. Every step runs under its
 # own `timeout` and within a total deadline (GPU_CHECK_DEADLINE seconds, default 450), and runs even if an
@@ -82,6 +83,7 @@ step tests 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rs "${TESTS[@]}"
 step lora_linear 80 "$PY" benchmarks/lora_linear.py --device cuda ${QUICK[@]+"${QUICK[@]}"} --out "$DEST/lora_linear_cuda.json"
 step train_step 120 "$PY" benchmarks/train_step.py --device cuda ${QUICK[@]+"${QUICK[@]}"} --out "$DEST/train_step_cuda.json"
 step inference 80 "$PY" benchmarks/inference.py --device cuda ${QUICK[@]+"${QUICK[@]}"} --out "$DEST/inference_cuda.json"
+step shared_shrink 60 "$PY" benchmarks/shared_shrink.py --device cuda ${QUICK[@]+"${QUICK[@]}"} --out "$DEST/shared_shrink_cuda.json"
 
 {
     echo "gpu_check.sh $(date -u +%Y-%m-%dT%H:%M:%SZ), $((SECONDS - START)) s in all, results in $DEST"
