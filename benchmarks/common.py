@@ -229,10 +229,15 @@ def machine_info(threads: int, libs: tuple[str, ...] = ()) -> dict:
 
 
 def caption(machine: dict) -> str:
-    """One line naming the machine and date of a result (older JSON spelled the thread count differently)."""
+    """One line naming the machine (with the card for a CUDA result) and date of a result (older JSON spelled
+    the thread count differently)."""
     threads = machine.get("threads", machine.get("torch_threads"))
     cores = f"{machine.get('cores', '?')} cores" + (f" ({threads} threads)" if threads else "")
-    return f"{machine.get('cpu', 'unknown CPU')}, {cores}, torch {machine.get('torch', '?')}, {machine.get('date', '?')}"
+    host = f"{machine.get('cpu', 'unknown CPU')}, {cores}"
+    if machine.get("gpu"):  # a --device cuda result: the card and its software first (gpu_info)
+        host = (f"{machine['gpu']} (driver {machine.get('driver') or '?'}, CUDA {machine.get('cuda') or '?'}, "
+                f"Triton {machine.get('triton') or 'none'}), host {host}")
+    return f"{host}, torch {machine.get('torch', '?')}, {machine.get('date', '?')}"
 
 
 def ratio_chart(chart: dict, machine: dict, path: Path) -> Path:
@@ -256,12 +261,13 @@ def ratio_chart(chart: dict, machine: dict, path: Path) -> Path:
         ax.bar_label(bars, labels=[f"{v:.2f}x" for _, v in shown], padding=3, fontsize=8)
     ax.axvline(1.0, color="black", linewidth=1, linestyle="--", label=f"1.0 = {chart['baseline']}")
     ax.set_yticks(range(len(cats)), cats)
-    ax.invert_yaxis()
+    # room above the first category for the legend, which would otherwise cover the top bars' labels
+    ax.set_ylim(len(cats) - 0.5, -0.6 - 0.22 * (len(series) + 1))
     ax.set_xlabel(chart["xlabel"])
     ax.set_ylabel(chart.get("ylabel", "variant"))
     ax.set_xlim(0, max([1.0] + [v for vs in series.values() for v in vs if v is not None and math.isfinite(v)]) * 1.2)
     ax.set_title(chart["title"], fontsize=10)
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=8, loc="upper right")
     fig.text(0.01, 0.01, caption(machine) + (f"; {chart['note']}" if chart.get("note") else ""), fontsize=7)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -18,8 +18,8 @@ as `backend`), CUDA-event timing, and each variant's peak of `torch.cuda.max_mem
 allocated before its step.
 Runs are interleaved (a, b, c, a, b, c, ...) after the warmup; the median is reported, with the quartiles of the
 rounds as a measure of the noise (at least --reps rounds, more for cheap shapes, see `time_interleaved`). Memory
-"kept for backward" (`tinytune.ops.saved_bytes`) is the bytes of every distinct storage autograd saves during one
-forward of the parent, each storage counted once and parameter storages excluded (they live anyway); x counts where
+"kept for backward" (`tinytune.ops.graph_saved_storages`, read from the graph: saved-tensor hooks would turn sharing
+off) is the bytes of every distinct storage autograd keeps after one forward of the parent, each storage counted once and parameter storages excluded (they live anyway); x counts where
 it is saved (the frozen projections alone, needing no weight gradient, keep only their weights: 0 bytes).
 FLOP floor of (b) and (c) relative to (a): `1 + 1.5 r sum(d_in + d_out) / sum(d_in d_out)` over the three
 projections (the same FLOPs: sharing saves passes over x, not arithmetic).
@@ -46,7 +46,7 @@ from charts import shared_shrink_chart as chart  # noqa: E402
 from common import (add_common_args, add_device_arg, cuda_peak, cuda_seconds, gpu_info, machine_info,  # noqa: E402
                     output_path, replot, require_device, setup_threads, write_results)
 import tinytune as tt  # noqa: E402
-from tinytune.ops import choose_backend, saved_bytes  # noqa: E402
+from tinytune.ops import choose_backend, graph_saved_storages  # noqa: E402
 
 SHAPES = [  # (tokens N, d, d_kv, rank)
     (2048, 1024, 1024, 16),
@@ -159,6 +159,13 @@ def max_abs_diff(models: dict, x, grads) -> float:
     return max((b - c).abs().max().item() for b, c in zip(*found))
 
 
+def kept_bytes(model, x, params) -> int:
+    """Bytes autograd keeps after one forward, read from the graph (`graph_saved_storages`): saved-tensor hooks
+    (`saved_bytes`) would turn the shared shrink off, which they do to keep checkpoint recomputes exact."""
+    outputs = model(x)
+    return sum(graph_saved_storages(outputs, exclude=params).values())
+
+
 def bench_shape(n, d, d_kv, r, device, reps, warmup, budget_s) -> dict:
     torch.manual_seed(0)
     dtype = CUDA_DTYPE if device == "cuda" else torch.float32
@@ -170,7 +177,7 @@ def bench_shape(n, d, d_kv, r, device, reps, warmup, budget_s) -> dict:
     diff = max_abs_diff(models, x, grads)
     for prm in params:
         prm.grad = None
-    mem = {k: saved_bytes(lambda m=m: m(x), params) for k, m in models.items()}
+    mem = {k: kept_bytes(m, x, params) for k, m in models.items()}
     a, b, c = med["a"], med["b"], med["c"]
     row = {"device": device, "dtype": str(dtype).removeprefix("torch."), "backend": choose_backend(None, x),
            "reps": reps, "tokens": n, "d": d, "d_kv": d_kv, "rank": r,

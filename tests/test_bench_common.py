@@ -134,7 +134,8 @@ def test_chart_for_unknown_name():
 
 
 def test_every_chart_is_registered():
-    assert set(CHARTS) == {"compile", "inference", "lora_linear", "methods", "preference", "rl_step", "train_step"}
+    assert set(CHARTS) == {"compile", "inference", "lora_linear", "methods", "preference", "rl_step", "shared_shrink",
+                           "train_step"}
 
 
 # --- the scripts' quick modes --------------------------------------------------------------------------------
@@ -226,3 +227,10 @@ def test_docs_show_every_committed_picture():
     linked = set(re.findall(r"!\[[^\]]*\]\(\.\./benchmarks/results/([\w.]+\.png)\)", page))
     assert linked == {p.with_suffix(".png").name for p in RESULTS.glob("*.json")}
     assert all(is_png(RESULTS / name) for name in linked) and ".svg" not in page
+
+
+def test_caption_names_the_card_of_a_cuda_result():
+    cpu = {"cpu": "AMD EPYC", "cores": 2, "threads": 2, "torch": "2.13.0", "date": "2026-12-01"}
+    assert common.caption(cpu) == "AMD EPYC, 2 cores (2 threads), torch 2.13.0, 2026-12-01"
+    cuda = common.caption({**cpu, "gpu": "NVIDIA H200", "driver": "570.1", "cuda": "12.8", "triton": "3.4.0"})
+    assert cuda.startswith("NVIDIA H200 (driver 570.1, CUDA 12.8, Triton 3.4.0), host AMD EPYC")

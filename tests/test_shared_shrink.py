@@ -25,6 +25,8 @@ F64 = dict(dtype=torch.float64)
 
 def _node(y: torch.Tensor) -> str:
     """The autograd Function under a LoRA layer's final view (a per-row batch: the row scatter)."""
+    if y.grad_fn is None:
+        return "no graph"
     below = y.grad_fn.next_functions[0][0]
     return below.name() if below is not None else y.grad_fn.name()
 
@@ -177,6 +179,7 @@ def test_decoder_training_equals_separate(checkpointing):
             for _, layer in tt.lora.lora_layers(model):
                 layer.lora_B.normal_(0.0, 0.02)
         tt.lora.share_shrink(model, mode)
+        model.train()  # checkpointing acts in training mode only
         if checkpointing:
             model.set_gradient_checkpointing(True)
         ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(4))
@@ -184,6 +187,9 @@ def test_decoder_training_equals_separate(checkpointing):
             model.zero_grad()
             loss = model(ids, labels=ids).loss
             loss.backward()
+        shared = model.model.layers[0].self_attn.q_proj._shrink_group.sharers
+        # non-reentrant checkpointing: saved-tensor hooks are active, so nothing is shared (module docstring)
+        assert shared == (set() if checkpointing or mode == "off" else {0, 1, 2})
         return loss.detach(), grads(model)
 
     (loss_on, g_on), (loss_off, g_off) = model_and_grads("on"), model_and_grads("off")
@@ -288,3 +294,86 @@ def test_compiled_model_with_sharing_on_is_one_graph():
     explained = dynamo.explain(lambda i: model(i, labels=i, num_items_in_batch=14).loss)(ids)
     dynamo.reset()
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpointed_parent_trains_from_the_first_step(reentrant):
+    """A checkpoint's recompute must save what its forward saved: learning sharers in between would not."""
+    from torch.utils.checkpoint import checkpoint
+
+    shared, separate = lora_attention("on"), lora_attention("off")
+    x = torch.randn(2, 5, 12, **F64, requires_grad=True)
+    results = []
+    for model in (shared, separate):
+        for _ in range(3):
+            model.zero_grad()
+            x.grad = None
+            checkpoint(model, x, use_reentrant=reentrant).square().sum().backward()
+        results.append((x.grad.clone(), grads(model)))
+    assert_same(*results)
+
+
+def test_a_model_without_references_is_freed_without_the_garbage_collector():
+    import gc
+    import weakref
+
+    model = lora_attention("on")
+    run(model, torch.randn(2, 5, 12, **F64))
+    weight = weakref.ref(model.q.base.weight)
+    gc.disable()
+    try:
+        del model
+        assert weight() is None  # no cycle through the groups or the parent's hooks
+    finally:
+        gc.enable()
+
+
+def test_under_autocast_the_group_saves_one_copy_of_x():
+    from tinytune.ops import graph_saved_storages
+
+    x = torch.randn(64, 12)
+    kept = {}
+    for mode in ("on", "off"):
+        model = lora_attention(mode).float()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(x)  # learn
+            y = model(x)
+        kept[mode] = graph_saved_storages(y, exclude=list(model.parameters()))
+        assert model.nodes["k"] == ("LoRAExpandFunctionBackward" if mode == "on" else "LoRALinearFunctionBackward")
+    bf16_x = 64 * 12 * 2
+    assert sum(kept["off"].values()) - sum(kept["on"].values()) >= 2 * bf16_x - 64 * 9 * 2  # 3 casts of x -> 1
+
+
+def test_toggling_requires_grad_between_siblings_is_not_served_a_stale_slice():
+    class Toggle(Attention):
+        def forward(self, x, memory=None):
+            q = self.q(x)
+            x.requires_grad_(True)  # after q's shared pass, before k and v take their slices
+            k, v = self.k(x), self.v(x)
+            return (q * k * v).sum()
+
+    grads_x = []
+    for mode in ("on", "off"):
+        torch.manual_seed(0)
+        model = Toggle().double()
+        tt.lora.apply(model, tt.lora.LoraConfig(rank=3, alpha=6, targets=["q", "k", "v"]))
+        with torch.no_grad():
+            for _, layer in tt.lora.lora_layers(model):
+                layer.lora_B.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(5))
+        tt.lora.share_shrink(model, mode)
+        for _ in range(2):
+            x = torch.randn(2, 5, 12, **F64, generator=torch.Generator().manual_seed(6))
+            model(x).backward()
+        grads_x.append(x.grad)
+    assert torch.allclose(grads_x[0], grads_x[1], rtol=0, atol=1e-12)
+
+
+def test_a_new_group_takes_the_models_mode_and_a_layer_copied_alone_is_inert():
+    model = Attention().double()
+    tt.lora.apply(model, tt.lora.LoraConfig(rank=3, alpha=6, targets=["k", "v"]))
+    tt.lora.share_shrink(model, "off")
+    tt.lora.add_adapter(model, "b", tt.lora.LoraConfig(rank=3, alpha=6, targets=["q", "k", "v"]))
+    assert model.q._shrink_group.mode == "off"  # q had no group: the one the user set for the model
+    alone = copy.deepcopy(model.q)
+    assert alone._shrink_group.members == [] and alone._shrink_group.parent is None
+    assert torch.equal(alone(torch.ones(1, 12, **F64)), model.q(torch.ones(1, 12, **F64)))

@@ -4,7 +4,7 @@ from .cross_entropy import LinearCrossEntropyFunction, linear_cross_entropy
 from .dropout_mask import MaskStream, PackedMask, keep_mask, quantised_probability, traceable_keep_mask
 from .lora_shared import LoRAExpandFunction, LoRAShrinkFunction, lora_expand_linear, lora_shrink
 from .lora_matmul import LoRALinearFunction, lora_linear, lora_linear_reference, lora_linear_traceable
-from .memory import saved_bytes, saved_storages
+from .memory import graph_saved_storages, saved_bytes, saved_storages
 from .peak_memory import PeakMemory, reset_peak_rss, status_kib
 from .token_logprobs import LinearTokenLogprobsFunction, linear_token_logprobs
 
@@ -19,6 +19,7 @@ __all__ = [
     "PackedMask",
     "PeakMemory",
     "choose_backend",
+    "graph_saved_storages",
     "keep_mask",
     "linear_cross_entropy",
     "linear_token_logprobs",

@@ -11,9 +11,9 @@ x is read once instead of three times in the forward, and once instead of three 
 docs/kernels.md). There is no dropout here: independent dropout masks per projection (PEFT's semantics) cannot
 share the masked input, so `tinytune.peft.lora` shares the shrink only where the dropout is 0.
 
-`lora_shrink` keeps `x` (a reference) and `A` for backward; `lora_expand_linear` keeps `x` (for a trainable W
-only it is used), W, u and B, and does no gradient work for a frozen W / b. Both choose their backend as
-`lora_linear` does (`ops.backend.choose_backend`): "torch" runs `LoRAShrinkFunction` / `LoRAExpandFunction`
+`lora_shrink` keeps `x` (a reference) and `A` for backward; `lora_expand_linear` keeps W, u and B, and `x`
+only for a trainable W (under autocast the shrink's cast of x is then the group's one saved copy), and
+does no gradient work for a frozen W / b. Both choose their backend as `lora_linear` does (`ops.backend.choose_backend`): "torch" runs `LoRAShrinkFunction` / `LoRAExpandFunction`
 below, "triton" the kernels of `triton_kernels/lora_kernels.py` (`triton_kernels/shared_function.py`).
 Under torch.compile both are plain differentiable torch ops, which the compiler traces.
 
@@ -53,8 +53,8 @@ class LoRAExpandFunction(torch.autograd.Function):
         y = _base_forward(x, weight, bias)  # the one output allocation
         y.addmm_(u, lora_B.t(), alpha=scaling)
         ctx.scale, ctx.has_bias = scaling, bias is not None
-        if any(ctx.needs_input_grad):
-            ctx.save_for_backward(x, weight, u, lora_B)
+        if any(ctx.needs_input_grad):  # x only for a trainable W: the shrink keeps the one x for the group
+            ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight, u, lora_B)
         return y
 
     @staticmethod

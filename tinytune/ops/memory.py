@@ -36,3 +36,44 @@ def saved_bytes(fn: Callable[[], object], exclude: Iterable[torch.Tensor] = ()) 
     seen, out = saved_storages(fn, exclude)
     del out
     return sum(seen.values())
+
+
+def graph_saved_storages(outputs, exclude: Iterable[torch.Tensor] = ()) -> dict[int, int]:
+    """The storages the autograd graph behind `outputs` keeps for backward, read from the graph itself.
+
+    Unlike `saved_storages` this installs no saved-tensor hooks, so code that acts differently while hooks are
+    active (a shared LoRA shrink is off then, see `tinytune.peft.lora.shared_shrink`) is measured as it runs.
+    Custom Functions show their `saved_tensors`; built-in nodes their `_saved_*` attributes.
+
+    Args:
+        outputs: a tensor or tensors whose graph to walk (before backward frees it).
+        exclude: tensors whose storages are not counted (typically the parameters).
+
+    Returns:
+        {storage data_ptr: nbytes}, each storage once.
+    """
+    outputs = [outputs] if isinstance(outputs, torch.Tensor) else list(outputs)
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: dict[int, int] = {}
+    stack, visited = [t.grad_fn for t in outputs if t.grad_fn is not None], set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in visited:
+            continue
+        visited.add(id(node))
+        for t in _node_saved(node):
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in skip:
+                seen[storage.data_ptr()] = storage.nbytes()
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return seen
+
+
+def _node_saved(node) -> list[torch.Tensor]:
+    saved = list(getattr(node, "saved_tensors", None) or ())  # custom autograd Functions
+    for name in dir(node):
+        if name.startswith("_saved_"):
+            value = getattr(node, name)
+            values = value if isinstance(value, (tuple, list)) else (value,)
+            saved.extend(v for v in values if isinstance(v, torch.Tensor))
+    return [t for t in saved if t is not None]

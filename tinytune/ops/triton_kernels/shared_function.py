@@ -44,8 +44,8 @@ class TritonLoRAExpandFunction(torch.autograd.Function):
         y = _base_forward(x, weight, bias)
         expand_(y, u, lora_B, scaling)
         ctx.scale, ctx.has_bias = scaling, bias is not None
-        if any(ctx.needs_input_grad):
-            ctx.save_for_backward(x, weight, u, lora_B)
+        if any(ctx.needs_input_grad):  # x only for a trainable W: the shrink keeps the one x for the group
+            ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight, u, lora_B)
         return y
 
     @staticmethod

@@ -11,23 +11,27 @@ adds its slice with `ops.lora_expand_linear`. Same values and gradients, up to t
 
 Which layers: when LoRA is applied, the LoRALinear children of one parent module with the same
 in_features form a group (a parent may hold o_proj beside q/k/v, with the same width but another input).
-Who really reads one tensor is learned while the model runs, so nothing depends on names: the first
-time two members are called with the same tensor (same object, unmodified), they become sharers; from
-the next call on, the first sharer to see a new input computes the slices of all sharers, and each
-takes its own when called with that very tensor. A sharer called with another tensor, or whose factor
-changed since, computes its own (always correct), and a sharer that did not come for its slice stops
-being one. So the worst case costs one wasted slice (N x r) per group, once.
+Who really reads one tensor is learned while the model runs, so nothing depends on names: two members
+called one after the other with the same tensor (same object, unmodified) become sharers; from the next
+forward on, the first sharer to see a new input computes the slices of all sharers still to come, and
+each takes its own when called with that very tensor. A sharer called with another tensor, or whose
+factor changed since, computes its own (always correct), and a sharer that did not come for its slice
+stops being one. So the worst case costs one wasted slice (N x r) per group, once.
 
 When: only without dropout (dropout 0, or eval mode), since independent dropout masks per projection
 (PEFT's semantics) cannot share one masked input; not for DoRA, mixed per-row adapters, merged or
-disabled layers, under torch.compile (which fuses the plain ops itself) or in inference mode. Mode
+disabled layers, under torch.compile (which fuses the plain ops itself), in inference mode, or while
+saved-tensor hooks are active: non-reentrant gradient checkpointing recomputes a forward in backward and
+requires it to save what the original saved, and a sharer learned in between would change that. Mode
 "auto" (the default) shares where the Triton kernels run (`ops.choose_backend` gives "triton": a CUDA
 tensor with triton installed, or `TINYTUNE_KERNELS=triton`); on the CPU, measured, it does not pay
 (see docs/kernels.md), so "auto" leaves the CPU path as it was. "on" shares on every backend, "off" never.
 
-A group holds its members strongly (so `copy.deepcopy` of a model copies its groups with it) and a
-weak reference to the last input; the slices it keeps for members not yet called are dropped as soon
-as every sharer took its own. Groups are not saved: they are rebuilt by `apply` / `add_adapter`.
+A group holds its members and parent by weak reference (each member holds its group), so a model
+without references is freed at once, with no cycle for the garbage collector; `copy.deepcopy` of a
+model copies its groups, and a layer copied alone gets an inert group. The slices a group keeps for
+members not yet called are dropped as soon as every sharer took its own, and at the end of the
+parent's forward.
 """
 from __future__ import annotations
 
@@ -53,11 +57,13 @@ class _Slices:
     version: int
     grad_enabled: bool
     dtype: torch.dtype
-    pending: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = field(default_factory=dict)  # u, A, A's version
+    pending: dict[int, tuple] = field(default_factory=dict)  # index -> (u, A, A's version, A.requires_grad)
+
+    requires_grad: bool = False
 
     def matches(self, x: torch.Tensor, dtype: torch.dtype) -> bool:
         return (self.source() is x and x._version == self.version and self.grad_enabled == torch.is_grad_enabled()
-                and self.dtype == dtype)
+                and self.dtype == dtype and self.requires_grad == x.requires_grad)
 
 
 def _input_dtype(x: torch.Tensor) -> torch.dtype:
@@ -66,9 +72,21 @@ def _input_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def shareable_factor(layer: nn.Module) -> torch.Tensor | None:
+def _saved_tensor_hooks_active() -> bool:
+    """Whether saved-tensor hooks are active (non-reentrant checkpointing, offloading); True where torch
+    cannot tell, so that sharing stays off rather than risk a recompute that saves other tensors."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    if top is None:
+        return True
+    try:
+        return top(False) is not None
+    except TypeError:  # older signature, without ignore_is_tracing
+        return top() is not None
+
+
+def shareable_factor(layer: nn.Module | None) -> torch.Tensor | None:
     """The active adapter's A if `layer` would now run the plain fused path without dropout, else None."""
-    if layer.merged or layer._disabled or layer._rows is not None or layer._inference_weight is not None:
+    if layer is None or layer.merged or layer._disabled or layer._rows is not None or layer._inference_weight is not None:
         return None
     spec = layer.adapters.get(layer.active_adapter)
     if spec is None or spec.dora or (layer.training and spec.dropout > 0.0):
@@ -84,13 +102,25 @@ class ShrinkGroup:
     the forward that computed it (the graph of an earlier forward may have been freed by its backward).
     """
 
-    def __init__(self, members: list[nn.Module], parent: nn.Module, mode: str = "auto"):
-        self.members, self.parent, self.mode = list(members), parent, mode
+    def __init__(self, members: list[nn.Module], parent: nn.Module | None, mode: str = "auto"):
+        self._member_refs = [weakref.ref(m) for m in members]
+        self._parent_ref = weakref.ref(parent) if parent is not None else (lambda: None)
+        self.mode = mode
         self.sharers: set[int] = set()  # indices of members seen reading one tensor
         self._reset_round()
         self._open = False
-        self._handles = [parent.register_forward_pre_hook(self._begin),
-                         parent.register_forward_hook(self._end, always_call=True)]
+        self._handles = [] if parent is None else [parent.register_forward_pre_hook(self._begin),
+                                                   parent.register_forward_hook(self._end, always_call=True)]
+
+    @property
+    def members(self) -> list[nn.Module | None]:
+        """The member layers, in the parent's order (None for one that no longer exists)."""
+        return [ref() for ref in self._member_refs]
+
+    @property
+    def parent(self) -> nn.Module | None:
+        """The module whose forward calls the members."""
+        return self._parent_ref()
 
     def _reset_round(self) -> None:
         self._slices: _Slices | None = None
@@ -113,8 +143,9 @@ class ShrinkGroup:
         """Remove the hooks from the parent (the group is replaced or its layers are gone)."""
         for handle in self._handles:
             handle.remove()
+        self._handles = []
         for member in self.members:
-            if member._shrink_group is self:
+            if member is not None and member._shrink_group is self:
                 member._shrink_group = None
 
     def __getstate__(self) -> dict:
@@ -124,15 +155,21 @@ class ShrinkGroup:
                 "handles": self._handles}
 
     def __setstate__(self, state: dict) -> None:
-        self.members, self.parent, self.mode = state["members"], state["parent"], state["mode"]
-        self.sharers, self._handles = set(state["sharers"]), state["handles"]
+        self._member_refs = [weakref.ref(m) for m in state["members"] if m is not None]
+        parent = state["parent"]
+        self._parent_ref = weakref.ref(parent) if parent is not None else (lambda: None)
+        self.mode, self.sharers, self._handles = state["mode"], set(state["sharers"]), state["handles"]
         self._reset_round()
         self._open = False
 
     def __deepcopy__(self, memo: dict) -> "ShrinkGroup":
-        copy = ShrinkGroup.__new__(ShrinkGroup)
+        if id(self.parent) not in memo:  # a layer copied on its own, not with its parent: an inert group
+            copy = ShrinkGroup([], None, self.mode)
+        else:
+            copy = ShrinkGroup.__new__(ShrinkGroup)
+            memo[id(self)] = copy
+            copy.__setstate__(deepcopy(self.__getstate__(), memo))
         memo[id(self)] = copy
-        copy.__setstate__(deepcopy(self.__getstate__(), memo))
         return copy
 
     def __repr__(self) -> str:
@@ -143,6 +180,8 @@ class ShrinkGroup:
             return False
         if torch.is_inference_mode_enabled() or x.is_inference():  # inference tensors have no version counter
             return False
+        if _saved_tensor_hooks_active():  # a checkpoint's recompute must save what its forward saved
+            return False
         return self.mode == "on" or choose_backend(None, x) == "triton"
 
     def low_rank_input(self, member: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
@@ -152,7 +191,7 @@ class ShrinkGroup:
         """
         if not self._active(x):
             return None
-        index = next(i for i, m in enumerate(self.members) if m is member)
+        index = next(i for i, ref in enumerate(self._member_refs) if ref() is member)
         dtype = _input_dtype(x)
         slices = self._slices
         if slices is not None and index in slices.pending and slices.matches(x, dtype):
@@ -166,12 +205,12 @@ class ShrinkGroup:
     def _take(self, index: int) -> torch.Tensor | None:
         """The member's pending slice; None (it computes its own) if its factor is no longer the one used."""
         slices = self._slices
-        u, factor, version = slices.pending.pop(index)
+        u, factor, version, requires_grad = slices.pending.pop(index)
         if not slices.pending:
             self._slices = None  # every sharer served: keep nothing alive
         current = shareable_factor(self.members[index])
-        if current is not factor or current._version != version:  # another adapter, or A changed in place
-            return None
+        if current is not factor or current._version != version or current.requires_grad != requires_grad:
+            return None  # another adapter, A changed in place, or frozen / unfrozen since
         return u
 
     def _observe(self, index: int, x: torch.Tensor) -> None:
@@ -192,10 +231,10 @@ class ShrinkGroup:
             return None
         stacked = torch.cat([a.to(dtype) for a in factors.values()])  # (sum of ranks, d_in)
         parts = lora_shrink(x, stacked).split([a.shape[0] for a in factors.values()], dim=-1)
-        slices = _Slices(weakref.ref(x), x._version, torch.is_grad_enabled(), dtype)
+        slices = _Slices(weakref.ref(x), x._version, torch.is_grad_enabled(), dtype, requires_grad=x.requires_grad)
         for (i, factor), u in zip(factors.items(), parts):
             if i != index:
-                slices.pending[i] = (u, factor, factor._version)
+                slices.pending[i] = (u, factor, factor._version, factor.requires_grad)
         self._slices = slices
         return parts[list(factors).index(index)]
 
@@ -215,10 +254,13 @@ def _group_members(parent: nn.Module) -> list[list[nn.Module]]:
 
 
 def link_groups(model: nn.Module, mode: str | None = None) -> list[ShrinkGroup]:
-    """(Re)build every group of `model` (what `apply` and `add_adapter` call). Each group keeps the mode
-    its first member's old group had, unless `mode` is given; layers in no group lose theirs."""
+    """(Re)build every group of `model` (what `apply` and `add_adapter` call). Unless `mode` is given, a group
+    keeps the mode its members' old group had (a new group: the model's one mode, else "auto"); layers in
+    no group lose theirs."""
     old = {id(m): m._shrink_group for m in model.modules() if _is_member(m) and m._shrink_group is not None}
     old_modes = {key: group.mode for key, group in old.items()}
+    modes = set(old_modes.values())
+    default = modes.pop() if len(modes) == 1 else "auto"  # what share_shrink set for the whole model
     for module in model.modules():  # also the groups whose members left the model: their hooks are here
         old.update((id(h), h.__self__) for h in module._forward_pre_hooks.values()
                    if isinstance(getattr(h, "__self__", None), ShrinkGroup))
@@ -227,7 +269,8 @@ def link_groups(model: nn.Module, mode: str | None = None) -> list[ShrinkGroup]:
     groups = []
     for parent in model.modules():
         for members in _group_members(parent):
-            group = ShrinkGroup(members, parent, mode or old_modes.get(id(members[0]), "auto"))
+            kept = [old_modes[id(m)] for m in members if id(m) in old_modes]
+            group = ShrinkGroup(members, parent, mode or (kept[0] if kept else default))
             for member in members:
                 member._shrink_group = group
             groups.append(group)
@@ -252,7 +295,7 @@ def share_shrink(model: nn.Module, mode: str = "auto") -> list[list[str]]:
     if mode not in MODES:
         raise ValueError(f"share_shrink: mode={mode!r} is not one of {list(MODES)}")
     names = {id(m): n for n, m in model.named_modules()}
-    return [[names[id(m)] for m in group.members] for group in link_groups(model, mode)]
+    return [[names[id(m)] for m in group.members if m is not None] for group in link_groups(model, mode)]
 
 
 __all__ = ["MODES", "ShrinkGroup", "share_shrink"]
