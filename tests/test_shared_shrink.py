@@ -368,12 +368,57 @@ def test_toggling_requires_grad_between_siblings_is_not_served_a_stale_slice():
     assert torch.allclose(grads_x[0], grads_x[1], rtol=0, atol=1e-12)
 
 
-def test_a_new_group_takes_the_models_mode_and_a_layer_copied_alone_is_inert():
+def test_a_new_group_takes_the_models_mode_and_a_layer_copied_alone_has_no_group():
     model = Attention().double()
     tt.lora.apply(model, tt.lora.LoraConfig(rank=3, alpha=6, targets=["k", "v"]))
     tt.lora.share_shrink(model, "off")
     tt.lora.add_adapter(model, "b", tt.lora.LoraConfig(rank=3, alpha=6, targets=["q", "k", "v"]))
     assert model.q._shrink_group.mode == "off"  # q had no group: the one the user set for the model
     alone = copy.deepcopy(model.q)
-    assert alone._shrink_group.members == [] and alone._shrink_group.parent is None
+    assert alone._shrink_group is None  # the group stays with the parent
     assert torch.equal(alone(torch.ones(1, 12, **F64)), model.q(torch.ones(1, 12, **F64)))
+
+
+def test_a_replaced_sharer_then_a_copy_or_a_save_keeps_the_others_sharing():
+    model = lora_attention("on")
+    x = torch.randn(2, 5, 12, **F64)
+    run(model, x)
+    model.k = nn.Linear(12, 6).double()  # the user swaps a sharer out: its weak reference dies
+    for other in (copy.deepcopy(model), _saved_and_loaded(model)):
+        y, _ = run(other, x)
+        assert torch.allclose(y, run(model, x)[0], rtol=0, atol=1e-12)
+        assert other.nodes["v"] == "LoRAExpandFunctionBackward"  # q and v still share
+        assert other.q._shrink_group.members[1] is None and other.v._shrink_group is other.q._shrink_group
+
+
+def _saved_and_loaded(module):
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+def test_a_layer_saved_alone_carries_neither_siblings_nor_parent():
+    model = lora_attention("on")
+    run(model, torch.randn(2, 5, 12, **F64))
+    alone = io.BytesIO()
+    torch.save(model.q, alone)
+    plain = io.BytesIO()
+    torch.save(copy.deepcopy(model.q), plain)  # a copy has no group at all
+    assert abs(len(alone.getvalue()) - len(plain.getvalue())) < 200
+    q = model.q
+    del model  # the parent is gone; the layer still pickles and loads
+    loaded = _saved_and_loaded(q)
+    assert loaded._shrink_group is None
+    assert torch.equal(loaded(torch.ones(1, 12, **F64)), q(torch.ones(1, 12, **F64)))
+
+
+def test_a_layer_the_group_does_not_know_computes_its_own():
+    """nn.DataParallel replicas share their __dict__ (and so the group) with the original."""
+    model = lora_attention("on")
+    x = torch.randn(2, 5, 12, **F64)
+    run(model, x)
+    stranger = copy.deepcopy(model.k)
+    stranger._shrink_group = model.q._shrink_group
+    model.q._shrink_group._open = True
+    assert model.q._shrink_group.low_rank_input(stranger, x) is None

@@ -43,7 +43,8 @@ def graph_saved_storages(outputs, exclude: Iterable[torch.Tensor] = ()) -> dict[
 
     Unlike `saved_storages` this installs no saved-tensor hooks, so code that acts differently while hooks are
     active (a shared LoRA shrink is off then, see `tinytune.peft.lora.shared_shrink`) is measured as it runs.
-    Custom Functions show their `saved_tensors`; built-in nodes their `_saved_*` attributes.
+    Custom Functions show their `saved_tensors`; built-in nodes their `_saved_*` attributes (0-dim ones, the
+    wrapped Python scalars of ops such as `x * 2`, are not counted).
 
     Args:
         outputs: a tensor or tensors whose graph to walk (before backward frees it).
@@ -76,4 +77,6 @@ def _node_saved(node) -> list[torch.Tensor]:
             value = getattr(node, name)
             values = value if isinstance(value, (tuple, list)) else (value,)
             saved.extend(v for v in values if isinstance(v, torch.Tensor))
-    return [t for t in saved if t is not None]
+    # 0-dim tensors are skipped: built-in nodes save Python scalars (x * 2) as wrapped 0-dim tensors, which
+    # saved-tensor hooks never see; a real 0-dim saved tensor is 1 element
+    return [t for t in saved if t is not None and t.dim() > 0]

@@ -56,6 +56,14 @@ class LoRALinear(LoRALayer):
         super().__init__()
         self._wrap(base, LoraSpec(rank, alpha, dropout, rslora, init, dora), adapter_name)
 
+    def __getstate__(self) -> dict:
+        # The shared-shrink group travels with the parent's hooks and relinks its members on load; pickled
+        # here, a layer saved or copied alone would carry its siblings and parent with it.
+        getstate = getattr(super(), "__getstate__", None)
+        state = dict(getstate() if getstate is not None else self.__dict__)
+        state.pop("_shrink_group", None)
+        return state
+
     @classmethod
     def cannot_wrap(cls, base: nn.Module) -> str | None:
         if not isinstance(base, nn.Linear):

@@ -27,9 +27,10 @@ requires it to save what the original saved, and a sharer learned in between wou
 tensor with triton installed, or `TINYTUNE_KERNELS=triton`); on the CPU, measured, it does not pay
 (see docs/kernels.md), so "auto" leaves the CPU path as it was. "on" shares on every backend, "off" never.
 
-A group holds its members and parent by weak reference (each member holds its group), so a model
-without references is freed at once, with no cycle for the garbage collector; `copy.deepcopy` of a
-model copies its groups, and a layer copied alone gets an inert group. The slices a group keeps for
+A group holds its members and parent by weak reference (each member holds its group, the parent its
+hooks), so a model without references is freed at once, with no cycle for the garbage collector.
+`copy.deepcopy` or pickling of a model copies its groups (they travel with the parent's hooks); a layer
+copied or saved alone leaves its group behind (and its siblings: nothing else is saved with it). The slices a group keeps for
 members not yet called are dropped as soon as every sharer took its own, and at the end of the
 parent's forward.
 """
@@ -47,6 +48,11 @@ from .base import param_key
 from .layers import LoRALinear
 
 MODES = ("auto", "on", "off")
+
+
+def _dead() -> None:
+    """A weak reference's stand-in for a member or parent that no longer exists."""
+    return None
 
 
 @dataclass
@@ -104,13 +110,14 @@ class ShrinkGroup:
 
     def __init__(self, members: list[nn.Module], parent: nn.Module | None, mode: str = "auto"):
         self._member_refs = [weakref.ref(m) for m in members]
-        self._parent_ref = weakref.ref(parent) if parent is not None else (lambda: None)
+        self._parent_ref = weakref.ref(parent) if parent is not None else _dead
         self.mode = mode
         self.sharers: set[int] = set()  # indices of members seen reading one tensor
         self._reset_round()
         self._open = False
-        self._handles = [] if parent is None else [parent.register_forward_pre_hook(self._begin),
-                                                   parent.register_forward_hook(self._end, always_call=True)]
+        if parent is not None:
+            parent.register_forward_pre_hook(self._begin)
+            parent.register_forward_hook(self._end, always_call=True)
 
     @property
     def members(self) -> list[nn.Module | None]:
@@ -140,37 +147,36 @@ class ShrinkGroup:
             self._open = False
 
     def detach(self) -> None:
-        """Remove the hooks from the parent (the group is replaced or its layers are gone)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        """Remove the hooks from the parent (the group is replaced or its layers are gone).
+
+        The hooks are found in the parent's hook tables by their owner (not by handles, which cannot be pickled
+        once their parent is gone), so a group restored by pickle or deepcopy detaches the same way."""
+        parent = self.parent
+        if parent is not None:
+            for table in (parent._forward_pre_hooks, parent._forward_hooks):
+                for key in [k for k, hook in table.items() if getattr(hook, "__self__", None) is self]:
+                    del table[key]
+                    parent._forward_hooks_always_called.pop(key, None)
         for member in self.members:
             if member is not None and member._shrink_group is self:
                 member._shrink_group = None
 
     def __getstate__(self) -> dict:
-        # what was learned, the members, the parent and the hook handles; not the live slices (autograd
-        # tensors of a running forward) nor the weak references
-        return {"members": self.members, "parent": self.parent, "mode": self.mode, "sharers": set(self.sharers),
-                "handles": self._handles}
+        # Reached through the parent's hook table (members do not pickle their group, see
+        # LoRALinear.__getstate__): the members and the parent are being pickled with it. Dead members are
+        # kept as None, so the learned indices still name the same layers. Not the live slices.
+        return {"members": self.members, "parent": self.parent, "mode": self.mode, "sharers": set(self.sharers)}
 
     def __setstate__(self, state: dict) -> None:
-        self._member_refs = [weakref.ref(m) for m in state["members"] if m is not None]
+        self._member_refs = [weakref.ref(m) if m is not None else _dead for m in state["members"]]
         parent = state["parent"]
-        self._parent_ref = weakref.ref(parent) if parent is not None else (lambda: None)
-        self.mode, self.sharers, self._handles = state["mode"], set(state["sharers"]), state["handles"]
+        self._parent_ref = weakref.ref(parent) if parent is not None else _dead
+        self.mode, self.sharers = state["mode"], set(state["sharers"])
         self._reset_round()
         self._open = False
-
-    def __deepcopy__(self, memo: dict) -> "ShrinkGroup":
-        if id(self.parent) not in memo:  # a layer copied on its own, not with its parent: an inert group
-            copy = ShrinkGroup([], None, self.mode)
-        else:
-            copy = ShrinkGroup.__new__(ShrinkGroup)
-            memo[id(self)] = copy
-            copy.__setstate__(deepcopy(self.__getstate__(), memo))
-        memo[id(self)] = copy
-        return copy
+        for member in state["members"]:  # the link the members did not pickle
+            if member is not None:
+                member._shrink_group = self
 
     def __repr__(self) -> str:
         return f"ShrinkGroup({len(self.members)} members, sharers={sorted(self.sharers)}, mode={self.mode!r})"
@@ -191,7 +197,9 @@ class ShrinkGroup:
         """
         if not self._active(x):
             return None
-        index = next(i for i, ref in enumerate(self._member_refs) if ref() is member)
+        index = next((i for i, ref in enumerate(self._member_refs) if ref() is member), None)
+        if index is None:  # a copy the group does not know (nn.DataParallel's replicas share their __dict__)
+            return None
         dtype = _input_dtype(x)
         slices = self._slices
         if slices is not None and index in slices.pending and slices.matches(x, dtype):
