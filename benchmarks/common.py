@@ -28,6 +28,7 @@ import math
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -104,6 +105,37 @@ def cuda_peak(fn) -> dict:
     torch.cuda.synchronize()
     return {"peak_bytes": torch.cuda.max_memory_allocated() - before, "allocated_before_bytes": before,
             "method": "torch.cuda.max_memory_allocated - memory_allocated before"}
+
+
+def interleaved_rounds(steps: dict, reps: int, warmup: int, budget_s: float, device: str,
+                       params=()) -> tuple[dict, int]:
+    """Seconds of each timed call of each step ({key: [s]}), run interleaved (a, b, c, a, b, c, ...), and the
+    number of timed rounds.
+
+    `steps`: {key: a zero-argument callable, one forward + backward}. At least `reps` rounds after `warmup`
+    rounds; cheap steps get more, up to `budget_s` seconds of rounds (at most 400), because their medians are
+    the most sensitive to noise from other processes. CUDA steps are timed with CUDA events (`cuda_seconds`).
+    The `.grad` of each of `params` is reset after every call.
+    """
+    times = {k: [] for k in steps}
+    i = 0
+    while True:
+        for k, run in steps.items():
+            if device == "cuda":
+                times[k].append(cuda_seconds(run))
+            else:
+                t0 = time.perf_counter()
+                run()
+                times[k].append(time.perf_counter() - t0)
+            for prm in params:
+                prm.grad = None
+        i += 1
+        if i == warmup:
+            per_round = sum(v[-1] for v in times.values())
+            reps = max(reps, min(400, int(budget_s / per_round)))
+            times = {k: [] for k in steps}
+        if i >= warmup + reps:
+            return times, reps
 
 
 def gpu_info() -> dict:

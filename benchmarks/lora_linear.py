@@ -11,7 +11,7 @@ shapes plus N = 8192, d = 4096, r = 16; CUDA-event timing, and each variant's pe
 `torch.cuda.max_memory_allocated` above what was allocated before its step. Target: (c) or (d) <= 1.15x (a) at
 d = 4096, r = 16.
 Each timed step is forward + backward. Runs are interleaved (a, b, c, a, b, c, ...) after a warmup;
-the median is reported (at least --reps rounds, more for cheap shapes, see `time_interleaved`). Memory "kept for backward" is the bytes of every distinct storage that
+the median is reported (at least --reps rounds, more for cheap shapes, see `common.interleaved_rounds`). Memory "kept for backward" is the bytes of every distinct storage that
 autograd saves during one forward (seen through `torch.autograd.graph.saved_tensors_hooks`), each
 storage counted once and parameter storages excluded (they live anyway). The input `x` is counted.
 
@@ -29,7 +29,6 @@ import inspect
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -37,7 +36,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from charts import lora_linear_chart as chart  # noqa: E402
-from common import (add_common_args, add_device_arg, cuda_peak, cuda_seconds, gpu_info, machine_info,  # noqa: E402
+from common import (add_common_args, add_device_arg, cuda_peak, gpu_info, interleaved_rounds, machine_info,  # noqa: E402
                     output_path, replot, require_device, setup_threads, write_results)
 from tinytune.ops import lora_linear, saved_bytes  # noqa: E402
 
@@ -98,34 +97,6 @@ def step(fn, x, grad) -> None:
     x.grad = None
 
 
-def time_interleaved(fns: dict, x, grad, reps: int, warmup: int, budget_s: float, device: str,
-                     params) -> tuple[dict, int]:
-    """Median seconds per forward+backward for each variant, runs interleaved.
-
-    At least `reps` rounds; cheap shapes get more, up to `budget_s` seconds of rounds (at most
-    400), because their medians are the most sensitive to noise from other processes.
-    """
-    times = {k: [] for k in fns}
-    i = 0
-    while True:
-        for k, fn in fns.items():
-            if device == "cuda":
-                times[k].append(cuda_seconds(lambda: step(fn, x, grad)))
-            else:
-                t0 = time.perf_counter()
-                step(fn, x, grad)
-                times[k].append(time.perf_counter() - t0)
-            for prm in params:
-                prm.grad = None
-        i += 1
-        if i == warmup:
-            per_round = sum(v[-1] for v in times.values())
-            reps = max(reps, min(400, int(budget_s / per_round)))
-            times = {k: [] for k in fns}
-        if i >= warmup + reps:
-            return {k: statistics.median(v) for k, v in times.items()}, reps
-
-
 def flop_floor(d_in: int, d_out: int, r: int) -> float:
     return 1 + 1.5 * r * (d_in + d_out) / (d_in * d_out)
 
@@ -136,7 +107,9 @@ def bench_shape(n, d_in, d_out, r, p, device, reps, warmup, budget_s) -> dict:
     fns, params = make_variants(d_in, d_out, r, p, device, dtype)
     x = torch.randn(n, d_in, device=device, dtype=dtype, requires_grad=True)
     grad = torch.randn(n, d_out, device=device, dtype=dtype)
-    med, reps = time_interleaved(fns, x, grad, reps, warmup, budget_s, device, params)
+    steps = {k: (lambda fn=fn: step(fn, x, grad)) for k, fn in fns.items()}
+    times, reps = interleaved_rounds(steps, reps, warmup, budget_s, device, params)
+    med = {k: statistics.median(v) for k, v in times.items()}
     a, b, c = med["a"], med["b"], med["c"]
     mem = {k: saved_bytes(lambda fn=fn: fn(x), params) for k, fn in fns.items()}
     row = {

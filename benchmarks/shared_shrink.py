@@ -17,7 +17,7 @@ On the CPU (fp32) "auto" does not share (measured not to pay, docs/kernels.md): 
 as `backend`), CUDA-event timing, and each variant's peak of `torch.cuda.max_memory_allocated` above what was
 allocated before its step.
 Runs are interleaved (a, b, c, a, b, c, ...) after the warmup; the median is reported, with the quartiles of the
-rounds as a measure of the noise (at least --reps rounds, more for cheap shapes, see `time_interleaved`). Memory
+rounds as a measure of the noise (at least --reps rounds, more for cheap shapes, see `common.interleaved_rounds`). Memory
 "kept for backward" (`tinytune.ops.graph_saved_storages`, read from the graph: saved-tensor hooks would turn sharing
 off) is the bytes of every distinct storage autograd keeps after one forward of the parent, each storage counted once and parameter storages excluded (they live anyway); x counts where
 it is saved (the frozen projections alone, needing no weight gradient, keep only their weights: 0 bytes).
@@ -35,7 +35,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -43,7 +42,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from charts import shared_shrink_chart as chart  # noqa: E402
-from common import (add_common_args, add_device_arg, cuda_peak, cuda_seconds, gpu_info, machine_info,  # noqa: E402
+from common import (add_common_args, add_device_arg, cuda_peak, gpu_info, interleaved_rounds, machine_info,  # noqa: E402
                     output_path, replot, require_device, setup_threads, write_results)
 import tinytune as tt  # noqa: E402
 from tinytune.ops import choose_backend, graph_saved_storages  # noqa: E402
@@ -101,34 +100,6 @@ def step(model, x, grads) -> None:
     x.grad = None
 
 
-def time_interleaved(models: dict, x, grads, reps: int, warmup: int, budget_s: float, device: str,
-                     params) -> tuple[dict, int]:
-    """Seconds of each timed forward+backward of each variant ({key: [s]}), runs interleaved, and the round count.
-
-    At least `reps` rounds after `warmup` rounds; cheap shapes get more, up to `budget_s` seconds of rounds (at most
-    400), because their medians are the most sensitive to noise from other processes.
-    """
-    times = {k: [] for k in models}
-    i = 0
-    while True:
-        for k, model in models.items():
-            if device == "cuda":
-                times[k].append(cuda_seconds(lambda: step(model, x, grads)))
-            else:
-                t0 = time.perf_counter()
-                step(model, x, grads)
-                times[k].append(time.perf_counter() - t0)
-            for prm in params:
-                prm.grad = None
-        i += 1
-        if i == warmup:
-            per_round = sum(v[-1] for v in times.values())
-            reps = max(reps, min(400, int(budget_s / per_round)))
-            times = {k: [] for k in models}
-        if i >= warmup + reps:
-            return times, reps
-
-
 def quartiles(values: list[float]) -> list[float]:
     """[first, third] quartile of `values` (both the value itself for one run)."""
     if len(values) < 2:
@@ -172,7 +143,8 @@ def bench_shape(n, d, d_kv, r, device, reps, warmup, budget_s) -> dict:
     models, params = make_variants(d, d_kv, r, device, dtype)
     x = torch.randn(n, d, device=device, dtype=dtype, requires_grad=True)
     grads = [torch.randn(n, out, device=device, dtype=dtype) for out in (d, d_kv, d_kv)]
-    times, reps = time_interleaved(models, x, grads, reps, warmup, budget_s, device, params)
+    steps = {k: (lambda m=m: step(m, x, grads)) for k, m in models.items()}
+    times, reps = interleaved_rounds(steps, reps, warmup, budget_s, device, params)
     med = {k: statistics.median(v) for k, v in times.items()}
     diff = max_abs_diff(models, x, grads)
     for prm in params:

@@ -52,9 +52,7 @@ class LoRAExpandFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, u, lora_B, scaling: float):
         y = _base_forward(x, weight, bias)  # the one output allocation
         y.addmm_(u, lora_B.t(), alpha=scaling)
-        ctx.scale, ctx.has_bias = scaling, bias is not None
-        if any(ctx.needs_input_grad):  # x only for a trainable W: the shrink keeps the one x for the group
-            ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight, u, lora_B)
+        save_for_expand_backward(ctx, x, weight, bias, u, lora_B, scaling)
         return y
 
     @staticmethod
@@ -67,6 +65,14 @@ class LoRAExpandFunction(torch.autograd.Function):
         if need_b_lora:
             grad_b = _tn(u.contiguous(), grad_y).t().mul_(ctx.scale)  # (d_out, r); u is a slice of the group's
         return (*expand_base_grads(ctx, grad_y, x, weight), grad_u, grad_b, None)
+
+
+def save_for_expand_backward(ctx, x, weight, bias, u, lora_B, scaling: float) -> None:
+    """What an expand Function's backward needs: W, u, B and the scale, and x only for a trainable W (the
+    shrink keeps the one x of the group: under autocast a second saved cast of it would cost memory)."""
+    ctx.scale, ctx.has_bias = scaling, bias is not None
+    if any(ctx.needs_input_grad):
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight, u, lora_B)
 
 
 def expand_base_grads(ctx, grad_y, x, weight) -> tuple:

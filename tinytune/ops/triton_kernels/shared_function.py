@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..lora_matmul import _base_forward
-from ..lora_shared import expand_base_grads
+from ..lora_shared import expand_base_grads, save_for_expand_backward
 from .lora_kernels import expand_, grad_g, grad_x_, shrink
 
 
@@ -43,9 +43,7 @@ class TritonLoRAExpandFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, u, lora_B, scaling: float):
         y = _base_forward(x, weight, bias)
         expand_(y, u, lora_B, scaling)
-        ctx.scale, ctx.has_bias = scaling, bias is not None
-        if any(ctx.needs_input_grad):  # x only for a trainable W: the shrink keeps the one x for the group
-            ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight, u, lora_B)
+        save_for_expand_backward(ctx, x, weight, bias, u, lora_B, scaling)
         return y
 
     @staticmethod

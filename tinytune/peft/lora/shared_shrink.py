@@ -37,7 +37,6 @@ parent's forward.
 from __future__ import annotations
 
 import weakref
-from copy import deepcopy
 from dataclasses import dataclass, field
 
 import torch
