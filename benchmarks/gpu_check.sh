@@ -2,8 +2,9 @@
 # The CUDA checks of issue 14 in one run, from the repository root of a machine with a CUDA GPU:
 #     bash benchmarks/gpu_check.sh [--quick]
 # 1. versions: nvidia-smi, torch (CUDA, cuDNN), triton, transformers, peft;
-# 2. the gpu-marked tests (tests/test_gpu.py and, where they exist, tests/test_triton_lora.py and
-#    tests/test_triton_loss.py), with Triton's interpreter OFF (TRITON_INTERPRET=0: the compiled kernels);
+# 2. the gpu-marked tests (tests/test_gpu.py and, where they exist, tests/test_triton_lora.py,
+#    tests/test_triton_loss.py and tests/test_triton_model.py), with Triton's interpreter OFF
+#    (TRITON_INTERPRET=0: the compiled kernels);
 # 3. the CUDA benchmark rows: benchmarks/lora_linear.py, train_step.py, inference.py and shared_shrink.py with
 #    --device cuda
 #    (--quick: their smallest settings, a smoke run of a minute or two).
@@ -76,7 +77,7 @@ EOF
 echo "=== versions"
 versions 2>&1 | tee "$DEST/versions.log"
 TESTS=()
-for f in tests/test_gpu.py tests/test_triton_lora.py tests/test_triton_loss.py; do
+for f in tests/test_gpu.py tests/test_triton_lora.py tests/test_triton_loss.py tests/test_triton_model.py; do
     [ -f "$f" ] && TESTS+=("$f")
 done
 step tests 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rs "${TESTS[@]}"
