@@ -48,6 +48,21 @@ _FILE_SUFFIX = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_embe
            "lora_embedding_B": "lora_embedding_B", "lora_magnitude_vector": "lora_magnitude_vector"}
 
 
+def factor_property(kind: str, doc: str) -> property:
+    """The active adapter's parameter `kind` as an attribute (`layer.lora_A`).
+
+    Assignable only on an `nn.DataParallel` replica: `torch.nn.parallel.replicate` sets each parameter's
+    per-device copy with setattr under its registered name, and `_factor` reads it back from there.
+    """
+    def set_replica_copy(self, value):
+        if not getattr(self, "_is_replica", False):
+            raise AttributeError(f"{kind} of a {type(self).__name__} is the active adapter's parameter: change it in "
+                                 "place (under torch.no_grad()) or load it with tt.lora.load_state_dict")
+        self.__dict__[kind] = value
+
+    return property(lambda self: self._factor(kind), set_replica_copy, doc=doc)
+
+
 def _active_field(name: str, doc: str) -> property:
     return property(lambda self: getattr(self._spec(), name), doc=doc)
 
@@ -136,7 +151,14 @@ class LoRALayer(RowAdapters, InferenceMerge, nn.Module):
     def _factor(self, kind: str, name: str | None = None) -> nn.Parameter:
         name = self.active_adapter if name is None else name
         self._spec(name)
-        return self._parameters[param_key(kind, name)]
+        return self._factor_tensor(kind, name)
+
+    def _factor_tensor(self, kind: str, name: str) -> torch.Tensor:
+        """Adapter `name`'s parameter `kind`, without checks (forward's hot path). An `nn.DataParallel` replica
+        holds no parameters, only their per-device copies as attributes (`factor_property`)."""
+        key = param_key(kind, name)
+        found = self._parameters.get(key)
+        return found if found is not None else self.__dict__[key]
 
     def adapter_parameters(self, name: str | None = None) -> dict[str, nn.Parameter]:
         """`{kind: Parameter}` of adapter `name` (default: the active one), kinds named as in PEFT's
@@ -157,10 +179,8 @@ class LoRALayer(RowAdapters, InferenceMerge, nn.Module):
         file writer prefixes with the layer's path. Layer types whose PEFT keys differ override this."""
         return {_FILE_SUFFIX[kind]: p for kind, p in self.adapter_parameters(name).items()}
 
-    @property
-    def lora_magnitude_vector(self) -> nn.Parameter:
-        """The active DoRA adapter's magnitude, one per output feature (embedding dim)."""
-        return self._factor("lora_magnitude_vector")
+    lora_magnitude_vector = factor_property(
+        "lora_magnitude_vector", "The active DoRA adapter's magnitude, one per output feature (embedding dim).")
 
     def add_adapter(self, name: str, spec: LoraSpec) -> None:
         """Add a new adapter `name` with hyperparameters `spec`, beside the others, initialised so that

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import LoRALayer, init_lora_A, param_key
+from .base import LoRALayer, factor_property, init_lora_A
 from .config import DEFAULT_ADAPTER, LoraSpec
 from .layers import LoRALinear
 from .registry import register_layer, register_layer_by_name, registered_types
@@ -54,8 +54,8 @@ class _LoRAConvNd(LoRALayer):
     _conv_type: type = nn.Conv2d  # set by each subclass
     _pissa_rewrites_base = False  # PiSSA is refused here
 
-    lora_A = property(lambda self: self._factor("lora_A"), doc="The active adapter's A, (rank, in, *kernel).")
-    lora_B = property(lambda self: self._factor("lora_B"), doc="The active adapter's B, (out, rank, *1s).")
+    lora_A = factor_property("lora_A", "The active adapter's A, (rank, in, *kernel).")
+    lora_B = factor_property("lora_B", "The active adapter's B, (out, rank, *1s).")
 
     def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
                  init: str = "kaiming", dora: bool = False, adapter_name: str = DEFAULT_ADAPTER):
@@ -134,7 +134,7 @@ class _LoRAConvNd(LoRALayer):
         spec = self.adapters.get(name)
         if spec is None:
             return out
-        lora_A, lora_B = self._parameters[param_key("lora_A", name)], self._parameters[param_key("lora_B", name)]
+        lora_A, lora_B = self._factor_tensor("lora_A", name), self._factor_tensor("lora_B", name)
         p = spec.dropout if self.training else 0.0
         dropped = F.dropout(x.to(lora_A.dtype), p, training=True) if p > 0 else x.to(lora_A.dtype)
         # _conv_forward: the base's own stride, padding (and padding_mode), dilation, with A's weight;

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import LoRALayer, init_lora_A, param_key
+from .base import LoRALayer, factor_property, init_lora_A
 from .config import LoraSpec
 
 __all__ = ["LoRALinearLike"]
@@ -36,8 +36,8 @@ class LoRALinearLike(LoRALayer):
         ValueError: dora=True or init="pissa" (they need the weight itself).
     """
 
-    lora_A = property(lambda self: self._factor("lora_A"), doc="The active adapter's A, (rank, in_features).")
-    lora_B = property(lambda self: self._factor("lora_B"), doc="The active adapter's B, (out_features, rank).")
+    lora_A = factor_property("lora_A", "The active adapter's A, (rank, in_features).")
+    lora_B = factor_property("lora_B", "The active adapter's B, (out_features, rank).")
 
     @classmethod
     def cannot_wrap(cls, base: nn.Module) -> str | None:
@@ -70,7 +70,7 @@ class LoRALinearLike(LoRALayer):
         spec = self.adapters.get(name)
         if spec is None:
             return out
-        lora_A, lora_B = self._parameters[param_key("lora_A", name)], self._parameters[param_key("lora_B", name)]
+        lora_A, lora_B = self._factor_tensor("lora_A", name), self._factor_tensor("lora_B", name)
         dropped = F.dropout(x.to(lora_A.dtype), spec.dropout, self.training)
         low_rank = (dropped @ lora_A.t()) @ lora_B.t()  # (..., r) then (..., out): never an (out, in) product
         return out + (low_rank * spec.scaling).to(out.dtype)

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...ops import lora_expand_linear, lora_linear
-from .base import LoRALayer, init_lora_A, param_key
+from .base import LoRALayer, factor_property, init_lora_A
 from .config import DEFAULT_ADAPTER, LoraSpec
 from .registry import register_layer
 from .variants import dora_embedding, dora_linear, pissa_factors
@@ -47,8 +47,8 @@ class LoRALinear(LoRALayer):
 
     _merges_for_inference = True  # generation_context(): one matmul with the merged weight (see `inference`)
     _shrink_group = None  # a shared_shrink.ShrinkGroup with its siblings reading one input, set by apply
-    lora_A = property(lambda self: self._factor("lora_A"), doc="The active adapter's A, (rank, in_features).")
-    lora_B = property(lambda self: self._factor("lora_B"), doc="The active adapter's B, (out_features, rank).")
+    lora_A = factor_property("lora_A", "The active adapter's A, (rank, in_features).")
+    lora_B = factor_property("lora_B", "The active adapter's B, (out_features, rank).")
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
                  rslora: bool = False, init: str = "kaiming", dora: bool = False,
@@ -129,7 +129,7 @@ class LoRALinear(LoRALayer):
         if spec is None:
             return self.base(x)
         p = spec.dropout if self.training else 0.0
-        lora_A, lora_B = self._parameters[param_key("lora_A", name)], self._parameters[param_key("lora_B", name)]
+        lora_A, lora_B = self._factor_tensor("lora_A", name), self._factor_tensor("lora_B", name)
         weight = self._linear_weight()
         if spec.dora:  # plain ops around the fused op; see variants.dora_linear for the cost
             return dora_linear(x, weight, self.base.bias, lora_A, lora_B,
@@ -167,10 +167,8 @@ class LoRAEmbedding(LoRALayer):
     _A, _B = "lora_embedding_A", "lora_embedding_B"
     _pissa_rewrites_base = False
 
-    lora_embedding_A = property(lambda self: self._factor("lora_embedding_A"),
-                                doc="The active adapter's A, (rank, num_embeddings).")
-    lora_embedding_B = property(lambda self: self._factor("lora_embedding_B"),
-                                doc="The active adapter's B, (embedding_dim, rank).")
+    lora_embedding_A = factor_property("lora_embedding_A", "The active adapter's A, (rank, num_embeddings).")
+    lora_embedding_B = factor_property("lora_embedding_B", "The active adapter's B, (embedding_dim, rank).")
 
     def __init__(self, base: nn.Embedding, rank: int, alpha: float, dropout: float = 0.0,
                  rslora: bool = False, init: str = "kaiming", dora: bool = False,

@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
-from .base import LoRALayer
+from .base import LoRALayer, factor_property
 from .config import LoraSpec
 from .registry import register_layer
 
@@ -76,10 +76,10 @@ class LoRAMultiheadAttention(LoRALayer):
         ValueError: dora=True or init="pissa".
     """
 
-    lora_A = property(lambda self: self._factor("lora_A"), doc="The active adapter's in_proj A, (rank, embed_dim).")
-    lora_B = property(lambda self: self._factor("lora_B"), doc="The active adapter's in_proj B, (3 embed_dim, rank).")
-    lora_out_A = property(lambda self: self._factor("lora_out_A"), doc="The active adapter's out_proj A, (rank, E).")
-    lora_out_B = property(lambda self: self._factor("lora_out_B"), doc="The active adapter's out_proj B, (E, rank).")
+    lora_A = factor_property("lora_A", "The active adapter's in_proj A, (rank, embed_dim).")
+    lora_B = factor_property("lora_B", "The active adapter's in_proj B, (3 embed_dim, rank).")
+    lora_out_A = factor_property("lora_out_A", "The active adapter's out_proj A, (rank, E).")
+    lora_out_B = factor_property("lora_out_B", "The active adapter's out_proj B, (E, rank).")
 
     # read by nn.TransformerEncoderLayer / nn.TransformerEncoder when they decide on their fused paths
     embed_dim, kdim, vdim, num_heads = (_base_attr(n) for n in ("embed_dim", "kdim", "vdim", "num_heads"))

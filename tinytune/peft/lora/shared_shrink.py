@@ -43,7 +43,6 @@ import torch
 import torch.nn as nn
 
 from ...ops import choose_backend, lora_shrink
-from .base import param_key
 from .layers import LoRALinear
 
 MODES = ("auto", "on", "off")
@@ -96,7 +95,7 @@ def shareable_factor(layer: nn.Module | None) -> torch.Tensor | None:
     spec = layer.adapters.get(layer.active_adapter)
     if spec is None or spec.dora or (layer.training and spec.dropout > 0.0):
         return None
-    return layer._parameters[param_key("lora_A", layer.active_adapter)]
+    return layer._factor_tensor("lora_A", layer.active_adapter)
 
 
 class ShrinkGroup:
