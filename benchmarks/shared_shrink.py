@@ -18,8 +18,8 @@ as `backend`), CUDA-event timing, and each variant's peak of `torch.cuda.max_mem
 allocated before its step.
 Runs are interleaved (a, b, c, a, b, c, ...) after the warmup; the median is reported, with the quartiles of the
 rounds as a measure of the noise (at least --reps rounds, more for cheap shapes, see `common.interleaved_rounds`). Memory
-"kept for backward" (`tinytune.ops.graph_saved_storages`, read from the graph: saved-tensor hooks would turn sharing
-off) is the bytes of every distinct storage autograd keeps after one forward of the parent, each storage counted once and parameter storages excluded (they live anyway); x counts where
+"kept for backward" (`tinytune.ops.graph_saved_storages`, read from the graph: saved-tensor hooks would
+change what the shared shrink keeps) is the bytes of every distinct storage autograd keeps after one forward of the parent, each storage counted once and parameter storages excluded (they live anyway); x counts where
 it is saved (the frozen projections alone, needing no weight gradient, keep only their weights: 0 bytes).
 FLOP floor of (b) and (c) relative to (a): `1 + 1.5 r sum(d_in + d_out) / sum(d_in d_out)` over the three
 projections (the same FLOPs: sharing saves passes over x, not arithmetic).
@@ -132,7 +132,7 @@ def max_abs_diff(models: dict, x, grads) -> float:
 
 def kept_bytes(model, x, params) -> int:
     """Bytes autograd keeps after one forward, read from the graph (`graph_saved_storages`): saved-tensor hooks
-    (`saved_bytes`) would turn the shared shrink off, which they do to keep checkpoint recomputes exact."""
+    (`saved_bytes`) would put the shared shrink in its forward-only mode, kept for checkpoint recomputes."""
     outputs = model(x)
     return sum(graph_saved_storages(outputs, exclude=params).values())
 

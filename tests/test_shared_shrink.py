@@ -133,6 +133,23 @@ def test_ops_name_bad_shapes_and_follow_autocast():
     assert u.dtype == y.dtype == torch.bfloat16
 
 
+def test_lora_linear_with_a_given_xa_saves_and_differentiates_as_without():
+    torch.manual_seed(5)
+    x = torch.randn(2, 3, 8, **F64, requires_grad=True)
+    w, a, b = torch.randn(5, 8, **F64), torch.randn(4, 8, **F64, requires_grad=True), torch.randn(5, 4, **F64)
+    b.requires_grad_(True)
+    given = (x @ a.t()).detach()
+    y = lora_linear(x, w, None, a, b, 1.5, given_xa=given)
+    g = torch.randn_like(y)
+    want = torch.autograd.grad(lora_linear(x, w, None, a, b, 1.5), (x, a, b), g)
+    for got, w_ in zip(torch.autograd.grad(y, (x, a, b), g), want):
+        assert torch.allclose(got, w_, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match=r"given_xa of shape \(2, 3, 3\) needs dropout 0 and shape \(2, 3, 4\)"):
+        lora_linear(x, w, None, a, b, 1.5, given_xa=given[..., :3])
+    with pytest.raises(ValueError, match="got dropout=0.1"):
+        lora_linear(x, w, None, a, b, 1.5, dropout=0.1, given_xa=given)
+
+
 # ------------------------------------------------------------------------------ groups and what is learned
 def test_groups_are_siblings_of_one_width_and_share_equals_separate():
     shared, separate = lora_attention("on"), lora_attention("off")
@@ -188,8 +205,8 @@ def test_decoder_training_equals_separate(checkpointing):
             loss = model(ids, labels=ids).loss
             loss.backward()
         shared = model.model.layers[0].self_attn.q_proj._shrink_group.sharers
-        # non-reentrant checkpointing: saved-tensor hooks are active, so nothing is shared (module docstring)
-        assert shared == (set() if checkpointing or mode == "off" else {0, 1, 2})
+        # non-reentrant checkpointing too: there the forward pass is shared (module docstring)
+        assert shared == (set() if mode == "off" else {0, 1, 2})
         return loss.detach(), grads(model)
 
     (loss_on, g_on), (loss_off, g_off) = model_and_grads("on"), model_and_grads("off")
@@ -297,10 +314,16 @@ def test_compiled_model_with_sharing_on_is_one_graph():
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
-def test_checkpointed_parent_trains_from_the_first_step(reentrant):
-    """A checkpoint's recompute must save what its forward saved: learning sharers in between would not."""
+def test_checkpointed_parent_trains_from_the_first_step(reentrant, monkeypatch):
+    """A checkpoint's recompute must save what its forward saved, though sharers are learned in between:
+    under saved-tensor hooks (non-reentrant) the pass is shared without grad and each layer runs its usual
+    Function; reentrant checkpointing has no hooks and shares forward and backward."""
     from torch.utils.checkpoint import checkpoint
 
+    from tinytune.peft.lora import shared_shrink
+
+    passes = []
+    monkeypatch.setattr(shared_shrink, "lora_shrink", lambda *a: passes.append(1) or lora_shrink(*a))
     shared, separate = lora_attention("on"), lora_attention("off")
     x = torch.randn(2, 5, 12, **F64, requires_grad=True)
     results = []
@@ -311,6 +334,29 @@ def test_checkpointed_parent_trains_from_the_first_step(reentrant):
             checkpoint(model, x, use_reentrant=reentrant).square().sum().backward()
         results.append((x.grad.clone(), grads(model)))
     assert_same(*results)
+    # one pass for q, k and v in: step 1's recompute (sharers learned in its forward), steps 2 and 3 and theirs
+    assert len(passes) == 5
+    assert shared.nodes["k"] == ("LoRAExpandFunctionBackward" if reentrant else "LoRALinearFunctionBackward")
+
+
+def test_under_saved_tensor_hooks_the_layers_save_what_they_save_unshared(monkeypatch):
+    """What a checkpoint compares between a forward and its recompute: the saved tensors, in order."""
+    from tinytune.peft.lora import shared_shrink
+
+    passes = []
+    monkeypatch.setattr(shared_shrink, "lora_shrink", lambda *a: passes.append(1) or lora_shrink(*a))
+    x = torch.randn(2, 5, 12, **F64, requires_grad=True)
+    saved = {}
+    for mode in ("on", "off"):
+        model = lora_attention(mode)
+        run(model, x)
+        passes.clear()
+        saved[mode] = []
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t, seen=saved[mode]: seen.append((tuple(t.shape), t.dtype)) or t, lambda t: t):
+            model(x)
+        assert len(passes) == (1 if mode == "on" else 0)  # shared under the hooks, forward only
+    assert len(saved["on"]) > 10 and saved["on"] == saved["off"]
 
 
 def test_a_model_without_references_is_freed_without_the_garbage_collector():

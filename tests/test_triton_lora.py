@@ -233,3 +233,14 @@ def test_auto_mode_shares_where_triton_runs(device, monkeypatch):
     for (name, p), p_ref in zip(model.named_parameters(), separate.parameters()):
         if p.grad is not None:
             torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-5, atol=1e-5, msg=name)
+    # non-reentrant checkpointing: the pass is shared without grad, each layer runs its own Function on it
+    from torch.utils.checkpoint import checkpoint
+
+    model.zero_grad(), separate.zero_grad()
+    y = checkpoint(model, x, use_reentrant=False)
+    y_ref = checkpoint(separate, x, use_reentrant=False)
+    (y.square().sum() + y_ref.square().sum()).backward()
+    assert model.node == "TritonLoRALinearFunctionBackward"
+    for (name, p), p_ref in zip(model.named_parameters(), separate.parameters()):
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-5, atol=1e-5, msg=name)

@@ -174,10 +174,12 @@ class LoRALinearFunction(torch.autograd.Function):
     """Autograd Function on 2-D `x`; use `lora_linear`, which handles leading dims and autocast."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, p: float, seed: int):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, p: float, seed: int, given_xa=None):
         bits = None
         scale = scaling
-        if p > 0.0:
+        if given_xa is not None:  # x A^T from a pass shared with sibling layers (p is 0), a constant here
+            xa = given_xa
+        elif p > 0.0:
             scale = scaling / (1.0 - quantised_probability(p))
             if x.device.type == "cpu":
                 xa, bits = _masked_down_cpu(x, lora_A, p, seed)
@@ -217,7 +219,7 @@ class LoRALinearFunction(torch.autograd.Function):
             grad_w = torch.mm(grad_y.t(), x)  # (d_out, d_in), only when the base is trainable
         if need_b and ctx.has_bias:
             grad_bias = grad_y.sum(0)
-        return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None
+        return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None, None
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -268,6 +270,7 @@ def lora_linear(
     dropout: float = 0.0,
     seed: int | None = None,
     *, backend: str | None = None,
+    given_xa: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`x W^T + b + scaling * dropout(x) A^T B^T`, fused (see the module docstring).
 
@@ -283,6 +286,9 @@ def lora_linear(
         seed: mask seed; drawn from torch's default generator when None. A fixed seed gives a
             fixed mask (used by gradcheck). Under torch.compile the mask comes from torch's
             generator instead (`lora_linear_traceable`) and a seed is refused.
+        given_xa: `x A^T` (..., r) computed elsewhere, without grad, for this call to use instead of computing
+            it (dropout 0 only): what a shared shrink hands its layers while saved-tensor hooks are active
+            (see `tinytune.peft.lora.shared_shrink`). Gradients are as without it: backward uses x and A.
         backend: "torch" (`LoRALinearFunction`), "triton" (`TritonLoRALinearFunction`: the low-rank side
             products as Triton kernels, the mask hashed from the seed; see docs/kernels.md) or "auto"; None
             reads `$TINYTUNE_KERNELS`, then "auto" (Triton on CUDA when installed). See `ops.backend`. A seed
@@ -313,9 +319,14 @@ def lora_linear(
         return y.view(*lead, weight.shape[0])
     if dropout > 0.0 and seed is None:
         seed = draw_seed()
+    if given_xa is not None:
+        if dropout > 0.0 or given_xa.shape != (*lead, lora_A.shape[0]):
+            raise ValueError(f"lora_linear: given_xa of shape {tuple(given_xa.shape)} needs dropout 0 and shape "
+                             f"{(*lead, lora_A.shape[0])}; got dropout={dropout}")
+        given_xa = _cast(given_xa.detach(), dtype).reshape(-1, lora_A.shape[0])
     function = _function_for(backend, x2)
     with torch.autocast(x.device.type, enabled=False):
-        y = function.apply(x2, weight, bias, lora_A, lora_B, float(scaling), float(dropout), seed or 0)
+        y = function.apply(x2, weight, bias, lora_A, lora_B, float(scaling), float(dropout), seed or 0, given_xa)
     return y.view(*lead, weight.shape[0])
 
 

@@ -42,7 +42,8 @@ def graph_saved_storages(outputs, exclude: Iterable[torch.Tensor] = ()) -> dict[
     """The storages the autograd graph behind `outputs` keeps for backward, read from the graph itself.
 
     Unlike `saved_storages` this installs no saved-tensor hooks, so code that acts differently while hooks are
-    active (a shared LoRA shrink is off then, see `tinytune.peft.lora.shared_shrink`) is measured as it runs.
+    active (a shared LoRA shrink then shares only its forward, see `tinytune.peft.lora.shared_shrink`) is measured
+    as it runs.
     Custom Functions show their `saved_tensors`; built-in nodes their `_saved_*` attributes (0-dim ones, the
     wrapped Python scalars of ops such as `x * 2`, are not counted).
 

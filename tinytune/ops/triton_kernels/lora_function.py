@@ -31,9 +31,9 @@ class TritonLoRALinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, p: float, seed: int):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, p: float, seed: int, given_xa=None):
         scale = scaling / (1.0 - quantised_probability(p)) if p > 0.0 else scaling
-        u = shrink(x, lora_A, p, seed)  # (N, r)
+        u = shrink(x, lora_A, p, seed) if given_xa is None else given_xa  # (N, r); given: a shared pass's slice
         y = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())  # (N, d_out)
         expand_(y, u, lora_B, scale)
         ctx.scale, ctx.p, ctx.seed = scale, p, seed
@@ -59,4 +59,4 @@ class TritonLoRALinearFunction(torch.autograd.Function):
             grad_w = torch.mm(grad_y.t(), x)  # (d_out, d_in), only when the base is trainable
         if need_b and ctx.has_bias:
             grad_bias = grad_y.sum(0)
-        return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None
+        return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None, None

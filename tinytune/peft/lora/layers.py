@@ -135,8 +135,11 @@ class LoRALinear(LoRALayer):
             return dora_linear(x, weight, self.base.bias, lora_A, lora_B,
                                self._factor("lora_magnitude_vector", name), self.dora_weight_norm(name), spec.scaling, p)
         if p == 0.0 and self._shrink_group is not None and self._rows is None and name == self.active_adapter:
-            u = self._shrink_group.low_rank_input(self, x)  # this layer's slice of one pass shared with siblings
-            if u is not None:
+            shared = self._shrink_group.low_rank_input(self, x)  # this layer's slice of a pass shared with siblings
+            if shared is not None:
+                u, constant = shared
+                if constant:  # saved-tensor hooks: the usual Function, saving what it saves unshared
+                    return lora_linear(x, weight, self.base.bias, lora_A, lora_B, spec.scaling, 0.0, given_xa=u)
                 return lora_expand_linear(x, weight, self.base.bias, u, lora_B, spec.scaling)
         return lora_linear(x, weight, self.base.bias, lora_A, lora_B, spec.scaling, p)
 

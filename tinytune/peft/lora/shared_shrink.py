@@ -20,9 +20,12 @@ stops being one. So the worst case costs one wasted slice (N x r) per group, onc
 
 When: only without dropout (dropout 0, or eval mode), since independent dropout masks per projection
 (PEFT's semantics) cannot share one masked input; not for DoRA, mixed per-row adapters, merged or
-disabled layers, under torch.compile (which fuses the plain ops itself), in inference mode, or while
-saved-tensor hooks are active: non-reentrant gradient checkpointing recomputes a forward in backward and
-requires it to save what the original saved, and a sharer learned in between would change that. Mode
+disabled layers, under torch.compile (which fuses the plain ops itself) or in inference mode. While
+saved-tensor hooks are active, only the forward pass is shared: non-reentrant gradient checkpointing
+recomputes a forward in backward and requires it to save exactly what the original saved, and a sharer
+learned in between would change what a shared shrink saves. So there the shared pass runs without grad
+and each member runs its usual Function with its slice as a given `x A^T` (`lora_linear(given_xa=...)`),
+saving what it saves unshared; its backward computes its own `dA` (one pass over x per member). Mode
 "auto" (the default) shares where the Triton kernels run (`ops.choose_backend` gives "triton": a CUDA
 tensor with triton installed, or `TINYTUNE_KERNELS=triton`); on the CPU, measured, it does not pay
 (see docs/kernels.md), so "auto" leaves the CPU path as it was. "on" shares on every backend, "off" never.
@@ -64,10 +67,12 @@ class _Slices:
     pending: dict[int, tuple] = field(default_factory=dict)  # index -> (u, A, A's version, A.requires_grad)
 
     requires_grad: bool = False
+    constant: bool = False  # computed without grad, for the layers' own Functions (saved-tensor hooks active)
 
     def matches(self, x: torch.Tensor, dtype: torch.dtype) -> bool:
         return (self.source() is x and x._version == self.version and self.grad_enabled == torch.is_grad_enabled()
-                and self.dtype == dtype and self.requires_grad == x.requires_grad)
+                and self.dtype == dtype and self.requires_grad == x.requires_grad
+                and self.constant == _saved_tensor_hooks_active())
 
 
 def _input_dtype(x: torch.Tensor) -> torch.dtype:
@@ -78,7 +83,7 @@ def _input_dtype(x: torch.Tensor) -> torch.dtype:
 
 def _saved_tensor_hooks_active() -> bool:
     """Whether saved-tensor hooks are active (non-reentrant checkpointing, offloading); True where torch
-    cannot tell, so that sharing stays off rather than risk a recompute that saves other tensors."""
+    cannot tell, so that only the forward is shared rather than risk a recompute that saves other tensors."""
     top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
     if top is None:
         return True
@@ -184,14 +189,16 @@ class ShrinkGroup:
             return False
         if torch.is_inference_mode_enabled() or x.is_inference():  # inference tensors have no version counter
             return False
-        if _saved_tensor_hooks_active():  # a checkpoint's recompute must save what its forward saved
-            return False
         return self.mode == "on" or choose_backend(None, x) == "triton"
 
-    def low_rank_input(self, member: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    def low_rank_input(self, member: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
         """`x A^T` of `member`'s active adapter from a shared pass, or None: the member computes its own.
 
-        Called by a member's forward (which checked that it runs without dropout) with its input x.
+        Called by a member's forward (which checked that it runs without dropout) with its input x. Returns
+        (u, constant): with `constant` False, u carries the shared shrink's graph (`ops.lora_shrink`) and the
+        member adds it with `ops.lora_expand_linear`; True while saved-tensor hooks are active, when u was
+        computed without grad and the member runs its usual Function with it (`lora_linear(given_xa=u)`), so
+        that what autograd saves does not depend on whether the pass was shared (module docstring).
         """
         if not self._active(x):
             return None
@@ -217,7 +224,7 @@ class ShrinkGroup:
         current = shareable_factor(self.members[index])
         if current is not factor or current._version != version or current.requires_grad != requires_grad:
             return None  # another adapter, A changed in place, or frozen / unfrozen since
-        return u
+        return u, slices.constant
 
     def _observe(self, index: int, x: torch.Tensor) -> None:
         """Learn sharers: a member called with the very tensor another member was last called with."""
@@ -235,14 +242,17 @@ class ShrinkGroup:
         factors = {i: a for i, a in factors.items() if a is not None and a.device == x.device}
         if index not in factors or len(factors) < 2:
             return None
-        stacked = torch.cat([a.to(dtype) for a in factors.values()])  # (sum of ranks, d_in)
-        parts = lora_shrink(x, stacked).split([a.shape[0] for a in factors.values()], dim=-1)
-        slices = _Slices(weakref.ref(x), x._version, torch.is_grad_enabled(), dtype, requires_grad=x.requires_grad)
+        constant = _saved_tensor_hooks_active()
+        slices = _Slices(weakref.ref(x), x._version, torch.is_grad_enabled(), dtype, requires_grad=x.requires_grad,
+                         constant=constant)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not constant):
+            stacked = torch.cat([a.to(dtype) for a in factors.values()])  # (sum of ranks, d_in)
+            parts = lora_shrink(x, stacked).split([a.shape[0] for a in factors.values()], dim=-1)
         for (i, factor), u in zip(factors.items(), parts):
             if i != index:
                 slices.pending[i] = (u, factor, factor._version, factor.requires_grad)
         self._slices = slices
-        return parts[list(factors).index(index)]
+        return parts[list(factors).index(index)], constant
 
 
 def _is_member(module: nn.Module) -> bool:
