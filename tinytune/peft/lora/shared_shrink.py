@@ -33,9 +33,9 @@ tensor with triton installed, or `TINYTUNE_KERNELS=triton`); on the CPU, measure
 A group holds its members and parent by weak reference (each member holds its group, the parent its
 hooks), so a model without references is freed at once, with no cycle for the garbage collector.
 `copy.deepcopy` or pickling of a model copies its groups (they travel with the parent's hooks); a layer
-copied or saved alone leaves its group behind (and its siblings: nothing else is saved with it). The slices a group keeps for
-members not yet called are dropped as soon as every sharer took its own, and at the end of the
-parent's forward.
+copied or saved alone leaves its group behind (and its siblings: nothing else is saved with it). The
+slices a group keeps for members not yet called are dropped as soon as every sharer took its own, and
+at the end of the parent's forward.
 """
 from __future__ import annotations
 
