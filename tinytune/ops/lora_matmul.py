@@ -251,6 +251,24 @@ def _check_arguments(x, weight, lora_A, lora_B, dropout: float) -> None:
         )
 
 
+def _traced(x2, weight, bias, lora_A, lora_B, scaling, dropout, seed) -> torch.Tensor:
+    """`lora_linear` under torch.compile: the twin, whose mask comes from torch's generator (so no seed)."""
+    if seed is not None:
+        raise ValueError(f"lora_linear: seed={seed!r} cannot be honoured under torch.compile, where the mask "
+                         "comes from torch's generator (torch.manual_seed); pass seed=None")
+    with torch.autocast(x2.device.type, enabled=False):
+        return lora_linear_traceable(x2, weight, bias, lora_A, lora_B, float(scaling), float(dropout))
+
+
+def _checked_xa(given_xa: torch.Tensor, lead: torch.Size, r: int, dropout: float, dtype) -> torch.Tensor:
+    """`lora_linear`'s given `x A^T` as its Function takes it, (N, r) in the compute dtype, without grad.
+    Raises ValueError unless dropout is 0 and the shape is x's leading shape + (r,)."""
+    if dropout > 0.0 or given_xa.shape != (*lead, r):
+        raise ValueError(f"lora_linear: given_xa of shape {tuple(given_xa.shape)} needs dropout 0 and shape "
+                         f"{(*lead, r)}; got dropout={dropout}")
+    return _cast(given_xa.detach(), dtype).reshape(-1, r)
+
+
 def _function_for(backend: str | None, x: torch.Tensor):
     """The autograd Function the chosen backend runs (`ops.backend.choose_backend`)."""
     if choose_backend(backend, x) == "triton":
@@ -286,9 +304,8 @@ def lora_linear(
         seed: mask seed; drawn from torch's default generator when None. A fixed seed gives a
             fixed mask (used by gradcheck). Under torch.compile the mask comes from torch's
             generator instead (`lora_linear_traceable`) and a seed is refused.
-        given_xa: `x A^T` (..., r) computed elsewhere, without grad, for this call to use instead of computing
-            it (dropout 0 only): what a shared shrink hands its layers while saved-tensor hooks are active
-            (see `tinytune.peft.lora.shared_shrink`). Gradients are as without it: backward uses x and A.
+        given_xa: `x A^T` (..., r), computed elsewhere without grad, used instead (dropout 0 only; see
+            `tinytune.peft.lora.shared_shrink`). Gradients are as without it: backward uses x and A.
         backend: "torch" (`LoRALinearFunction`), "triton" (`TritonLoRALinearFunction`: the low-rank side
             products as Triton kernels, the mask hashed from the seed; see docs/kernels.md) or "auto"; None
             reads `$TINYTUNE_KERNELS`, then "auto" (Triton on CUDA when installed). See `ops.backend`. A seed
@@ -299,9 +316,8 @@ def lora_linear(
         else `x.dtype`.
 
     Raises:
-        ValueError: `dropout` outside [0, 1), shapes of `x`, `weight`, `lora_A`, `lora_B` that do
-            not fit together (the message names them), a `seed` under torch.compile, or an unknown
-            `backend`.
+        ValueError: `dropout` outside [0, 1), shapes of `x`, `weight`, `lora_A`, `lora_B` (or `given_xa`) that
+            do not fit together (named), a `seed` under torch.compile, or an unknown `backend`.
         RuntimeError: backend "triton" where it cannot run (no triton; a CPU tensor without the interpreter).
     """
     _check_arguments(x, weight, lora_A, lora_B, dropout)
@@ -311,19 +327,11 @@ def lora_linear(
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])  # a view when x is contiguous
     if torch.compiler.is_compiling():  # numpy masks cannot be traced: the twin (module docstring)
-        if seed is not None:
-            raise ValueError(f"lora_linear: seed={seed!r} cannot be honoured under torch.compile, where the mask "
-                             "comes from torch's generator (torch.manual_seed); pass seed=None")
-        with torch.autocast(x.device.type, enabled=False):
-            y = lora_linear_traceable(x2, weight, bias, lora_A, lora_B, float(scaling), float(dropout))
-        return y.view(*lead, weight.shape[0])
+        return _traced(x2, weight, bias, lora_A, lora_B, scaling, dropout, seed).view(*lead, weight.shape[0])
     if dropout > 0.0 and seed is None:
         seed = draw_seed()
     if given_xa is not None:
-        if dropout > 0.0 or given_xa.shape != (*lead, lora_A.shape[0]):
-            raise ValueError(f"lora_linear: given_xa of shape {tuple(given_xa.shape)} needs dropout 0 and shape "
-                             f"{(*lead, lora_A.shape[0])}; got dropout={dropout}")
-        given_xa = _cast(given_xa.detach(), dtype).reshape(-1, lora_A.shape[0])
+        given_xa = _checked_xa(given_xa, lead, lora_A.shape[0], dropout, dtype)
     function = _function_for(backend, x2)
     with torch.autocast(x.device.type, enabled=False):
         y = function.apply(x2, weight, bias, lora_A, lora_B, float(scaling), float(dropout), seed or 0, given_xa)

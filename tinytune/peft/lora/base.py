@@ -23,6 +23,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from .._dtype import adapter_dtype
+from .attributes import active_field, factor_property, param_key
 from .config import DEFAULT_ADAPTER, LoraSpec, check_adapter_name
 from .inference import InferenceMerge
 from .rows import RowAdapters
@@ -36,35 +37,9 @@ def init_lora_A(lora_A: torch.Tensor, spec: LoraSpec) -> None:
         nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
 
 
-def param_key(kind: str, adapter: str) -> str:
-    """The name under which adapter `adapter`'s parameter `kind` ("lora_A", ...) is registered on
-    its layer: `kind` itself for "default" (the names single-adapter LoRA always had, so model
-    state dicts and training checkpoints keep their keys), `kind + "_" + adapter` otherwise."""
-    return kind if adapter == DEFAULT_ADAPTER else f"{kind}_{adapter}"
-
-
 # the parameter kind -> the suffix of PEFT's saved key (linears' factors are nn.Linear weights there)
 _FILE_SUFFIX = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_embedding_A": "lora_embedding_A",
            "lora_embedding_B": "lora_embedding_B", "lora_magnitude_vector": "lora_magnitude_vector"}
-
-
-def factor_property(kind: str, doc: str) -> property:
-    """The active adapter's parameter `kind` as an attribute (`layer.lora_A`).
-
-    Assignable only on an `nn.DataParallel` replica: `torch.nn.parallel.replicate` sets each parameter's
-    per-device copy with setattr under its registered name, and `_factor` reads it back from there.
-    """
-    def set_replica_copy(self, value):
-        if not getattr(self, "_is_replica", False):
-            raise AttributeError(f"{kind} of a {type(self).__name__} is the active adapter's parameter: change it in "
-                                 "place (under torch.no_grad()) or load it with tt.lora.load_state_dict")
-        self.__dict__[kind] = value
-
-    return property(lambda self: self._factor(kind), set_replica_copy, doc=doc)
-
-
-def _active_field(name: str, doc: str) -> property:
-    return property(lambda self: getattr(self._spec(), name), doc=doc)
 
 
 class LoRALayer(RowAdapters, InferenceMerge, nn.Module):
@@ -79,13 +54,13 @@ class LoRALayer(RowAdapters, InferenceMerge, nn.Module):
     _A, _B = "lora_A", "lora_B"  # parameter kinds, PEFT's names (the embedding overrides them)
     _pissa_rewrites_base = True  # init="pissa" replaces the base weight (not for embeddings, as in PEFT)
 
-    rank = _active_field("rank", "The active adapter's rank r.")
-    alpha = _active_field("alpha", "The active adapter's alpha.")
-    dropout = _active_field("dropout", "The active adapter's dropout probability.")
-    rslora = _active_field("rslora", "Whether the active adapter uses rank-stabilised scaling.")
-    init = _active_field("init", "The active adapter's init.")
-    dora = _active_field("dora", "Whether the active adapter is DoRA.")
-    scaling = _active_field("scaling", "The active adapter's scaling, alpha / r (or alpha / sqrt(r)).")
+    rank = active_field("rank", "The active adapter's rank r.")
+    alpha = active_field("alpha", "The active adapter's alpha.")
+    dropout = active_field("dropout", "The active adapter's dropout probability.")
+    rslora = active_field("rslora", "Whether the active adapter uses rank-stabilised scaling.")
+    init = active_field("init", "The active adapter's init.")
+    dora = active_field("dora", "Whether the active adapter is DoRA.")
+    scaling = active_field("scaling", "The active adapter's scaling, alpha / r (or alpha / sqrt(r)).")
 
     @classmethod
     def from_spec(cls, base: nn.Module, spec: LoraSpec, adapter_name: str = DEFAULT_ADAPTER) -> "LoRALayer":

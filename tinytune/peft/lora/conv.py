@@ -26,7 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import LoRALayer, factor_property, init_lora_A
+from .attributes import factor_property
+from .base import LoRALayer, init_lora_A
 from .config import DEFAULT_ADAPTER, LoraSpec
 from .layers import LoRALinear
 from .registry import register_layer, register_layer_by_name, registered_types

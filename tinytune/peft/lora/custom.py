@@ -18,7 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import LoRALayer, factor_property, init_lora_A
+from .attributes import factor_property
+from .base import LoRALayer, init_lora_A
 from .config import LoraSpec
 
 __all__ = ["LoRALinearLike"]

@@ -17,7 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...ops import lora_expand_linear, lora_linear
-from .base import LoRALayer, factor_property, init_lora_A
+from .attributes import factor_property
+from .base import LoRALayer, init_lora_A
 from .config import DEFAULT_ADAPTER, LoraSpec
 from .registry import register_layer
 from .variants import dora_embedding, dora_linear, pissa_factors

@@ -42,7 +42,8 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
-from .base import LoRALayer, factor_property
+from .attributes import factor_property
+from .base import LoRALayer
 from .config import LoraSpec
 from .registry import register_layer
 
