@@ -160,14 +160,6 @@ def print_rows(rows, qkv) -> None:
               f"p={q['dropout']}): b {mb['b']:.2f} MiB, c {mb['c']:.2f} MiB, c/b {q['c_over_b']:.3f}")
 
 
-def chart_of(result: dict) -> dict:
-    """charts.lora_linear_chart, plus the (d) Triton series when the result has it."""
-    spec = chart(result)
-    if any("d_over_a" in r for r in result["rows"]):
-        spec["series"]["(d) Triton lora_linear"] = [r.get("d_over_a") for r in result["rows"]]
-    return spec
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(ap, "--reps", "minimum timed rounds per shape (default 21; --quick 3; cheap shapes get more)")
@@ -175,7 +167,7 @@ def main() -> None:
     args = ap.parse_args()
     out = output_path(f"lora_linear_{args.device}", args.out, args.quick)
     if args.replot:
-        return replot(out, chart_of)
+        return replot(out, chart)
     require_device(ap, args.device)
     threads = setup_threads(args.threads)
     reps = args.reps or (3 if args.quick else 21)
@@ -194,7 +186,7 @@ def main() -> None:
     if device == "cuda":
         machine |= gpu_info()
     write_results(out, {"machine": machine, "min_reps": reps, "warmup": warmup, "rows": rows, "qkv_memory": qkv},
-                  chart_of)
+                  chart)
 
 
 if __name__ == "__main__":

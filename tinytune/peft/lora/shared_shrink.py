@@ -39,6 +39,7 @@ at the end of the parent's forward.
 """
 from __future__ import annotations
 
+import os
 import weakref
 from dataclasses import dataclass, field
 
@@ -46,6 +47,7 @@ import torch
 import torch.nn as nn
 
 from ...ops import choose_backend, lora_shrink
+from ...ops.backend import ENV_VAR
 from .layers import LoRALinear
 
 MODES = ("auto", "on", "off")
@@ -185,10 +187,12 @@ class ShrinkGroup:
         return f"ShrinkGroup({len(self.members)} members, sharers={sorted(self.sharers)}, mode={self.mode!r})"
 
     def _active(self, x: torch.Tensor) -> bool:
-        if not self._open or self.mode == "off" or torch.compiler.is_compiling():
+        if not self._open or self.mode == "off":
             return False
-        if torch.is_inference_mode_enabled() or x.is_inference():  # inference tensors have no version counter
+        if self.mode == "auto" and not (x.is_cuda or os.environ.get(ENV_VAR)):  # the CPU default: no cost
             return False
+        if torch.compiler.is_compiling() or torch.is_inference_mode_enabled() or x.is_inference():
+            return False  # (inference tensors have no version counter)
         return self.mode == "on" or choose_backend(None, x) == "triton"
 
     def low_rank_input(self, member: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
